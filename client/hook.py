@@ -1,0 +1,305 @@
+"""``InfoRegHook``: InfoReg regulation for a plain PyTorch training loop.
+
+    hook = InfoRegHook(client, {"audio": model.audio_net, "visual": model.visual_net},
+                       job_id="run-1", profile="official")
+    with hook:                                   # OpenSession ... CloseSession
+        for epoch in range(epochs):
+            hook.on_epoch_start(epoch)           # anchors := encoder weights
+            for x, y in loader:
+                optimizer.zero_grad()
+                loss = ...; loss.backward()
+                hook.after_backward(logits={"audio": out_a, "visual": out_v}, labels=y)
+                optimizer.step()                 # applies grad + beta_m * (w - w_anchor)
+            hook.on_epoch_end()                  # EndEpoch: next epoch's window
+
+Per step: scores and Fisher terms are computed on the trainer's device, combined over the
+process group when torch.distributed is initialised (one small all-reduce of the scores; the
+gradients, hence the Fisher terms, are already identical on every DDP rank), fetched with one
+host sync, reported, and the returned coefficients are applied to the encoders' gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from inforeg.regulator.v1 import regulator_pb2 as pb
+
+from .client import RegulatorClient
+from .identity import JobIdentity
+from .profiles import ProfileLike, make_profile, profile_name
+from .stats import FISHER_MODULES, EncoderProbe, score_sums
+from .trace import TraceWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    epoch: int
+    proximal: dict[str, float]  # coefficients applied
+    fisher: dict[str, float]  # the step's Fisher contribution as the regulator recorded it
+    window: dict[str, bool]
+    duplicate: bool
+
+
+@dataclass
+class HookTimings:
+    """Where the hook's time goes (seconds, summed over steps)."""
+
+    steps: int = 0
+    device_s: float = 0.0  # scores, Fisher terms, all-reduce and the host sync
+    rpc_s: float = 0.0
+    apply_s: float = 0.0
+    epoch_rpc_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("steps", "device_s", "rpc_s", "apply_s", "epoch_rpc_s")}
+
+
+@dataclass
+class _State:
+    epoch: int = 0
+    step: int = 0
+    in_epoch: bool = False
+    session: Optional[pb.SessionInfo] = None
+    history: list[StepResult] = field(default_factory=list)
+
+
+class InfoRegHook:
+    """Reports each step's statistics to a regulator and applies its proximal coefficients.
+
+    Args:
+        client: a ``RegulatorClient`` (remote or in-process).
+        encoders: modality name -> encoder module, in the order the session declares them.
+        job_id, attempt, rank, world_size: identity; defaults come from torch.distributed and
+            the torchrun environment (see ``JobIdentity.resolve``).
+        profile: ``"paper"`` (default), ``"official"``, ``"none"`` or a ``pb.Profile``;
+            ``profile_params`` are its parameters (e.g. ``reference_modality="audio"``).
+        record: path of a statistics trace to write (replayable by ``regulator replay``).
+        process_group: the group scores are combined over (default: the world, when initialised).
+        keep_history: keep every ``StepResult`` in ``hook.history`` (per-rank logging, tests).
+        close_session: send CloseSession on ``close()`` (default: rank 0 only).
+    """
+
+    def __init__(
+        self,
+        client: RegulatorClient,
+        encoders: Mapping[str, nn.Module],
+        *,
+        job_id: Optional[str] = None,
+        attempt: Optional[int] = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        profile: ProfileLike = "paper",
+        profile_params: Optional[Mapping[str, Any]] = None,
+        record: Union[str, os.PathLike[str], None] = None,
+        process_group: Any = None,
+        fisher_modules: tuple[type[nn.Module], ...] = FISHER_MODULES,
+        keep_history: bool = False,
+        close_session: Optional[bool] = None,
+    ) -> None:
+        if len(encoders) < 2:
+            raise ValueError(f"InfoReg needs at least 2 modalities, got {list(encoders)}")
+        self.client = client
+        self.modalities = tuple(encoders)
+        self.identity = JobIdentity.resolve(job_id, attempt, rank, world_size)
+        self.profile = make_profile(profile, **dict(profile_params or {}))
+        self.probe = EncoderProbe(encoders, fisher_modules)
+        self.record_path = record
+        self.process_group = process_group
+        self.keep_history = keep_history
+        self.close_session = self.identity.rank == 0 if close_session is None else close_session
+        self.timings = HookTimings()
+        self._state = _State()
+        self._trace: Optional[TraceWriter] = None
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self._state.epoch
+
+    @property
+    def step(self) -> int:
+        """The next step's number (steps count from 0 within the job)."""
+        return self._state.step
+
+    @property
+    def session(self) -> Optional[pb.SessionInfo]:
+        return self._state.session
+
+    @property
+    def history(self) -> list[StepResult]:
+        return self._state.history
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def open(self) -> pb.SessionInfo:
+        """Opens (or rejoins) the session of this job and attempt."""
+        ident = self.identity
+        resp = self.client.open_session(
+            ident.job_id,
+            self.modalities,
+            self.profile,
+            attempt=ident.attempt,
+            world_size=ident.world_size,
+        )
+        self._state.session = resp.session
+        if self.record_path is not None and self._trace is None and ident.rank == 0:
+            ref = None
+            if profile_name(resp.session.profile) == "official":
+                ref = resp.session.profile.official.reference_modality
+            self._trace = TraceWriter(self.record_path, self.modalities, ref)
+        return resp.session
+
+    def on_epoch_start(self, epoch: Optional[int] = None) -> None:
+        """Snapshots the encoders' weights as this epoch's proximal anchors."""
+        if self._state.session is None:
+            self.open()
+        if epoch is not None and epoch != self._state.epoch:
+            raise ValueError(f"epoch {epoch} starts out of order: the hook is at epoch {self._state.epoch}")
+        self.probe.snapshot()
+        self._state.in_epoch = True
+
+    def after_backward(
+        self,
+        logits: Union[Mapping[str, Tensor], Sequence[Tensor], None] = None,
+        labels: Optional[Tensor] = None,
+        *,
+        scores: Union[Mapping[str, Union[float, Tensor]], None] = None,
+        count: Optional[int] = None,
+    ) -> StepResult:
+        """Call after ``loss.backward()`` and before ``optimizer.step()``.
+
+        Pass the unimodal ``logits`` (per modality) with the ``labels``, or ready per-modality
+        ``scores`` (sums of true-class probabilities over the local batch) with ``count``.
+        """
+        if not self._state.in_epoch:
+            raise RuntimeError("after_backward() outside an epoch: call on_epoch_start() first")
+        t0 = time.perf_counter()
+        local = self._local_scores(logits, labels, scores, count)
+        if self._distributed():
+            import torch.distributed as dist
+
+            dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.process_group)
+        deltas = self.probe.deltas()
+        terms = self.probe.fisher_terms(deltas)
+        host = torch.cat([local, terms.flatten()]).tolist()  # the step's single host sync
+        t1 = time.perf_counter()
+        m = len(self.modalities)
+        total = int(round(host[m]))
+        st = self._state
+        resp = self.client.report(
+            self.identity.job_id,
+            attempt=self.identity.attempt,
+            rank=self.identity.rank,
+            epoch=st.epoch,
+            step=st.step,
+            count=total,
+            score_sums={name: host[i] for i, name in enumerate(self.modalities)},
+            fisher={
+                name: (host[m + 1 + 3 * i], host[m + 2 + 3 * i], host[m + 3 + 3 * i])
+                for i, name in enumerate(self.modalities)
+            },
+        )
+        t2 = time.perf_counter()
+        coefs = [s.factors.proximal for s in resp.step.modalities]
+        self.probe.apply_proximal(coefs, deltas)
+        t3 = time.perf_counter()
+        result = StepResult(
+            step=st.step,
+            epoch=st.epoch,
+            proximal=dict(zip(self.modalities, coefs)),
+            fisher={s.modality: s.fisher for s in resp.step.modalities},
+            window={w.modality: w.open for w in resp.window},
+            duplicate=resp.duplicate,
+        )
+        if self._trace is not None:
+            self._trace.step(st.epoch, st.step, total, {s.modality: s.score_sum for s in resp.step.modalities}, result.fisher)
+        if self.keep_history:
+            st.history.append(result)
+        st.step += 1
+        tm = self.timings
+        tm.steps += 1
+        tm.device_s += t1 - t0
+        tm.rpc_s += t2 - t1
+        tm.apply_s += t3 - t2
+        return result
+
+    def on_epoch_end(self) -> pb.EndEpochResponse:
+        """Closes the epoch at the regulator, which decides the next epoch's window."""
+        if not self._state.in_epoch:
+            raise RuntimeError("on_epoch_end() without on_epoch_start()")
+        t0 = time.perf_counter()
+        resp = self.client.end_epoch(
+            self.identity.job_id, attempt=self.identity.attempt, epoch=self._state.epoch, rank=self.identity.rank
+        )
+        self.timings.epoch_rpc_s += time.perf_counter() - t0
+        if self._trace is not None:
+            self._trace.epoch_end(self._state.epoch)
+        self._state.epoch += 1
+        self._state.in_epoch = False
+        return resp
+
+    def close(self) -> None:
+        """Closes the trace and (rank 0 by default) the session."""
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
+        if self._state.session is not None and self.close_session:
+            self.client.close_session(self.identity.job_id, attempt=self.identity.attempt)
+        self._state.session = None
+
+    def __enter__(self) -> "InfoRegHook":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _distributed(self) -> bool:
+        if self.identity.world_size <= 1:
+            return False
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized()
+
+    def _local_scores(
+        self,
+        logits: Union[Mapping[str, Tensor], Sequence[Tensor], None],
+        labels: Optional[Tensor],
+        scores: Union[Mapping[str, Union[float, Tensor]], None],
+        count: Optional[int],
+    ) -> Tensor:
+        """``[s_1..s_M, count]`` as float64 on the encoders' device."""
+        device = self.probe.device
+        if logits is not None:
+            if labels is None:
+                raise ValueError("labels are required with logits")
+            if isinstance(logits, Mapping):
+                if set(logits) != set(self.modalities):
+                    raise ValueError(f"logits for {sorted(logits)}, expected {sorted(self.modalities)}")
+                seq = [logits[m] for m in self.modalities]
+            else:
+                seq = list(logits)
+                if len(seq) != len(self.modalities):
+                    raise ValueError(f"{len(seq)} logits for {len(self.modalities)} modalities")
+            sums = score_sums(seq, labels).to(device)
+            n = torch.tensor([float(labels.numel())], dtype=torch.float64, device=device)
+            return torch.cat([sums, n])
+        if scores is None or count is None:
+            raise ValueError("pass logits and labels, or scores and count")
+        if set(scores) != set(self.modalities):
+            raise ValueError(f"scores for {sorted(scores)}, expected {sorted(self.modalities)}")
+        vals = [torch.as_tensor(scores[m], dtype=torch.float64, device=device).reshape(()) for m in self.modalities]
+        return torch.stack([*vals, torch.tensor(float(count), dtype=torch.float64, device=device)])

@@ -1,0 +1,180 @@
+"""How requests reach the regulator: over gRPC, or in-process through the same API object.
+
+Both transports take and return the wire-contract messages and raise the same domain errors,
+so everything above them (client, hook, replay) is transport-agnostic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Optional, Protocol, Sequence
+
+import grpc
+
+from inforeg.regulator.v1 import regulator_pb2 as pb
+from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
+
+from .errors import from_rpc_error
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Regulator"].full_name
+
+# Every Regulator RPC is idempotent by contract (per-step answers are stored), so UNAVAILABLE
+# may be retried on all of them. Retries only work inside a methodConfig with a name list.
+DEFAULT_SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [{"service": SERVICE}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+
+class Transport(Protocol):
+    def open_session(self, req: pb.OpenSessionRequest) -> pb.OpenSessionResponse: ...
+    def report(self, req: pb.ReportRequest) -> pb.ReportResponse: ...
+    def end_epoch(self, req: pb.EndEpochRequest) -> pb.EndEpochResponse: ...
+    def get_session(self, req: pb.GetSessionRequest) -> pb.GetSessionResponse: ...
+    def list_sessions(self, req: pb.ListSessionsRequest) -> pb.ListSessionsResponse: ...
+    def close_session(self, req: pb.CloseSessionRequest) -> pb.CloseSessionResponse: ...
+    def close(self) -> None: ...
+
+
+class GrpcTransport:
+    """A channel with a deadline on every call, retries of UNAVAILABLE, fast reconnects.
+
+    The channel is created lazily and per process: a process forked after the first call (a
+    DataLoader worker, say) never touches its parent's channel (grpc/grpc#32992) and opens its
+    own on first use.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 10.0,
+        token: Optional[str] = None,
+        wait_for_ready: bool = False,
+        max_reconnect_backoff_ms: int = 2000,
+        service_config: Optional[dict] = None,
+        options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
+        self.target = target
+        self.timeout = timeout
+        self.wait_for_ready = wait_for_ready
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._options = [
+            ("grpc.service_config", json.dumps(service_config or DEFAULT_SERVICE_CONFIG)),
+            ("grpc.enable_retries", 1),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_ms),
+            ("grpc.keepalive_time_ms", 30_000),
+            *options,
+        ]
+        self._lock = threading.Lock()
+        self._pid: Optional[int] = None
+        self._channel: Optional[grpc.Channel] = None
+        self._stub: Optional[pb_grpc.RegulatorStub] = None
+
+    def _get_stub(self) -> pb_grpc.RegulatorStub:
+        pid = os.getpid()
+        stub = self._stub
+        if stub is not None and self._pid == pid:
+            return stub
+        with self._lock:
+            if self._stub is None or self._pid != pid:
+                # An inherited channel belongs to the parent: drop it without closing it.
+                self._channel = grpc.insecure_channel(self.target, options=self._options)
+                self._stub = pb_grpc.RegulatorStub(self._channel)
+                self._pid = pid
+            return self._stub
+
+    def _call(self, method: str, req, timeout: Optional[float] = None):  # type: ignore[no-untyped-def]
+        fn = getattr(self._get_stub(), method)
+        try:
+            return fn(
+                req,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+                wait_for_ready=self.wait_for_ready,
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def open_session(self, req: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
+        return self._call("OpenSession", req)
+
+    def report(self, req: pb.ReportRequest) -> pb.ReportResponse:
+        return self._call("Report", req)
+
+    def end_epoch(self, req: pb.EndEpochRequest) -> pb.EndEpochResponse:
+        return self._call("EndEpoch", req)
+
+    def get_session(self, req: pb.GetSessionRequest) -> pb.GetSessionResponse:
+        return self._call("GetSession", req)
+
+    def list_sessions(self, req: pb.ListSessionsRequest) -> pb.ListSessionsResponse:
+        return self._call("ListSessions", req)
+
+    def close_session(self, req: pb.CloseSessionRequest) -> pb.CloseSessionResponse:
+        return self._call("CloseSession", req)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None and self._pid == os.getpid():
+                self._channel.close()
+            self._channel = self._stub = None
+            self._pid = None
+
+
+class InProcessTransport:
+    """Runs the server's own API object in this process: no server, the same answers.
+
+    Requests and answers cross a serialization round trip, as on the wire, so that nothing
+    (a float32 field, a missing presence bit) can differ between the two transports.
+    """
+
+    def __init__(self, api: Optional["RegulatorAPI"] = None) -> None:  # noqa: F821
+        if api is None:
+            from regulator_service.api import RegulatorAPI
+            from regulator_service.manager import SessionManager
+            from regulator_service.storage import MemoryStore
+
+            api = RegulatorAPI(SessionManager(MemoryStore()))
+        self.api = api
+
+    def _call(self, fn, req):  # type: ignore[no-untyped-def]
+        resp = fn(type(req).FromString(req.SerializeToString()))
+        return type(resp).FromString(resp.SerializeToString())
+
+    def open_session(self, req: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
+        return self._call(self.api.open_session, req)
+
+    def report(self, req: pb.ReportRequest) -> pb.ReportResponse:
+        return self._call(self.api.report, req)
+
+    def end_epoch(self, req: pb.EndEpochRequest) -> pb.EndEpochResponse:
+        return self._call(self.api.end_epoch, req)
+
+    def get_session(self, req: pb.GetSessionRequest) -> pb.GetSessionResponse:
+        return self._call(self.api.get_session, req)
+
+    def list_sessions(self, req: pb.ListSessionsRequest) -> pb.ListSessionsResponse:
+        return self._call(self.api.list_sessions, req)
+
+    def close_session(self, req: pb.CloseSessionRequest) -> pb.CloseSessionResponse:
+        return self._call(self.api.close_session, req)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,316 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Fallback(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FALLBACK_UNSPECIFIED: _ClassVar[Fallback]
+    FALLBACK_NEUTRAL: _ClassVar[Fallback]
+    FALLBACK_LAST: _ClassVar[Fallback]
+
+class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SESSION_STATE_UNSPECIFIED: _ClassVar[SessionState]
+    SESSION_STATE_OPEN: _ClassVar[SessionState]
+    SESSION_STATE_CLOSED: _ClassVar[SessionState]
+    SESSION_STATE_SUPERSEDED: _ClassVar[SessionState]
+FALLBACK_UNSPECIFIED: Fallback
+FALLBACK_NEUTRAL: Fallback
+FALLBACK_LAST: Fallback
+SESSION_STATE_UNSPECIFIED: SessionState
+SESSION_STATE_OPEN: SessionState
+SESSION_STATE_CLOSED: SessionState
+SESSION_STATE_SUPERSEDED: SessionState
+
+class PaperProfile(_message.Message):
+    __slots__ = ("beta", "threshold", "warmup_epochs")
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    beta: float
+    threshold: float
+    warmup_epochs: int
+    def __init__(self, beta: _Optional[float] = ..., threshold: _Optional[float] = ..., warmup_epochs: _Optional[int] = ...) -> None: ...
+
+class OfficialProfile(_message.Message):
+    __slots__ = ("reference_modality", "threshold", "history", "reference_gain", "other_gain")
+    REFERENCE_MODALITY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_GAIN_FIELD_NUMBER: _ClassVar[int]
+    OTHER_GAIN_FIELD_NUMBER: _ClassVar[int]
+    reference_modality: str
+    threshold: float
+    history: int
+    reference_gain: float
+    other_gain: float
+    def __init__(self, reference_modality: _Optional[str] = ..., threshold: _Optional[float] = ..., history: _Optional[int] = ..., reference_gain: _Optional[float] = ..., other_gain: _Optional[float] = ...) -> None: ...
+
+class NoneProfile(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Profile(_message.Message):
+    __slots__ = ("paper", "official", "none")
+    PAPER_FIELD_NUMBER: _ClassVar[int]
+    OFFICIAL_FIELD_NUMBER: _ClassVar[int]
+    NONE_FIELD_NUMBER: _ClassVar[int]
+    paper: PaperProfile
+    official: OfficialProfile
+    none: NoneProfile
+    def __init__(self, paper: _Optional[_Union[PaperProfile, _Mapping]] = ..., official: _Optional[_Union[OfficialProfile, _Mapping]] = ..., none: _Optional[_Union[NoneProfile, _Mapping]] = ...) -> None: ...
+
+class FisherTerms(_message.Message):
+    __slots__ = ("grad_sq", "grad_delta", "delta_sq")
+    GRAD_SQ_FIELD_NUMBER: _ClassVar[int]
+    GRAD_DELTA_FIELD_NUMBER: _ClassVar[int]
+    DELTA_SQ_FIELD_NUMBER: _ClassVar[int]
+    grad_sq: float
+    grad_delta: float
+    delta_sq: float
+    def __init__(self, grad_sq: _Optional[float] = ..., grad_delta: _Optional[float] = ..., delta_sq: _Optional[float] = ...) -> None: ...
+
+class ModalityStats(_message.Message):
+    __slots__ = ("modality", "score_sum", "fisher", "fisher_terms", "applied")
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    SCORE_SUM_FIELD_NUMBER: _ClassVar[int]
+    FISHER_FIELD_NUMBER: _ClassVar[int]
+    FISHER_TERMS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    modality: str
+    score_sum: float
+    fisher: float
+    fisher_terms: FisherTerms
+    applied: Factors
+    def __init__(self, modality: _Optional[str] = ..., score_sum: _Optional[float] = ..., fisher: _Optional[float] = ..., fisher_terms: _Optional[_Union[FisherTerms, _Mapping]] = ..., applied: _Optional[_Union[Factors, _Mapping]] = ...) -> None: ...
+
+class Factors(_message.Message):
+    __slots__ = ("proximal", "grad_scale", "noise_scale")
+    PROXIMAL_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    proximal: float
+    grad_scale: float
+    noise_scale: float
+    def __init__(self, proximal: _Optional[float] = ..., grad_scale: _Optional[float] = ..., noise_scale: _Optional[float] = ...) -> None: ...
+
+class ModalityStep(_message.Message):
+    __slots__ = ("modality", "score_sum", "fisher", "factors")
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    SCORE_SUM_FIELD_NUMBER: _ClassVar[int]
+    FISHER_FIELD_NUMBER: _ClassVar[int]
+    FACTORS_FIELD_NUMBER: _ClassVar[int]
+    modality: str
+    score_sum: float
+    fisher: float
+    factors: Factors
+    def __init__(self, modality: _Optional[str] = ..., score_sum: _Optional[float] = ..., fisher: _Optional[float] = ..., factors: _Optional[_Union[Factors, _Mapping]] = ...) -> None: ...
+
+class StepRecord(_message.Message):
+    __slots__ = ("epoch", "step", "count", "modalities", "fallback")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    step: int
+    count: int
+    modalities: _containers.RepeatedCompositeFieldContainer[ModalityStep]
+    fallback: Fallback
+    def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., count: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalityStep, _Mapping]]] = ..., fallback: _Optional[_Union[Fallback, str]] = ...) -> None: ...
+
+class ModalityWindow(_message.Message):
+    __slots__ = ("modality", "open", "growth")
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    GROWTH_FIELD_NUMBER: _ClassVar[int]
+    modality: str
+    open: bool
+    growth: float
+    def __init__(self, modality: _Optional[str] = ..., open: _Optional[bool] = ..., growth: _Optional[float] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    attempt: int
+    world_size: int
+    modalities: _containers.RepeatedScalarFieldContainer[str]
+    profile: Profile
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile", "state", "epoch", "last_step", "steps", "window", "created_unix_ms")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    attempt: int
+    world_size: int
+    modalities: _containers.RepeatedScalarFieldContainer[str]
+    profile: Profile
+    state: SessionState
+    epoch: int
+    last_step: int
+    steps: int
+    window: _containers.RepeatedCompositeFieldContainer[ModalityWindow]
+    created_unix_ms: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., epoch: _Optional[int] = ..., last_step: _Optional[int] = ..., steps: _Optional[int] = ..., window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+
+class OpenSessionResponse(_message.Message):
+    __slots__ = ("session", "created")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    created: bool
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("job_id", "attempt", "rank", "epoch", "step", "count", "stats", "fallback")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    attempt: int
+    rank: int
+    epoch: int
+    step: int
+    count: int
+    stats: _containers.RepeatedCompositeFieldContainer[ModalityStats]
+    fallback: Fallback
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., count: _Optional[int] = ..., stats: _Optional[_Iterable[_Union[ModalityStats, _Mapping]]] = ..., fallback: _Optional[_Union[Fallback, str]] = ...) -> None: ...
+
+class ReportResponse(_message.Message):
+    __slots__ = ("step", "window", "duplicate")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    step: StepRecord
+    window: _containers.RepeatedCompositeFieldContainer[ModalityWindow]
+    duplicate: bool
+    def __init__(self, step: _Optional[_Union[StepRecord, _Mapping]] = ..., window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class EndEpochRequest(_message.Message):
+    __slots__ = ("job_id", "attempt", "rank", "epoch")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    attempt: int
+    rank: int
+    epoch: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ModalityEpoch(_message.Message):
+    __slots__ = ("modality", "fisher_trace", "window", "regulated_steps", "mean_proximal", "max_proximal", "mean_score")
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    FISHER_TRACE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    REGULATED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_PROXIMAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROXIMAL_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    modality: str
+    fisher_trace: float
+    window: ModalityWindow
+    regulated_steps: int
+    mean_proximal: float
+    max_proximal: float
+    mean_score: float
+    def __init__(self, modality: _Optional[str] = ..., fisher_trace: _Optional[float] = ..., window: _Optional[_Union[ModalityWindow, _Mapping]] = ..., regulated_steps: _Optional[int] = ..., mean_proximal: _Optional[float] = ..., max_proximal: _Optional[float] = ..., mean_score: _Optional[float] = ...) -> None: ...
+
+class EpochRecord(_message.Message):
+    __slots__ = ("epoch", "closed", "steps", "fallback_steps", "modalities")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    closed: bool
+    steps: int
+    fallback_steps: int
+    modalities: _containers.RepeatedCompositeFieldContainer[ModalityEpoch]
+    def __init__(self, epoch: _Optional[int] = ..., closed: _Optional[bool] = ..., steps: _Optional[int] = ..., fallback_steps: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalityEpoch, _Mapping]]] = ...) -> None: ...
+
+class EndEpochResponse(_message.Message):
+    __slots__ = ("closed", "next_epoch", "next_window", "duplicate")
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    NEXT_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    closed: EpochRecord
+    next_epoch: int
+    next_window: _containers.RepeatedCompositeFieldContainer[ModalityWindow]
+    duplicate: bool
+    def __init__(self, closed: _Optional[_Union[EpochRecord, _Mapping]] = ..., next_epoch: _Optional[int] = ..., next_window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("job_id", "attempt", "include_steps")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    attempt: int
+    include_steps: bool
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., include_steps: _Optional[bool] = ...) -> None: ...
+
+class GetSessionResponse(_message.Message):
+    __slots__ = ("session", "epochs", "steps")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    epochs: _containers.RepeatedCompositeFieldContainer[EpochRecord]
+    steps: _containers.RepeatedCompositeFieldContainer[StepRecord]
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., epochs: _Optional[_Iterable[_Union[EpochRecord, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ("include_inactive",)
+    INCLUDE_INACTIVE_FIELD_NUMBER: _ClassVar[int]
+    include_inactive: bool
+    def __init__(self, include_inactive: _Optional[bool] = ...) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("job_id", "attempt")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...

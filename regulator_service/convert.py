@@ -1,0 +1,263 @@
+"""Wire <-> domain: validates requests field by field and builds answers.
+
+Everything a request can get wrong on its own (ranges, NaN, names, missing fields) is rejected
+here with INVALID_ARGUMENT before any session is touched; what depends on a session (unknown
+modality, step order) is checked by the session.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable, Optional
+
+from inforeg.regulator.v1 import regulator_pb2 as pb
+
+from .errors import InvalidArgument, ResourceExhausted
+from .manager import Limits, SessionDetail
+from .model import (
+    EpochSummary,
+    Fallback,
+    FisherTerms,
+    ModalityReport,
+    RawReport,
+    SessionConfig,
+    SessionKey,
+    StepRecord,
+)
+from .policy import NoneParams, OfficialParams, PaperParams, ProfileParams, Window
+from .session import SessionView
+
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,199}")
+MODALITY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+MAX_HISTORY = 10_000
+
+
+def _finite(name: str, x: float, *, nonneg: bool = False) -> float:
+    if not math.isfinite(x):
+        raise InvalidArgument(f"{name} must be finite, got {x}")
+    if nonneg and x < 0.0:
+        raise InvalidArgument(f"{name} must be >= 0, got {x}")
+    return float(x)
+
+
+def _at_least(name: str, x: int, low: int) -> int:
+    if x < low:
+        raise InvalidArgument(f"{name} must be >= {low}, got {x}")
+    return int(x)
+
+
+def job_id(value: str) -> str:
+    if not JOB_ID.fullmatch(value):
+        raise InvalidArgument(
+            f"job_id {value[:80]!r} is invalid: 1-200 characters of [A-Za-z0-9._:@/+=-], "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def session_key(job: str, attempt: int) -> SessionKey:
+    return SessionKey(job_id(job), _at_least("attempt", attempt, 0))
+
+
+# -- profiles ---------------------------------------------------------------------------------
+
+
+def profile_from_proto(p: pb.Profile, modalities: tuple[str, ...]) -> ProfileParams:
+    kind = p.WhichOneof("kind")
+    if kind is None or kind == "paper":
+        q = p.paper
+        params = PaperParams(
+            beta=_finite("paper.beta", q.beta, nonneg=True) if q.HasField("beta") else 0.9,
+            threshold=_finite("paper.threshold", q.threshold) if q.HasField("threshold") else 0.04,
+            warmup_epochs=_at_least("paper.warmup_epochs", q.warmup_epochs, 2)
+            if q.HasField("warmup_epochs")
+            else 2,
+        )
+        if len(modalities) < 2:
+            raise InvalidArgument("profile 'paper' needs at least 2 modalities")
+        return params
+    if kind == "official":
+        q = p.official
+        if len(modalities) != 2:
+            raise InvalidArgument(
+                f"profile 'official' needs exactly 2 modalities, got {len(modalities)}"
+            )
+        ref = q.reference_modality or modalities[0]
+        if ref not in modalities:
+            raise InvalidArgument(
+                f"official.reference_modality {ref!r} is not one of {list(modalities)}"
+            )
+        history = q.history if q.HasField("history") else 10
+        if not 1 <= history <= MAX_HISTORY:
+            raise InvalidArgument(f"official.history must be in [1, {MAX_HISTORY}], got {history}")
+        return OfficialParams(
+            reference_modality=ref,
+            threshold=_finite("official.threshold", q.threshold) if q.HasField("threshold") else 0.05,
+            history=history,
+            reference_gain=_finite("official.reference_gain", q.reference_gain, nonneg=True)
+            if q.HasField("reference_gain")
+            else 0.95,
+            other_gain=_finite("official.other_gain", q.other_gain, nonneg=True)
+            if q.HasField("other_gain")
+            else 0.1,
+        )
+    return NoneParams()
+
+
+def profile_to_proto(params: ProfileParams) -> pb.Profile:
+    if isinstance(params, PaperParams):
+        return pb.Profile(
+            paper=pb.PaperProfile(
+                beta=params.beta, threshold=params.threshold, warmup_epochs=params.warmup_epochs
+            )
+        )
+    if isinstance(params, OfficialParams):
+        return pb.Profile(
+            official=pb.OfficialProfile(
+                reference_modality=params.reference_modality,
+                threshold=params.threshold,
+                history=params.history,
+                reference_gain=params.reference_gain,
+                other_gain=params.other_gain,
+            )
+        )
+    return pb.Profile(none=pb.NoneProfile())
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+def config_from_request(req: pb.OpenSessionRequest, limits: Limits) -> SessionConfig:
+    key = session_key(req.job_id, req.attempt)
+    world_size = req.world_size or 1
+    _at_least("world_size", world_size, 1)
+    modalities = tuple(req.modalities)
+    if len(modalities) > limits.max_modalities:
+        raise ResourceExhausted(
+            f"{len(modalities)} modalities exceed the limit of {limits.max_modalities}"
+        )
+    for m in modalities:
+        if not MODALITY.fullmatch(m):
+            raise InvalidArgument(
+                f"modality name {m[:80]!r} is invalid: 1-64 characters of [A-Za-z0-9_.-]"
+            )
+    if len(set(modalities)) != len(modalities):
+        raise InvalidArgument(f"modality names must be unique, got {list(modalities)}")
+    if len(modalities) < 2:
+        raise InvalidArgument(f"a session needs at least 2 modalities, got {len(modalities)}")
+    return SessionConfig(
+        job_id=key.job_id,
+        attempt=key.attempt,
+        world_size=world_size,
+        modalities=modalities,
+        profile=profile_from_proto(req.profile, modalities),
+    )
+
+
+def _modality_report(s: pb.ModalityStats, fallback: Fallback) -> ModalityReport:
+    name = s.modality
+    score = _finite(f"score_sum of {name!r}", s.score_sum, nonneg=True)
+    source = s.WhichOneof("fisher_source")
+    fisher: float | FisherTerms
+    if source == "fisher":
+        fisher = _finite(f"fisher of {name!r}", s.fisher, nonneg=True)
+    elif source == "fisher_terms":
+        t = s.fisher_terms
+        fisher = FisherTerms(
+            grad_sq=_finite(f"fisher_terms.grad_sq of {name!r}", t.grad_sq, nonneg=True),
+            grad_delta=_finite(f"fisher_terms.grad_delta of {name!r}", t.grad_delta),
+            delta_sq=_finite(f"fisher_terms.delta_sq of {name!r}", t.delta_sq, nonneg=True),
+        )
+    else:
+        raise InvalidArgument(f"modality {name!r} carries neither fisher nor fisher_terms")
+    applied: Optional[float] = None
+    if s.HasField("applied"):
+        applied = _finite(f"applied.proximal of {name!r}", s.applied.proximal, nonneg=True)
+    return ModalityReport(modality=name, score_sum=score, fisher=fisher, applied=applied)
+
+
+def report_from_request(req: pb.ReportRequest) -> RawReport:
+    try:
+        fallback = Fallback(req.fallback)
+    except ValueError:
+        raise InvalidArgument(f"unknown fallback value {req.fallback}") from None
+    return RawReport(
+        key=session_key(req.job_id, req.attempt),
+        rank=_at_least("rank", req.rank, 0),
+        epoch=_at_least("epoch", req.epoch, 0),
+        step=_at_least("step", req.step, 0),
+        count=_at_least("count", req.count, 1),
+        stats=tuple(_modality_report(s, fallback) for s in req.stats),
+        fallback=fallback,
+    )
+
+
+# -- answers ----------------------------------------------------------------------------------
+
+
+def windows_to_proto(modalities: Iterable[str], windows: Iterable[Window]) -> list[pb.ModalityWindow]:
+    return [pb.ModalityWindow(modality=m, open=w.open, growth=w.growth) for m, w in zip(modalities, windows)]
+
+
+def session_info(view: SessionView) -> pb.SessionInfo:
+    c = view.config
+    return pb.SessionInfo(
+        job_id=c.job_id,
+        attempt=c.attempt,
+        world_size=c.world_size,
+        modalities=list(c.modalities),
+        profile=profile_to_proto(c.profile),
+        state=int(view.status),
+        epoch=view.epoch,
+        last_step=view.last_step,
+        steps=view.steps,
+        window=windows_to_proto(c.modalities, view.window),
+        created_unix_ms=view.created_ms,
+    )
+
+
+def step_record(modalities: tuple[str, ...], r: StepRecord) -> pb.StepRecord:
+    return pb.StepRecord(
+        epoch=r.epoch,
+        step=r.step,
+        count=r.count,
+        modalities=[
+            pb.ModalityStep(
+                modality=m, score_sum=s, fisher=f, factors=pb.Factors(proximal=p)
+            )
+            for m, s, f, p in zip(modalities, r.score_sums, r.fishers, r.proximal)
+        ],
+        fallback=int(r.fallback),
+    )
+
+
+def epoch_record(modalities: tuple[str, ...], e: EpochSummary) -> pb.EpochRecord:
+    n = e.steps
+    return pb.EpochRecord(
+        epoch=e.epoch,
+        closed=e.closed,
+        steps=n,
+        fallback_steps=e.fallback_steps,
+        modalities=[
+            pb.ModalityEpoch(
+                modality=m,
+                fisher_trace=e.fisher[i],
+                window=pb.ModalityWindow(modality=m, open=e.windows[i].open, growth=e.windows[i].growth),
+                regulated_steps=e.regulated_steps[i],
+                mean_proximal=e.proximal_sum[i] / n if n else 0.0,
+                max_proximal=e.proximal_max[i],
+                mean_score=e.score_sum[i] / n if n else 0.0,
+            )
+            for i, m in enumerate(modalities)
+        ],
+    )
+
+
+def session_detail(d: SessionDetail) -> pb.GetSessionResponse:
+    mods = d.view.config.modalities
+    return pb.GetSessionResponse(
+        session=session_info(d.view),
+        epochs=[epoch_record(mods, e) for e in d.epochs],
+        steps=[step_record(mods, r) for r in d.steps],
+    )

@@ -1,0 +1,85 @@
+"""Domain errors, each tied to the gRPC status code it travels as.
+
+The servicer maps them onto status codes; the client library maps status codes back onto the
+same classes, so a caller catches ``InvalidArgument`` whether it talks to a server or runs the
+policy in-process.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class RegulatorError(Exception):
+    """Base class; ``code`` is the gRPC status the error is sent as."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(RegulatorError, ValueError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(RegulatorError, KeyError):
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.message
+
+
+class AlreadyExists(RegulatorError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(RegulatorError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(RegulatorError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(RegulatorError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(RegulatorError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class DeadlineExceeded(RegulatorError, TimeoutError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Internal(RegulatorError):
+    code = grpc.StatusCode.INTERNAL
+
+
+ERRORS_BY_CODE: dict[grpc.StatusCode, type[RegulatorError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        Unauthenticated,
+        DeadlineExceeded,
+        Internal,
+    )
+}
+
+
+def error_for_code(code: grpc.StatusCode, message: str) -> RegulatorError:
+    """The domain error for a status code (``RegulatorError`` with that code if unmapped)."""
+    cls = ERRORS_BY_CODE.get(code)
+    if cls is not None:
+        return cls(message)
+    err = RegulatorError(message)
+    err.code = code
+    return err

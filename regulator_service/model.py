@@ -1,0 +1,191 @@
+"""Domain records of the regulator: what a session is configured with, what a step reported and
+what was answered, what an epoch accumulated. Immutable values; no gRPC, no I/O."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+from typing import Union
+
+from .policy import CLOSED, ProfileParams, Window
+
+
+class Fallback(IntEnum):
+    """Mirrors ``inforeg.regulator.v1.Fallback``."""
+
+    NONE = 0
+    NEUTRAL = 1
+    LAST = 2
+
+
+class SessionStatus(IntEnum):
+    """Mirrors ``inforeg.regulator.v1.SessionState``."""
+
+    OPEN = 1
+    CLOSED = 2
+    SUPERSEDED = 3
+
+
+@dataclass(frozen=True)
+class SessionKey:
+    job_id: str
+    attempt: int
+
+    def __str__(self) -> str:
+        return f"{self.job_id}#{self.attempt}"
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    job_id: str
+    attempt: int
+    world_size: int
+    modalities: tuple[str, ...]
+    profile: ProfileParams
+
+    @property
+    def key(self) -> SessionKey:
+        return SessionKey(self.job_id, self.attempt)
+
+
+@dataclass(frozen=True)
+class FisherTerms:
+    """The three per-modality reductions of a step; see ``policy.regulated_fisher``."""
+
+    grad_sq: float
+    grad_delta: float
+    delta_sq: float
+
+
+FisherInput = Union[float, FisherTerms]
+
+
+def _digest(
+    epoch: int,
+    count: int,
+    score_sums: tuple[float, ...],
+    fisher: tuple[FisherInput, ...],
+    fallback: Fallback,
+    applied: tuple[float, ...] | None,
+) -> bytes:
+    """Canonical fingerprint of a step's inputs: equal iff a repeated report is identical."""
+    parts = [struct.pack("<qqq", epoch, count, int(fallback))]
+    for s, f in zip(score_sums, fisher):
+        if isinstance(f, FisherTerms):
+            parts.append(struct.pack("<cdddd", b"t", s, f.grad_sq, f.grad_delta, f.delta_sq))
+        else:
+            parts.append(struct.pack("<cdd", b"f", s, f))
+    if applied is not None:
+        parts.append(struct.pack(f"<{len(applied)}d", *applied))
+    return hashlib.blake2b(b"".join(parts), digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class ModalityReport:
+    """One modality's entry of a Report as it arrived (validated for range, not for the session)."""
+
+    modality: str
+    score_sum: float
+    fisher: FisherInput
+    applied: float | None = None  # proximal coefficient the client applied (fallback reports)
+
+
+@dataclass(frozen=True)
+class RawReport:
+    """A Report before it is matched against its session's modalities."""
+
+    key: SessionKey
+    rank: int
+    epoch: int
+    step: int
+    count: int
+    stats: tuple[ModalityReport, ...]
+    fallback: Fallback = Fallback.NONE
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """A validated Report, with per-modality values in the session's modality order."""
+
+    key: SessionKey
+    rank: int
+    epoch: int
+    step: int
+    count: int
+    score_sums: tuple[float, ...]
+    fisher: tuple[FisherInput, ...]
+    fallback: Fallback = Fallback.NONE
+    applied: tuple[float, ...] | None = None  # proximal coefficients applied on fallback
+    digest: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "digest",
+            _digest(self.epoch, self.count, self.score_sums, self.fisher, self.fallback, self.applied),
+        )
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What the regulator recorded and answered for one step."""
+
+    epoch: int
+    step: int
+    count: int
+    score_sums: tuple[float, ...]
+    fishers: tuple[float, ...]  # after regulation
+    proximal: tuple[float, ...]
+    fallback: Fallback
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class EpochSummary:
+    """One epoch's window and running statistics; ``fisher`` is Tr(F) once ``closed``."""
+
+    epoch: int
+    windows: tuple[Window, ...]
+    steps: int = 0
+    fallback_steps: int = 0
+    fisher: tuple[float, ...] = ()
+    regulated_steps: tuple[int, ...] = ()
+    proximal_sum: tuple[float, ...] = ()
+    proximal_max: tuple[float, ...] = ()
+    score_sum: tuple[float, ...] = ()  # sum over steps of score_sum / count
+    closed: bool = False
+
+    @classmethod
+    def start(cls, epoch: int, windows: tuple[Window, ...]) -> "EpochSummary":
+        zeros = tuple(0.0 for _ in windows)
+        return cls(
+            epoch=epoch,
+            windows=windows,
+            fisher=zeros,
+            regulated_steps=tuple(0 for _ in windows),
+            proximal_sum=zeros,
+            proximal_max=zeros,
+            score_sum=zeros,
+        )
+
+    def add(self, rec: StepRecord) -> "EpochSummary":
+        """The summary with one more step; fisher is summed in step order, as replay does."""
+        return replace(
+            self,
+            steps=self.steps + 1,
+            fallback_steps=self.fallback_steps + (rec.fallback != Fallback.NONE),
+            fisher=tuple(a + b for a, b in zip(self.fisher, rec.fishers)),
+            regulated_steps=tuple(n + (p != 0.0) for n, p in zip(self.regulated_steps, rec.proximal)),
+            proximal_sum=tuple(a + p for a, p in zip(self.proximal_sum, rec.proximal)),
+            proximal_max=tuple(max(a, p) for a, p in zip(self.proximal_max, rec.proximal)),
+            score_sum=tuple(a + s / rec.count for a, s in zip(self.score_sum, rec.score_sums)),
+        )
+
+    def close(self) -> "EpochSummary":
+        return replace(self, closed=True)
+
+
+def closed_windows(n: int) -> tuple[Window, ...]:
+    return tuple(CLOSED for _ in range(n))

@@ -1,0 +1,28 @@
+"""Profile ``none``: records statistics, never regulates. The monitored baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .base import CLOSED, Window
+
+
+@dataclass(frozen=True)
+class NoneParams:
+    pass
+
+
+@dataclass(frozen=True)
+class NonePolicy:
+    params: NoneParams
+    modalities: tuple[str, ...]
+    name: str = "none"
+
+    def window(self, traces: Sequence[Sequence[float]], epoch: int) -> tuple[Window, ...]:
+        return tuple(CLOSED for _ in self.modalities)
+
+    def proximal(
+        self, window: Sequence[Window], count: int, score_sums: Sequence[float]
+    ) -> tuple[float, ...]:
+        return tuple(0.0 for _ in self.modalities)

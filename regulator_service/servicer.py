@@ -1,0 +1,73 @@
+"""The gRPC servicer: a thin shell that maps domain errors onto status codes.
+
+All logic lives in ``api.RegulatorAPI``; this class only translates exceptions and counts
+rejected reports. Unexpected exceptions become INTERNAL with the detail in the server log, never
+a traceback on the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, TypeVar
+
+import grpc
+
+from inforeg.regulator.v1 import regulator_pb2 as pb
+from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
+
+from .api import RegulatorAPI
+from .errors import RegulatorError
+from .metrics import RegulatorMetrics
+
+log = logging.getLogger(__name__)
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class RegulatorServicer(pb_grpc.RegulatorServicer):
+    def __init__(self, api: RegulatorAPI, metrics: Optional[RegulatorMetrics] = None) -> None:
+        self._api = api
+        self._metrics = metrics
+
+    def _call(
+        self,
+        fn: Callable[[Req], Resp],
+        request: Req,
+        context: grpc.ServicerContext,
+        on_error: Optional[Callable[[], None]] = None,
+    ) -> Resp:
+        try:
+            return fn(request)
+        except RegulatorError as exc:
+            if on_error is not None:
+                on_error()
+            context.abort(exc.code, exc.message)
+        except Exception:  # a bug: log it, do not leak it
+            if on_error is not None:
+                on_error()
+            log.exception("internal error in %s", getattr(fn, "__name__", fn))
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the regulator's log")
+        raise AssertionError("unreachable")  # context.abort always raises
+
+    def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.ServicerContext) -> pb.OpenSessionResponse:
+        return self._call(self._api.open_session, request, context)
+
+    def Report(self, request: pb.ReportRequest, context: grpc.ServicerContext) -> pb.ReportResponse:
+        rejected = self._metrics.report_rejected if self._metrics is not None else None
+        return self._call(self._api.report, request, context, rejected)
+
+    def EndEpoch(self, request: pb.EndEpochRequest, context: grpc.ServicerContext) -> pb.EndEpochResponse:
+        return self._call(self._api.end_epoch, request, context)
+
+    def GetSession(self, request: pb.GetSessionRequest, context: grpc.ServicerContext) -> pb.GetSessionResponse:
+        return self._call(self._api.get_session, request, context)
+
+    def ListSessions(
+        self, request: pb.ListSessionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListSessionsResponse:
+        return self._call(self._api.list_sessions, request, context)
+
+    def CloseSession(
+        self, request: pb.CloseSessionRequest, context: grpc.ServicerContext
+    ) -> pb.CloseSessionResponse:
+        return self._call(self._api.close_session, request, context)

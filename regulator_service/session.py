@@ -1,0 +1,292 @@
+"""The state of one session (one attempt of one job) and its transitions.
+
+Every transition is split into ``plan_*`` (validate and compute the new values, touching
+nothing) and ``commit_*`` (assign them). The manager persists between the two while it holds
+``lock``, so a request that is rejected, or whose write fails, leaves the session exactly as it
+was.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from .model import (
+    EpochSummary,
+    Fallback,
+    FisherTerms,
+    RawReport,
+    SessionConfig,
+    SessionKey,
+    SessionStatus,
+    StepRecord,
+    StepReport,
+)
+from .policy import Policy, Window, build_policy, regulated_fisher
+from .storage import StoredSession
+
+RECENT_STEPS = 1024  # answers kept in memory for duplicate reports; older ones come from the store
+SCORE_SLACK = 1e-6  # a score sum may exceed count by float rounding, not more
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """A consistent snapshot of a session's header, for answers and listings."""
+
+    config: SessionConfig
+    status: SessionStatus
+    epoch: int
+    window: tuple[Window, ...]
+    last_step: int
+    steps: int
+    created_ms: int
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    record: StepRecord
+    window: tuple[Window, ...]
+    duplicate: bool
+    next_summary: Optional[EpochSummary] = None  # set when the step is new
+
+
+@dataclass(frozen=True)
+class EpochOutcome:
+    closed: EpochSummary
+    next_epoch: int
+    next_window: tuple[Window, ...]
+    duplicate: bool
+
+
+class Session:
+    """Mutable state of one (job, attempt). Call every method with ``lock`` held."""
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        status: SessionStatus,
+        created_ms: int,
+        closed_epochs: tuple[EpochSummary, ...],
+        current: EpochSummary,
+        step_count: int,
+        last_step: int,
+        recent: tuple[StepRecord, ...] = (),
+    ) -> None:
+        self.lock = threading.Lock()
+        self.config = config
+        self.policy: Policy = build_policy(config.profile, config.modalities)
+        self.status = status
+        self.created_ms = created_ms
+        self._closed: list[EpochSummary] = list(closed_epochs)
+        self._traces: list[list[float]] = [
+            [e.fisher[m] for e in closed_epochs] for m in range(len(config.modalities))
+        ]
+        self._current = current
+        self._step_count = step_count
+        self._last_step = last_step
+        self._recent: OrderedDict[int, StepRecord] = OrderedDict((r.step, r) for r in recent)
+        self._index = {name: i for i, name in enumerate(config.modalities)}
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def first_window(cls, config: SessionConfig) -> tuple[Window, ...]:
+        policy = build_policy(config.profile, config.modalities)
+        return policy.window(tuple(() for _ in config.modalities), 0)
+
+    @classmethod
+    def new(cls, config: SessionConfig, created_ms: int) -> "Session":
+        return cls(
+            config,
+            SessionStatus.OPEN,
+            created_ms,
+            (),
+            EpochSummary.start(0, cls.first_window(config)),
+            step_count=0,
+            last_step=-1,
+        )
+
+    @classmethod
+    def restore(cls, stored: StoredSession) -> "Session":
+        current = EpochSummary.start(stored.open_epoch, stored.open_window)
+        for record in stored.open_steps:
+            current = current.add(record)
+        return cls(
+            stored.config,
+            stored.status,
+            stored.created_ms,
+            stored.closed_epochs,
+            current,
+            stored.step_count,
+            stored.last_step,
+            stored.open_steps[-RECENT_STEPS:],
+        )
+
+    # -- reads ------------------------------------------------------------------------------
+
+    @property
+    def key(self) -> SessionKey:
+        return self.config.key
+
+    def view(self) -> SessionView:
+        return SessionView(
+            config=self.config,
+            status=self.status,
+            epoch=self._current.epoch,
+            window=self._current.windows,
+            last_step=self._last_step,
+            steps=self._step_count,
+            created_ms=self.created_ms,
+        )
+
+    def epochs(self) -> tuple[EpochSummary, ...]:
+        """Closed epochs, then the open one."""
+        return (*self._closed, self._current)
+
+    def require_open(self) -> None:
+        if self.status == SessionStatus.SUPERSEDED:
+            raise FailedPrecondition(f"session {self.key} was superseded by a newer attempt")
+        if self.status != SessionStatus.OPEN:
+            raise FailedPrecondition(f"session {self.key} is closed")
+
+    # -- Report -----------------------------------------------------------------------------
+
+    def normalize(self, raw: RawReport) -> StepReport:
+        """Matches a report's entries to the session's modalities (semantic validation)."""
+        cfg = self.config
+        if raw.rank >= cfg.world_size:
+            raise InvalidArgument(f"rank {raw.rank} is outside world_size {cfg.world_size}")
+        slots: list[Optional[object]] = [None] * len(cfg.modalities)
+        for entry in raw.stats:
+            i = self._index.get(entry.modality)
+            if i is None:
+                raise InvalidArgument(
+                    f"unknown modality {entry.modality!r}; session has {list(cfg.modalities)}"
+                )
+            if slots[i] is not None:
+                raise InvalidArgument(f"modality {entry.modality!r} reported twice")
+            if entry.score_sum > raw.count * (1.0 + SCORE_SLACK):
+                raise InvalidArgument(
+                    f"score_sum {entry.score_sum} of {entry.modality!r} exceeds count {raw.count}: "
+                    "it must be a sum of probabilities"
+                )
+            slots[i] = entry
+        missing = [m for m, e in zip(cfg.modalities, slots) if e is None]
+        if missing:
+            raise InvalidArgument(f"missing modalities {missing}")
+        entries = slots  # all set now
+        applied: Optional[tuple[float, ...]] = None
+        if raw.fallback == Fallback.NONE:
+            if any(e.applied is not None for e in entries):  # type: ignore[union-attr]
+                raise InvalidArgument("'applied' factors are only accepted with a fallback")
+        elif raw.fallback == Fallback.NEUTRAL:
+            applied = tuple(0.0 for _ in entries)
+            if any(e.applied not in (None, 0.0) for e in entries):  # type: ignore[union-attr]
+                raise InvalidArgument("a neutral fallback applies zero coefficients")
+        else:
+            if any(e.applied is None for e in entries):  # type: ignore[union-attr]
+                raise InvalidArgument("a 'last' fallback must send the applied factors")
+            applied = tuple(e.applied for e in entries)  # type: ignore[union-attr,misc]
+        return StepReport(
+            key=raw.key,
+            rank=raw.rank,
+            epoch=raw.epoch,
+            step=raw.step,
+            count=raw.count,
+            score_sums=tuple(e.score_sum for e in entries),  # type: ignore[union-attr]
+            fisher=tuple(e.fisher for e in entries),  # type: ignore[union-attr]
+            fallback=raw.fallback,
+            applied=applied,
+        )
+
+    def _stored_answer(
+        self, step: int, lookup: Callable[[SessionKey, int], Optional[StepRecord]]
+    ) -> Optional[StepRecord]:
+        record = self._recent.get(step)
+        if record is None and step <= self._last_step:
+            record = lookup(self.key, step)
+        return record
+
+    def _window_of(self, epoch: int) -> tuple[Window, ...]:
+        if epoch == self._current.epoch:
+            return self._current.windows
+        return self._closed[epoch].windows
+
+    def plan_report(
+        self, raw: RawReport, lookup: Callable[[SessionKey, int], Optional[StepRecord]]
+    ) -> StepOutcome:
+        rep = self.normalize(raw)
+        prior = self._stored_answer(rep.step, lookup)
+        if prior is not None:  # answered before: also after CloseSession, for late ranks
+            if prior.digest != rep.digest:
+                raise AlreadyExists(
+                    f"step {rep.step} of {self.key} was already reported with different statistics"
+                )
+            return StepOutcome(prior, self._window_of(prior.epoch), duplicate=True)
+        self.require_open()
+        if rep.step <= self._last_step:
+            raise FailedPrecondition(
+                f"step {rep.step} goes backwards: {self.key} is at step {self._last_step}"
+            )
+        current = self._current
+        if rep.epoch != current.epoch:
+            raise FailedPrecondition(
+                f"step {rep.step} is for epoch {rep.epoch} but {self.key} has epoch "
+                f"{current.epoch} open (close epochs with EndEpoch, in order)"
+            )
+        if rep.applied is not None:
+            proximal = rep.applied
+        else:
+            proximal = self.policy.proximal(current.windows, rep.count, rep.score_sums)
+        fishers = tuple(
+            regulated_fisher(f.grad_sq, f.grad_delta, f.delta_sq, a)
+            if isinstance(f, FisherTerms)
+            else f
+            for f, a in zip(rep.fisher, proximal)
+        )
+        record = StepRecord(
+            epoch=rep.epoch,
+            step=rep.step,
+            count=rep.count,
+            score_sums=rep.score_sums,
+            fishers=fishers,
+            proximal=proximal,
+            fallback=rep.fallback,
+            digest=rep.digest,
+        )
+        return StepOutcome(record, current.windows, duplicate=False, next_summary=current.add(record))
+
+    def commit_report(self, outcome: StepOutcome) -> None:
+        assert outcome.next_summary is not None
+        record = outcome.record
+        self._current = outcome.next_summary
+        self._last_step = record.step
+        self._step_count += 1
+        self._recent[record.step] = record
+        if len(self._recent) > RECENT_STEPS:
+            self._recent.popitem(last=False)
+
+    # -- EndEpoch ---------------------------------------------------------------------------
+
+    def plan_end_epoch(self, epoch: int) -> EpochOutcome:
+        current = self._current
+        if epoch < current.epoch:  # closed before: also after CloseSession, for late ranks
+            return EpochOutcome(self._closed[epoch], epoch + 1, self._window_of(epoch + 1), True)
+        self.require_open()
+        if epoch > current.epoch:
+            raise FailedPrecondition(
+                f"cannot close epoch {epoch}: {self.key} has epoch {current.epoch} open"
+            )
+        closed = current.close()
+        traces = [tr + [f] for tr, f in zip(self._traces, closed.fisher)]
+        next_window = self.policy.window(traces, epoch + 1)
+        return EpochOutcome(closed, epoch + 1, next_window, duplicate=False)
+
+    def commit_end_epoch(self, outcome: EpochOutcome) -> None:
+        self._closed.append(outcome.closed)
+        for tr, f in zip(self._traces, outcome.closed.fisher):
+            tr.append(f)
+        self._current = EpochSummary.start(outcome.next_epoch, outcome.next_window)

@@ -1,0 +1,117 @@
+"""JSON encoding of the domain records for persistence.
+
+Floats go through ``repr`` (exact round trip); NaN growth values of closed windows are kept as
+the JSON extension ``NaN`` that Python reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from ..model import EpochSummary, Fallback, SessionConfig, StepRecord
+from ..policy import NoneParams, OfficialParams, PaperParams, ProfileParams, Window, profile_name
+
+_PARAMS = {"paper": PaperParams, "official": OfficialParams, "none": NoneParams}
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=True)
+
+
+def profile_to_dict(params: ProfileParams) -> dict[str, Any]:
+    return {"name": profile_name(params), **dataclasses.asdict(params)}
+
+
+def profile_from_dict(d: dict[str, Any]) -> ProfileParams:
+    d = dict(d)
+    return _PARAMS[d.pop("name")](**d)
+
+
+def config_to_json(c: SessionConfig) -> str:
+    return dumps(
+        {
+            "job_id": c.job_id,
+            "attempt": c.attempt,
+            "world_size": c.world_size,
+            "modalities": list(c.modalities),
+            "profile": profile_to_dict(c.profile),
+        }
+    )
+
+
+def config_from_json(s: str) -> SessionConfig:
+    d = json.loads(s)
+    return SessionConfig(
+        job_id=d["job_id"],
+        attempt=int(d["attempt"]),
+        world_size=int(d["world_size"]),
+        modalities=tuple(d["modalities"]),
+        profile=profile_from_dict(d["profile"]),
+    )
+
+
+def windows_to_list(ws: tuple[Window, ...]) -> list[list[Any]]:
+    return [[w.open, w.growth] for w in ws]
+
+
+def windows_from_list(lst: list[list[Any]]) -> tuple[Window, ...]:
+    return tuple(Window(open=bool(o), growth=float(g)) for o, g in lst)
+
+
+def windows_to_json(ws: tuple[Window, ...]) -> str:
+    return dumps(windows_to_list(ws))
+
+
+def windows_from_json(s: str) -> tuple[Window, ...]:
+    return windows_from_list(json.loads(s))
+
+
+def epoch_to_json(e: EpochSummary) -> str:
+    d = dataclasses.asdict(e)
+    d["windows"] = windows_to_list(e.windows)
+    return dumps(d)
+
+
+def epoch_from_json(s: str) -> EpochSummary:
+    d = json.loads(s)
+    return EpochSummary(
+        epoch=int(d["epoch"]),
+        windows=windows_from_list(d["windows"]),
+        steps=int(d["steps"]),
+        fallback_steps=int(d["fallback_steps"]),
+        fisher=tuple(d["fisher"]),
+        regulated_steps=tuple(int(x) for x in d["regulated_steps"]),
+        proximal_sum=tuple(d["proximal_sum"]),
+        proximal_max=tuple(d["proximal_max"]),
+        score_sum=tuple(d["score_sum"]),
+        closed=bool(d["closed"]),
+    )
+
+
+def step_to_json(r: StepRecord) -> str:
+    return dumps(
+        {
+            "count": r.count,
+            "score_sums": list(r.score_sums),
+            "fishers": list(r.fishers),
+            "proximal": list(r.proximal),
+            "fallback": int(r.fallback),
+            "digest": r.digest.hex(),
+        }
+    )
+
+
+def step_from_json(epoch: int, step: int, s: str) -> StepRecord:
+    d = json.loads(s)
+    return StepRecord(
+        epoch=epoch,
+        step=step,
+        count=int(d["count"]),
+        score_sums=tuple(d["score_sums"]),
+        fishers=tuple(d["fishers"]),
+        proximal=tuple(d["proximal"]),
+        fallback=Fallback(d["fallback"]),
+        digest=bytes.fromhex(d["digest"]),
+    )

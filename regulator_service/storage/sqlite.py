@@ -1,0 +1,254 @@
+"""The embedded default store: one SQLite file in WAL mode under ``--state-dir``.
+
+Every durable point is its own transaction, committed before the answer leaves the server. With
+``synchronous=NORMAL`` a commit survives a killed process (it is in the OS's WAL pages); only a
+power loss can drop the last commits, and those are answers the client re-requests
+idempotently. The schema is versioned with ``PRAGMA user_version`` and migrated forward step by
+step; a file from a newer server or a damaged file is refused, never rewritten.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from ..model import EpochSummary, SessionConfig, SessionKey, SessionStatus, StepRecord
+from ..policy import Window
+from . import codec
+from .base import StateStore, StoredSession, StoreError
+
+STATE_FILE = "regulator.sqlite3"
+SCHEMA_VERSION = 1
+
+
+def _create_v1(conn: sqlite3.Connection) -> None:
+    conn.executescript(
+        """
+        CREATE TABLE sessions (
+            job_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            config TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            created_ms INTEGER NOT NULL,
+            open_epoch INTEGER NOT NULL,
+            open_window TEXT NOT NULL,
+            PRIMARY KEY (job_id, attempt)
+        );
+        CREATE TABLE epochs (
+            job_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            epoch INTEGER NOT NULL,
+            summary TEXT NOT NULL,
+            PRIMARY KEY (job_id, attempt, epoch)
+        ) WITHOUT ROWID;
+        CREATE TABLE steps (
+            job_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            step INTEGER NOT NULL,
+            epoch INTEGER NOT NULL,
+            record TEXT NOT NULL,
+            PRIMARY KEY (job_id, attempt, step)
+        ) WITHOUT ROWID;
+        """
+    )
+
+
+# MIGRATIONS[v] upgrades a database at user_version v to v + 1 (0 = empty file).
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _create_v1}
+
+
+class SQLiteStore(StateStore):
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(state_dir) / STATE_FILE
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=10.0
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open state file {self.path}: {exc}") from exc
+        try:
+            self._check_and_migrate()
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise StoreError(f"state file {self.path} is unreadable: {exc}") from exc
+        except StoreError:
+            self._conn.close()
+            raise
+
+    def _check_and_migrate(self) -> None:
+        conn = self._conn
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"state file {self.path} has schema version {version}; this server knows "
+                f"versions up to {SCHEMA_VERSION} (refusing to touch it)"
+            )
+        if version > 0:
+            result = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if result != "ok":
+                raise StoreError(f"state file {self.path} is corrupt: {result}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        while version < SCHEMA_VERSION:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                MIGRATIONS[version](conn)
+                version += 1
+                conn.execute(f"PRAGMA user_version = {version}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def _write(self, fn: Callable[[sqlite3.Connection], None]) -> None:
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    fn(self._conn)
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"state write failed: {exc}") from exc
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"state read failed: {exc}") from exc
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def create_session(
+        self,
+        config: SessionConfig,
+        created_ms: int,
+        window: tuple[Window, ...],
+        supersedes: Optional[SessionKey] = None,
+    ) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            if supersedes is not None:
+                conn.execute(
+                    "UPDATE sessions SET status=? WHERE job_id=? AND attempt=?",
+                    (int(SessionStatus.SUPERSEDED), supersedes.job_id, supersedes.attempt),
+                )
+            conn.execute(
+                "INSERT INTO sessions VALUES (?,?,?,?,?,?,?)",
+                (
+                    config.job_id,
+                    config.attempt,
+                    codec.config_to_json(config),
+                    int(SessionStatus.OPEN),
+                    created_ms,
+                    0,
+                    codec.windows_to_json(window),
+                ),
+            )
+
+        self._write(tx)
+
+    def set_status(self, key: SessionKey, status: SessionStatus) -> None:
+        self._write(
+            lambda conn: conn.execute(
+                "UPDATE sessions SET status=? WHERE job_id=? AND attempt=?",
+                (int(status), key.job_id, key.attempt),
+            )
+        )
+
+    def append_step(self, key: SessionKey, record: StepRecord) -> None:
+        self._write(
+            lambda conn: conn.execute(
+                "INSERT INTO steps VALUES (?,?,?,?,?)",
+                (key.job_id, key.attempt, record.step, record.epoch, codec.step_to_json(record)),
+            )
+        )
+
+    def close_epoch(
+        self, key: SessionKey, closed: EpochSummary, next_epoch: int, next_window: tuple[Window, ...]
+    ) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO epochs VALUES (?,?,?,?)",
+                (key.job_id, key.attempt, closed.epoch, codec.epoch_to_json(closed)),
+            )
+            conn.execute(
+                "UPDATE sessions SET open_epoch=?, open_window=? WHERE job_id=? AND attempt=?",
+                (next_epoch, codec.windows_to_json(next_window), key.job_id, key.attempt),
+            )
+
+        self._write(tx)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def get_step(self, key: SessionKey, step: int) -> Optional[StepRecord]:
+        rows = self._read(
+            "SELECT epoch, record FROM steps WHERE job_id=? AND attempt=? AND step=?",
+            (key.job_id, key.attempt, step),
+        )
+        return codec.step_from_json(rows[0][0], step, rows[0][1]) if rows else None
+
+    def iter_steps(self, key: SessionKey) -> Iterator[StepRecord]:
+        rows = self._read(
+            "SELECT step, epoch, record FROM steps WHERE job_id=? AND attempt=? ORDER BY step",
+            (key.job_id, key.attempt),
+        )
+        return (codec.step_from_json(e, s, r) for s, e, r in rows)
+
+    def load(self) -> list[StoredSession]:
+        out = []
+        try:
+            for job_id, attempt, config, status, created_ms, open_epoch, open_window in self._read(
+                "SELECT job_id, attempt, config, status, created_ms, open_epoch, open_window "
+                "FROM sessions ORDER BY created_ms, job_id, attempt"
+            ):
+                args = (job_id, attempt)
+                epochs = tuple(
+                    codec.epoch_from_json(s)
+                    for (s,) in self._read(
+                        "SELECT summary FROM epochs WHERE job_id=? AND attempt=? ORDER BY epoch", args
+                    )
+                )
+                open_steps = tuple(
+                    codec.step_from_json(open_epoch, s, r)
+                    for s, r in self._read(
+                        "SELECT step, record FROM steps WHERE job_id=? AND attempt=? AND epoch=? "
+                        "ORDER BY step",
+                        (*args, open_epoch),
+                    )
+                )
+                count, last = self._read(
+                    "SELECT COUNT(*), COALESCE(MAX(step), -1) FROM steps WHERE job_id=? AND attempt=?",
+                    args,
+                )[0]
+                out.append(
+                    StoredSession(
+                        config=codec.config_from_json(config),
+                        status=SessionStatus(status),
+                        created_ms=created_ms,
+                        closed_epochs=epochs,
+                        open_epoch=open_epoch,
+                        open_window=codec.windows_from_json(open_window),
+                        open_steps=open_steps,
+                        step_count=count,
+                        last_step=last,
+                    )
+                )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"state file {self.path} holds an undecodable record: {exc}") from exc
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._conn.close()
