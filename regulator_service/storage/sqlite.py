@@ -25,8 +25,8 @@ SCHEMA_VERSION = 1
 
 
 def _create_v1(conn: sqlite3.Connection) -> None:
-    conn.executescript(
-        """
+    # one statement per execute(): executescript() would commit the migration's transaction
+    for statement in """
         CREATE TABLE sessions (
             job_id TEXT NOT NULL,
             attempt INTEGER NOT NULL,
@@ -52,8 +52,9 @@ def _create_v1(conn: sqlite3.Connection) -> None:
             record TEXT NOT NULL,
             PRIMARY KEY (job_id, attempt, step)
         ) WITHOUT ROWID;
-        """
-    )
+        """.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
 # MIGRATIONS[v] upgrades a database at user_version v to v + 1 (0 = empty file).

@@ -1,0 +1,1 @@
+"""Real training jobs that use the regulator (UCI Multiple Features digits, MLP encoders)."""
