@@ -37,8 +37,9 @@ class RegulatorClient:
         self.transport = transport
 
     @classmethod
-    def connect(cls, target: str, **options: Any) -> "RegulatorClient":
-        """``options`` go to ``GrpcTransport`` (timeout, token, wait_for_ready, ...)."""
+    def connect(cls, target: Optional[str] = None, **options: Any) -> "RegulatorClient":
+        """``target`` defaults to ``REGULATOR_TARGET`` (else 127.0.0.1:50051); ``options`` go to
+        ``GrpcTransport`` (timeout, token, tls, wait_for_ready, ...)."""
         return cls(GrpcTransport(target, **options))
 
     @classmethod

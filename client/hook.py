@@ -31,7 +31,10 @@ from torch import Tensor, nn
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
-from .client import RegulatorClient
+from regulator_service.policy import regulated_fisher
+
+from .client import RegulatorClient, modality_stats
+from .delivery import Delivery, DeliveryStats
 from .identity import JobIdentity
 from .profiles import ProfileLike, make_profile, profile_name
 from .stats import FISHER_MODULES, EncoderProbe, score_sums
@@ -46,8 +49,9 @@ class StepResult:
     epoch: int
     proximal: dict[str, float]  # coefficients applied
     fisher: dict[str, float]  # the step's Fisher contribution as the regulator recorded it
-    window: dict[str, bool]
+    window: dict[str, bool]  # empty on a fallback step
     duplicate: bool
+    fallback: bool = False  # the regulator did not answer in time; see ``on_unavailable``
 
 
 @dataclass
@@ -87,6 +91,11 @@ class InfoRegHook:
         process_group: the group scores are combined over (default: the world, when initialised).
         keep_history: keep every ``StepResult`` in ``hook.history`` (per-rank logging, tests).
         close_session: send CloseSession on ``close()`` (default: rank 0 only).
+        on_unavailable: ``"wait"`` (default: block up to ``wait_timeout`` s, then raise),
+            ``"neutral"`` (zero coefficients) or ``"last"`` (last coefficients) after one
+            ``call_timeout``; fallback steps are reported later and marked in the history.
+            Under DDP the ranks agree with one extra tiny all-reduce per step (not in ``wait``
+            mode), so they always apply the same coefficients.
     """
 
     def __init__(
@@ -105,6 +114,9 @@ class InfoRegHook:
         fisher_modules: tuple[type[nn.Module], ...] = FISHER_MODULES,
         keep_history: bool = False,
         close_session: Optional[bool] = None,
+        on_unavailable: str = "wait",
+        call_timeout: float = 10.0,
+        wait_timeout: float = 300.0,
     ) -> None:
         if len(encoders) < 2:
             raise ValueError(f"InfoReg needs at least 2 modalities, got {list(encoders)}")
@@ -118,8 +130,10 @@ class InfoRegHook:
         self.keep_history = keep_history
         self.close_session = self.identity.rank == 0 if close_session is None else close_session
         self.timings = HookTimings()
+        self.delivery = Delivery(client.transport, on_unavailable, call_timeout, wait_timeout)
         self._state = _State()
         self._trace: Optional[TraceWriter] = None
+        self._last = [0.0] * len(self.modalities)
 
     # -- properties -----------------------------------------------------------------------------
 
@@ -139,6 +153,11 @@ class InfoRegHook:
     @property
     def history(self) -> list[StepResult]:
         return self._state.history
+
+    @property
+    def fallbacks(self) -> DeliveryStats:
+        """Counts of steps applied without an answer, deferred epoch ends, waits."""
+        return self.delivery.stats
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -196,34 +215,44 @@ class InfoRegHook:
         t1 = time.perf_counter()
         m = len(self.modalities)
         total = int(round(host[m]))
+        terms = [tuple(host[m + 1 + 3 * i : m + 4 + 3 * i]) for i in range(m)]
         st = self._state
-        resp = self.client.report(
-            self.identity.job_id,
+        req = pb.ReportRequest(
+            job_id=self.identity.job_id,
             attempt=self.identity.attempt,
             rank=self.identity.rank,
             epoch=st.epoch,
             step=st.step,
             count=total,
-            score_sums={name: host[i] for i, name in enumerate(self.modalities)},
-            fisher={
-                name: (host[m + 1 + 3 * i], host[m + 2 + 3 * i], host[m + 3 + 3 * i])
-                for i, name in enumerate(self.modalities)
-            },
+            stats=[modality_stats(name, host[i], terms[i]) for i, name in enumerate(self.modalities)],  # type: ignore[arg-type]
         )
+        resp = self.delivery.report(req)
+        if self.delivery.mode != "wait" and self._distributed():
+            resp = resp if self._all_answered(resp is not None) else None
         t2 = time.perf_counter()
-        coefs = [s.factors.proximal for s in resp.step.modalities]
+        if resp is not None:
+            coefs = [s.factors.proximal for s in resp.step.modalities]
+            fisher = {s.modality: s.fisher for s in resp.step.modalities}
+            window = {w.modality: w.open for w in resp.window}
+        else:  # fallback: the same arithmetic the regulator applies to late reports
+            coefs = [0.0] * m if self.delivery.mode == "neutral" else list(self._last)
+            self.delivery.defer_fallback(req, coefs)
+            fisher = {name: regulated_fisher(*terms[i], coefs[i]) for i, name in enumerate(self.modalities)}  # type: ignore[misc]
+            window = {}
+        self._last = coefs
         self.probe.apply_proximal(coefs, deltas)
         t3 = time.perf_counter()
         result = StepResult(
             step=st.step,
             epoch=st.epoch,
             proximal=dict(zip(self.modalities, coefs)),
-            fisher={s.modality: s.fisher for s in resp.step.modalities},
-            window={w.modality: w.open for w in resp.window},
-            duplicate=resp.duplicate,
+            fisher=fisher,
+            window=window,
+            duplicate=bool(resp is not None and resp.duplicate),
+            fallback=resp is None,
         )
         if self._trace is not None:
-            self._trace.step(st.epoch, st.step, total, {s.modality: s.score_sum for s in resp.step.modalities}, result.fisher)
+            self._trace.step(st.epoch, st.step, total, {name: host[i] for i, name in enumerate(self.modalities)}, fisher)
         if self.keep_history:
             st.history.append(result)
         st.step += 1
@@ -234,13 +263,18 @@ class InfoRegHook:
         tm.apply_s += t3 - t2
         return result
 
-    def on_epoch_end(self) -> pb.EndEpochResponse:
-        """Closes the epoch at the regulator, which decides the next epoch's window."""
+    def on_epoch_end(self) -> Optional[pb.EndEpochResponse]:
+        """Closes the epoch at the regulator, which decides the next epoch's window.
+
+        None when the regulator was unreachable in a fallback mode (the epoch end is delivered
+        later, in order)."""
         if not self._state.in_epoch:
             raise RuntimeError("on_epoch_end() without on_epoch_start()")
         t0 = time.perf_counter()
-        resp = self.client.end_epoch(
-            self.identity.job_id, attempt=self.identity.attempt, epoch=self._state.epoch, rank=self.identity.rank
+        resp = self.delivery.end_epoch(
+            pb.EndEpochRequest(
+                job_id=self.identity.job_id, attempt=self.identity.attempt, rank=self.identity.rank, epoch=self._state.epoch
+            )
         )
         self.timings.epoch_rpc_s += time.perf_counter() - t0
         if self._trace is not None:
@@ -250,11 +284,20 @@ class InfoRegHook:
         return resp
 
     def close(self) -> None:
-        """Closes the trace and (rank 0 by default) the session."""
+        """Delivers deferred reports, closes the trace and (rank 0 by default) the session."""
         if self._trace is not None:
             self._trace.close()
             self._trace = None
-        if self._state.session is not None and self.close_session:
+        if self._state.session is None:
+            return
+        delivered = self.delivery.flush()
+        if not delivered:
+            log.error(
+                "the regulator is unreachable: %d deferred message(s) of job %s were not delivered; "
+                "its history lacks those steps",
+                self.delivery.pending, self.identity.job_id,
+            )
+        elif self.close_session:
             self.client.close_session(self.identity.job_id, attempt=self.identity.attempt)
         self._state.session = None
 
@@ -266,6 +309,14 @@ class InfoRegHook:
         self.close()
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _all_answered(self, answered: bool) -> bool:
+        """Under DDP in a fallback mode: did every rank get the regulator's answer?"""
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if answered else 0.0], device=self.probe.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.process_group)
+        return bool(flag.item() == 1.0)
 
     def _distributed(self) -> bool:
         if self.identity.world_size <= 1:

@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import os
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
 import grpc
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
+
+from regulator_service.security import token_from_env
 
 from .errors import from_rpc_error
 
@@ -39,13 +43,39 @@ DEFAULT_SERVICE_CONFIG = {
 
 
 class Transport(Protocol):
+    """Each call may take ``timeout`` (seconds) and ``wait_for_ready`` overrides."""
+
     def open_session(self, req: pb.OpenSessionRequest) -> pb.OpenSessionResponse: ...
-    def report(self, req: pb.ReportRequest) -> pb.ReportResponse: ...
-    def end_epoch(self, req: pb.EndEpochRequest) -> pb.EndEpochResponse: ...
+    def report(self, req: pb.ReportRequest, **call: object) -> pb.ReportResponse: ...
+    def end_epoch(self, req: pb.EndEpochRequest, **call: object) -> pb.EndEpochResponse: ...
     def get_session(self, req: pb.GetSessionRequest) -> pb.GetSessionResponse: ...
     def list_sessions(self, req: pb.ListSessionsRequest) -> pb.ListSessionsResponse: ...
     def close_session(self, req: pb.CloseSessionRequest) -> pb.CloseSessionResponse: ...
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Client TLS: the CA that signed the server's certificate, and for mutual TLS this
+    client's certificate and key (PEM files)."""
+
+    ca: Optional[str] = None  # None = the system roots
+    cert: Optional[str] = None
+    key: Optional[str] = None
+    server_name: Optional[str] = None  # override the name checked against the certificate
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Optional[str]) -> Optional[bytes]:
+            return Path(path).read_bytes() if path else None
+
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("a client certificate and its key go together")
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+def default_target(env: Optional[dict[str, str]] = None) -> str:
+    env = dict(os.environ) if env is None else env
+    return env.get("REGULATOR_TARGET") or "127.0.0.1:50051"
 
 
 class GrpcTransport:
@@ -53,15 +83,17 @@ class GrpcTransport:
 
     The channel is created lazily and per process: a process forked after the first call (a
     DataLoader worker, say) never touches its parent's channel (grpc/grpc#32992) and opens its
-    own on first use.
+    own on first use. The bearer token defaults to ``REGULATOR_TOKEN`` or the file named by
+    ``REGULATOR_TOKEN_FILE``; ``unix:/path`` targets reach a sidecar's socket.
     """
 
     def __init__(
         self,
-        target: str,
+        target: Optional[str] = None,
         *,
         timeout: float = 10.0,
         token: Optional[str] = None,
+        tls: Optional[TlsConfig] = None,
         wait_for_ready: bool = False,
         max_reconnect_backoff_ms: int = 2000,
         service_config: Optional[dict] = None,
@@ -69,9 +101,11 @@ class GrpcTransport:
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
-        self.target = target
+        self.target = target or default_target()
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
+        self.tls = tls
+        token = token if token is not None else token_from_env()
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._options = [
             ("grpc.service_config", json.dumps(service_config or DEFAULT_SERVICE_CONFIG)),
@@ -82,6 +116,8 @@ class GrpcTransport:
             ("grpc.keepalive_time_ms", 30_000),
             *options,
         ]
+        if tls is not None and tls.server_name:
+            self._options.append(("grpc.ssl_target_name_override", tls.server_name))
         self._lock = threading.Lock()
         self._pid: Optional[int] = None
         self._channel: Optional[grpc.Channel] = None
@@ -95,19 +131,22 @@ class GrpcTransport:
         with self._lock:
             if self._stub is None or self._pid != pid:
                 # An inherited channel belongs to the parent: drop it without closing it.
-                self._channel = grpc.insecure_channel(self.target, options=self._options)
+                if self.tls is not None:
+                    self._channel = grpc.secure_channel(self.target, self.tls.credentials(), options=self._options)
+                else:
+                    self._channel = grpc.insecure_channel(self.target, options=self._options)
                 self._stub = pb_grpc.RegulatorStub(self._channel)
                 self._pid = pid
             return self._stub
 
-    def _call(self, method: str, req, timeout: Optional[float] = None):  # type: ignore[no-untyped-def]
+    def _call(self, method: str, req, timeout: Optional[float] = None, wait_for_ready: Optional[bool] = None):  # type: ignore[no-untyped-def]
         fn = getattr(self._get_stub(), method)
         try:
             return fn(
                 req,
                 timeout=self.timeout if timeout is None else timeout,
                 metadata=self._metadata,
-                wait_for_ready=self.wait_for_ready,
+                wait_for_ready=self.wait_for_ready if wait_for_ready is None else wait_for_ready,
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
@@ -115,11 +154,11 @@ class GrpcTransport:
     def open_session(self, req: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
         return self._call("OpenSession", req)
 
-    def report(self, req: pb.ReportRequest) -> pb.ReportResponse:
-        return self._call("Report", req)
+    def report(self, req: pb.ReportRequest, **call: object) -> pb.ReportResponse:
+        return self._call("Report", req, **call)  # type: ignore[arg-type]
 
-    def end_epoch(self, req: pb.EndEpochRequest) -> pb.EndEpochResponse:
-        return self._call("EndEpoch", req)
+    def end_epoch(self, req: pb.EndEpochRequest, **call: object) -> pb.EndEpochResponse:
+        return self._call("EndEpoch", req, **call)  # type: ignore[arg-type]
 
     def get_session(self, req: pb.GetSessionRequest) -> pb.GetSessionResponse:
         return self._call("GetSession", req)
@@ -161,10 +200,10 @@ class InProcessTransport:
     def open_session(self, req: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
         return self._call(self.api.open_session, req)
 
-    def report(self, req: pb.ReportRequest) -> pb.ReportResponse:
+    def report(self, req: pb.ReportRequest, **call: object) -> pb.ReportResponse:
         return self._call(self.api.report, req)
 
-    def end_epoch(self, req: pb.EndEpochRequest) -> pb.EndEpochResponse:
+    def end_epoch(self, req: pb.EndEpochRequest, **call: object) -> pb.EndEpochResponse:
         return self._call(self.api.end_epoch, req)
 
     def get_session(self, req: pb.GetSessionRequest) -> pb.GetSessionResponse:

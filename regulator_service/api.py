@@ -52,7 +52,9 @@ class RegulatorAPI:
         return convert.session_detail(detail)
 
     def list_sessions(self, req: pb.ListSessionsRequest) -> pb.ListSessionsResponse:
-        views = self.manager.list(include_inactive=req.include_inactive)
+        if req.limit < 0:
+            raise InvalidArgument(f"limit must be >= 0, got {req.limit}")
+        views = self.manager.list(include_inactive=req.include_inactive, limit=req.limit)
         return pb.ListSessionsResponse(sessions=[convert.session_info(v) for v in views])
 
     def close_session(self, req: pb.CloseSessionRequest) -> pb.CloseSessionResponse:

@@ -214,6 +214,7 @@ def session_info(view: SessionView) -> pb.SessionInfo:
         steps=view.steps,
         window=windows_to_proto(c.modalities, view.window),
         created_unix_ms=view.created_ms,
+        last_active_unix_ms=view.last_active_ms,
     )
 
 

@@ -1,14 +1,20 @@
-"""Server interceptors: go-grpc-prometheus metrics for every RPC, including health and
-reflection. Small and explicit instead of py-grpc-prometheus (unmaintained, sync-only)."""
+"""Server interceptors: go-grpc-prometheus metrics for every RPC (small and explicit instead of
+py-grpc-prometheus, unmaintained and sync-only), undecodable requests turned into
+INVALID_ARGUMENT, and an optional injected delay for fault tests."""
 
 from __future__ import annotations
 
 import time
 from typing import Any, Callable, Optional
 
+from google.protobuf.message import DecodeError
+
 import grpc
 
 from .metrics import GrpcServerMetrics, iter_counted
+
+
+_KINDS = {(False, False): "unary", (True, False): "client_stream", (False, True): "server_stream", (True, True): "bidi_stream"}
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -36,14 +42,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         service, method = _split(details.method)
-        if handler.request_streaming and handler.response_streaming:
-            kind, behavior, factory = "bidi_stream", handler.stream_stream, grpc.stream_stream_rpc_method_handler
-        elif handler.request_streaming:
-            kind, behavior, factory = "client_stream", handler.stream_unary, grpc.stream_unary_rpc_method_handler
-        elif handler.response_streaming:
-            kind, behavior, factory = "server_stream", handler.unary_stream, grpc.unary_stream_rpc_method_handler
-        else:
-            kind, behavior, factory = "unary", handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        behavior, factory = _handler_parts(handler)
+        kind = _KINDS[(handler.request_streaming, handler.response_streaming)]
         labels = (kind, service, method)
         m = self._m
         started = m.started.labels(*labels)
@@ -90,4 +90,77 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             wrapped,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
+        )
+
+
+def _handler_parts(handler: grpc.RpcMethodHandler) -> tuple[Any, Callable[..., grpc.RpcMethodHandler]]:
+    if handler.request_streaming and handler.response_streaming:
+        return handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    if handler.request_streaming:
+        return handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    if handler.response_streaming:
+        return handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    return handler.unary_unary, grpc.unary_unary_rpc_method_handler
+
+
+class _Malformed:
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+class MalformedRequestInterceptor(grpc.ServerInterceptor):
+    """A request that does not decode is INVALID_ARGUMENT (grpcio would answer INTERNAL)."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Optional[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> Optional[grpc.RpcMethodHandler]:
+        handler = continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+        behavior, factory = _handler_parts(handler)
+
+        def safe_deserialize(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except (DecodeError, ValueError, RuntimeError) as exc:
+                return _Malformed(str(exc) or type(exc).__name__)
+
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, _Malformed):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not decode: {request.error}")
+            return behavior(request, context)
+
+        return factory(wrapped, request_deserializer=safe_deserialize, response_serializer=handler.response_serializer)
+
+
+class DelayInterceptor(grpc.ServerInterceptor):
+    """Fault injection for tests and drills (``serve --debug-delay``): every call to
+    ``service`` sleeps first, as a saturated or swapping server would."""
+
+    def __init__(self, seconds: float, service: str) -> None:
+        self._seconds = seconds
+        self._service = service
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Optional[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> Optional[grpc.RpcMethodHandler]:
+        handler = continuation(details)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            return handler
+        if details.method.lstrip("/").rpartition("/")[0] != self._service:
+            return handler
+        behavior = handler.unary_unary
+        seconds = self._seconds
+
+        def slow(request: Any, context: grpc.ServicerContext) -> Any:
+            time.sleep(seconds)
+            return behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            slow, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )

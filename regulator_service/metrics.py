@@ -40,7 +40,7 @@ class RegulatorMetrics:
             f"{PREFIX}_sessions_opened_total", "Sessions created.", ["profile"], registry=r
         )
         self.sessions_ended = Counter(
-            f"{PREFIX}_sessions_ended_total", "Sessions closed or superseded.", ["reason"], registry=r
+            f"{PREFIX}_sessions_ended_total", "Sessions ended, by reason: closed, superseded, expired.", ["reason"], registry=r
         )
         self.reports = Counter(
             f"{PREFIX}_reports_total",
@@ -139,7 +139,7 @@ class RegulatorMetrics:
 
     def session_ended(self, config: SessionConfig, status: SessionStatus) -> None:
         self.sessions_open.dec()
-        self.sessions_ended.labels("superseded" if status == SessionStatus.SUPERSEDED else "closed").inc()
+        self.sessions_ended.labels(status.name.lower()).inc()
         with self._lock:
             if self._exports(config):
                 self._remove_series(config.job_id, config.modalities)

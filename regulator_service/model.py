@@ -26,6 +26,7 @@ class SessionStatus(IntEnum):
     OPEN = 1
     CLOSED = 2
     SUPERSEDED = 3
+    EXPIRED = 4
 
 
 @dataclass(frozen=True)
@@ -63,22 +64,16 @@ FisherInput = Union[float, FisherTerms]
 
 
 def _digest(
-    epoch: int,
-    count: int,
-    score_sums: tuple[float, ...],
-    fisher: tuple[FisherInput, ...],
-    fallback: Fallback,
-    applied: tuple[float, ...] | None,
+    epoch: int, count: int, score_sums: tuple[float, ...], fisher: tuple[FisherInput, ...]
 ) -> bytes:
-    """Canonical fingerprint of a step's inputs: equal iff a repeated report is identical."""
-    parts = [struct.pack("<qqq", epoch, count, int(fallback))]
+    """Canonical fingerprint of a step's statistics: equal iff a repeated report carries the
+    same statistics (what was applied on a fallback is compared separately)."""
+    parts = [struct.pack("<qq", epoch, count)]
     for s, f in zip(score_sums, fisher):
         if isinstance(f, FisherTerms):
             parts.append(struct.pack("<cdddd", b"t", s, f.grad_sq, f.grad_delta, f.delta_sq))
         else:
             parts.append(struct.pack("<cdd", b"f", s, f))
-    if applied is not None:
-        parts.append(struct.pack(f"<{len(applied)}d", *applied))
     return hashlib.blake2b(b"".join(parts), digest_size=16).digest()
 
 
@@ -124,7 +119,7 @@ class StepReport:
         object.__setattr__(
             self,
             "digest",
-            _digest(self.epoch, self.count, self.score_sums, self.fisher, self.fallback, self.applied),
+            _digest(self.epoch, self.count, self.score_sums, self.fisher),
         )
 
 

@@ -23,11 +23,12 @@ from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 
 from .api import RegulatorAPI
-from .interceptors import MetricsInterceptor
+from .interceptors import DelayInterceptor, MalformedRequestInterceptor, MetricsInterceptor
 from .manager import Limits, SessionManager
 from .metrics import GrpcServerMetrics, RegulatorMetrics
+from .security import BearerTokenInterceptor, TlsFiles, TokenSource
 from .servicer import RegulatorServicer
-from .storage import MemoryStore, SQLiteStore, StateStore
+from .storage import MemoryStore, SQLiteStore, StateStore, StoreError
 from .storage.instrumented import InstrumentedStore
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,17 @@ class ServerConfig:
     port: int = 50051  # 0 = pick a free port
     metrics_host: str = "127.0.0.1"
     metrics_port: Optional[int] = None  # None = no metrics endpoint; 0 = free port
+    health_port: Optional[int] = None  # plaintext, health service only (kubelet probes)
+    uds: Optional[str] = None  # also listen on this Unix domain socket path
     state_dir: Optional[Path] = None  # None = in memory only
     max_workers: int = 16
     max_receive_bytes: int = 1 << 20
     grace_seconds: float = 10.0
     limits: Limits = field(default_factory=Limits)
     metrics_max_jobs: int = 100
+    token: Optional[TokenSource] = None  # bearer token required on Regulator RPCs
+    tls: Optional[TlsFiles] = None
+    debug_delay_s: float = 0.0  # fault injection: every Regulator RPC sleeps this long first
 
 
 class RegulatorServer:
@@ -57,14 +63,30 @@ class RegulatorServer:
         self.registry = CollectorRegistry()
         self.metrics = RegulatorMetrics(self.registry, max_jobs=config.metrics_max_jobs)
         self.grpc_metrics = GrpcServerMetrics(self.registry)
-        inner: StateStore = SQLiteStore(config.state_dir) if config.state_dir else MemoryStore()
+        # A state file we cannot use must not crash the server nor be overwritten: we serve
+        # health (NOT_SERVING), metrics and logs, and answer UNAVAILABLE with the reason.
+        self.store_error: Optional[str] = None
+        inner: StateStore = MemoryStore()
+        if config.state_dir is not None:
+            try:
+                inner = SQLiteStore(config.state_dir)
+            except StoreError as exc:
+                self.store_error = str(exc)
+                log.error("state store unusable, serving UNAVAILABLE until fixed: %s", exc)
+                self.metrics.store_healthy.set(0)
         self.store = InstrumentedStore(inner, self.metrics.timed_write)
         self.manager = SessionManager(self.store, self.metrics, limits=config.limits)
         self.api = RegulatorAPI(self.manager)
         self.health = health.HealthServicer(experimental_non_blocking=True)
+        interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(self.grpc_metrics)]
+        if config.token is not None:
+            interceptors.append(BearerTokenInterceptor(config.token))
+        interceptors.append(MalformedRequestInterceptor())
+        if config.debug_delay_s > 0:
+            interceptors.append(DelayInterceptor(config.debug_delay_s, SERVICE_NAME))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="regulator-rpc"),
-            interceptors=[MetricsInterceptor(self.grpc_metrics)],
+            interceptors=interceptors,
             options=[
                 ("grpc.so_reuseport", 0),  # a port clash must be an error, not a silent second server
                 ("grpc.max_receive_message_length", config.max_receive_bytes),
@@ -72,34 +94,75 @@ class RegulatorServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
-        pb_grpc.add_RegulatorServicer_to_server(RegulatorServicer(self.api, self.metrics), self._server)
+        servicer = RegulatorServicer(self.api, self.metrics, unavailable=self.store_error)
+        pb_grpc.add_RegulatorServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
+        self._health_server: Optional[grpc.Server] = None
+        if config.health_port is not None:
+            self._health_server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="regulator-health"),
+                options=[("grpc.so_reuseport", 0)],
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         self.port: Optional[int] = None
         self.metrics_port: Optional[int] = None
+        self.health_port: Optional[int] = None
         self._metrics_http = None
         self._stopped = threading.Event()
+        self._sweeper: Optional[threading.Thread] = None
 
-    def start(self) -> "RegulatorServer":
-        restored = self.manager.restore()
-        if restored:
-            log.info("restored %d open session(s) from %s", restored, self.config.state_dir)
-        address = f"{self.config.host}:{self.config.port}"
+    def _listen(self, server: grpc.Server, address: str, secure: bool) -> int:
         try:
-            self.port = self._server.add_insecure_port(address)
+            if secure and self.config.tls is not None:
+                return server.add_secure_port(address, self.config.tls.server_credentials())
+            return server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address}: {exc}") from exc
+
+    def start(self) -> "RegulatorServer":
+        if self.store_error is None:
+            restored = self.manager.restore()
+            if restored:
+                log.info("restored %d open session(s) from %s", restored, self.config.state_dir)
+        self.port = self._listen(self._server, f"{self.config.host}:{self.config.port}", secure=True)
+        if self.config.uds:
+            Path(self.config.uds).unlink(missing_ok=True)  # a stale socket from a killed server
+            self._listen(self._server, f"unix:{self.config.uds}", secure=False)
+        if self._health_server is not None:
+            self.health_port = self._listen(
+                self._health_server, f"{self.config.host}:{self.config.health_port}", secure=False
+            )
         if self.config.metrics_port is not None:
             self._metrics_http, _ = start_http_server(
                 self.config.metrics_port, addr=self.config.metrics_host, registry=self.registry
             )
             self.metrics_port = self._metrics_http.server_address[1]
         self._server.start()
+        if self._health_server is not None:
+            self._health_server.start()
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.store_error is None
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for service in ("", SERVICE_NAME):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            self.health.set(service, status)
+        if self.config.limits.session_ttl_s > 0:
+            self._sweeper = threading.Thread(target=self._sweep, name="regulator-ttl", daemon=True)
+            self._sweeper.start()
         return self
+
+    def _sweep(self) -> None:
+        """Expires idle sessions; the expiry is persisted like any other state change."""
+        interval = min(max(self.config.limits.session_ttl_s / 4, 0.05), 30.0)
+        while not self._stopped.wait(interval):
+            try:
+                self.manager.expire_idle()
+            except Exception:  # never let the sweeper die silently
+                log.exception("session expiry sweep failed")
 
     @property
     def target(self) -> str:
@@ -115,6 +178,8 @@ class RegulatorServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self._server.stop(self.config.grace_seconds if grace is None else grace).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -25,9 +25,12 @@ Resp = TypeVar("Resp")
 
 
 class RegulatorServicer(pb_grpc.RegulatorServicer):
-    def __init__(self, api: RegulatorAPI, metrics: Optional[RegulatorMetrics] = None) -> None:
+    def __init__(
+        self, api: RegulatorAPI, metrics: Optional[RegulatorMetrics] = None, unavailable: Optional[str] = None
+    ) -> None:
         self._api = api
         self._metrics = metrics
+        self._unavailable = unavailable  # why every call must fail (an unusable state store)
 
     def _call(
         self,
@@ -36,6 +39,8 @@ class RegulatorServicer(pb_grpc.RegulatorServicer):
         context: grpc.ServicerContext,
         on_error: Optional[Callable[[], None]] = None,
     ) -> Resp:
+        if self._unavailable is not None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unusable: {self._unavailable}")
         try:
             return fn(request)
         except RegulatorError as exc:

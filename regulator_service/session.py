@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from .model import (
@@ -43,6 +43,7 @@ class SessionView:
     last_step: int
     steps: int
     created_ms: int
+    last_active_ms: int
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ class StepOutcome:
     record: StepRecord
     window: tuple[Window, ...]
     duplicate: bool
-    next_summary: Optional[EpochSummary] = None  # set when the step is new
+    next_summary: Optional[EpochSummary] = None  # set when the step is new or amended
+    amended: bool = False  # a late fallback report replaced the regulated record of the step
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Session:
         config: SessionConfig,
         status: SessionStatus,
         created_ms: int,
+        last_active_ms: int,
         closed_epochs: tuple[EpochSummary, ...],
         current: EpochSummary,
         step_count: int,
@@ -80,6 +83,7 @@ class Session:
         self.policy: Policy = build_policy(config.profile, config.modalities)
         self.status = status
         self.created_ms = created_ms
+        self.last_active_ms = last_active_ms
         self._closed: list[EpochSummary] = list(closed_epochs)
         self._traces: list[list[float]] = [
             [e.fisher[m] for e in closed_epochs] for m in range(len(config.modalities))
@@ -103,6 +107,7 @@ class Session:
             config,
             SessionStatus.OPEN,
             created_ms,
+            created_ms,
             (),
             EpochSummary.start(0, cls.first_window(config)),
             step_count=0,
@@ -118,6 +123,7 @@ class Session:
             stored.config,
             stored.status,
             stored.created_ms,
+            stored.last_active_ms,
             stored.closed_epochs,
             current,
             stored.step_count,
@@ -140,6 +146,7 @@ class Session:
             last_step=self._last_step,
             steps=self._step_count,
             created_ms=self.created_ms,
+            last_active_ms=self.last_active_ms,
         )
 
     def epochs(self) -> tuple[EpochSummary, ...]:
@@ -149,8 +156,17 @@ class Session:
     def require_open(self) -> None:
         if self.status == SessionStatus.SUPERSEDED:
             raise FailedPrecondition(f"session {self.key} was superseded by a newer attempt")
+        if self.status == SessionStatus.EXPIRED:
+            raise FailedPrecondition(
+                f"session {self.key} expired after being idle; open a new attempt to continue"
+            )
         if self.status != SessionStatus.OPEN:
             raise FailedPrecondition(f"session {self.key} is closed")
+
+    def deactivate(self, status: SessionStatus) -> None:
+        """Closed, superseded or expired: drop the in-memory answer cache (the store keeps it)."""
+        self.status = status
+        self._recent.clear()
 
     # -- Report -----------------------------------------------------------------------------
 
@@ -216,16 +232,15 @@ class Session:
         return self._closed[epoch].windows
 
     def plan_report(
-        self, raw: RawReport, lookup: Callable[[SessionKey, int], Optional[StepRecord]]
+        self,
+        raw: RawReport,
+        lookup: Callable[[SessionKey, int], Optional[StepRecord]],
+        epoch_steps: Callable[[SessionKey, int], Iterable[StepRecord]],
     ) -> StepOutcome:
         rep = self.normalize(raw)
         prior = self._stored_answer(rep.step, lookup)
         if prior is not None:  # answered before: also after CloseSession, for late ranks
-            if prior.digest != rep.digest:
-                raise AlreadyExists(
-                    f"step {rep.step} of {self.key} was already reported with different statistics"
-                )
-            return StepOutcome(prior, self._window_of(prior.epoch), duplicate=True)
+            return self._repeat(rep, prior, epoch_steps)
         self.require_open()
         if rep.step <= self._last_step:
             raise FailedPrecondition(
@@ -237,17 +252,21 @@ class Session:
                 f"step {rep.step} is for epoch {rep.epoch} but {self.key} has epoch "
                 f"{current.epoch} open (close epochs with EndEpoch, in order)"
             )
+        record = self._record(rep, current.windows)
+        return StepOutcome(record, current.windows, duplicate=False, next_summary=current.add(record))
+
+    def _record(self, rep: StepReport, windows: tuple[Window, ...]) -> StepRecord:
         if rep.applied is not None:
             proximal = rep.applied
         else:
-            proximal = self.policy.proximal(current.windows, rep.count, rep.score_sums)
+            proximal = self.policy.proximal(windows, rep.count, rep.score_sums)
         fishers = tuple(
             regulated_fisher(f.grad_sq, f.grad_delta, f.delta_sq, a)
             if isinstance(f, FisherTerms)
             else f
             for f, a in zip(rep.fisher, proximal)
         )
-        record = StepRecord(
+        return StepRecord(
             epoch=rep.epoch,
             step=rep.step,
             count=rep.count,
@@ -257,14 +276,47 @@ class Session:
             fallback=rep.fallback,
             digest=rep.digest,
         )
-        return StepOutcome(record, current.windows, duplicate=False, next_summary=current.add(record))
+
+    def _repeat(
+        self,
+        rep: StepReport,
+        prior: StepRecord,
+        epoch_steps: Callable[[SessionKey, int], Iterable[StepRecord]],
+    ) -> StepOutcome:
+        """A report for a recorded step: the stored answer, a conflict, or an amendment."""
+        if prior.digest != rep.digest:
+            raise AlreadyExists(
+                f"step {rep.step} of {self.key} was already reported with different statistics"
+            )
+        window = self._window_of(prior.epoch)
+        if rep.fallback == Fallback.NONE or (rep.fallback == prior.fallback and rep.applied == prior.proximal):
+            # the stored answer wins: a late rank applies what the others applied
+            return StepOutcome(prior, window, duplicate=True)
+        if prior.fallback != Fallback.NONE:
+            raise AlreadyExists(
+                f"step {rep.step} of {self.key} was already reported as applied with other factors"
+            )
+        # The regulator answered, but the client never got the answer and ran the step without
+        # it: the history must say what was applied, so the record is amended.
+        self.require_open()
+        if prior.epoch != self._current.epoch:
+            raise FailedPrecondition(
+                f"step {rep.step} of {self.key} belongs to closed epoch {prior.epoch}; a fallback "
+                "report must arrive before its epoch ends"
+            )
+        record = self._record(rep, window)
+        summary = EpochSummary.start(self._current.epoch, self._current.windows)
+        for r in epoch_steps(self.key, prior.epoch):
+            summary = summary.add(record if r.step == record.step else r)
+        return StepOutcome(record, window, duplicate=False, next_summary=summary, amended=True)
 
     def commit_report(self, outcome: StepOutcome) -> None:
         assert outcome.next_summary is not None
         record = outcome.record
         self._current = outcome.next_summary
-        self._last_step = record.step
-        self._step_count += 1
+        if not outcome.amended:
+            self._last_step = record.step
+            self._step_count += 1
         self._recent[record.step] = record
         if len(self._recent) > RECENT_STEPS:
             self._recent.popitem(last=False)

@@ -83,10 +83,10 @@ class FailingStore(MemoryStore):
         super().__init__()
         self.fail = False
 
-    def append_step(self, key: SessionKey, record) -> None:  # type: ignore[no-untyped-def]
+    def append_step(self, key: SessionKey, record, at_ms: int) -> None:  # type: ignore[no-untyped-def]
         if self.fail:
             raise StoreError("disk full")
-        super().append_step(key, record)
+        super().append_step(key, record, at_ms)
 
     def close_epoch(self, *args) -> None:  # type: ignore[no-untyped-def]
         if self.fail:

@@ -9,11 +9,11 @@ from .conftest import data_file
 
 
 def drive(client: RegulatorClient, trace_name: str, profile: str, job: str) -> list[bytes]:
-    """Every answer of a full session, serialized (creation time zeroed: it is a clock)."""
+    """Every answer of a full session, serialized (the two wall-clock fields zeroed)."""
     header, events = read_trace(data_file(trace_name))
     params = {"reference_modality": header.reference_modality} if profile == "official" else {}
     opened = client.open_session(job, header.modalities, profile, **params)
-    opened.session.created_unix_ms = 0
+    opened.session.created_unix_ms = opened.session.last_active_unix_ms = 0
     answers = [opened.SerializeToString(deterministic=True)]
     for ev in events:
         if isinstance(ev, TraceEpochEnd):
@@ -27,7 +27,7 @@ def drive(client: RegulatorClient, trace_name: str, profile: str, job: str) -> l
             )
         answers.append(resp.SerializeToString(deterministic=True))
     detail = client.get_session(job, include_steps=True)
-    detail.session.created_unix_ms = 0
+    detail.session.created_unix_ms = detail.session.last_active_unix_ms = 0
     answers.append(detail.SerializeToString(deterministic=True))
     return answers
 

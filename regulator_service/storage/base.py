@@ -26,6 +26,7 @@ class StoredSession:
     config: SessionConfig
     status: SessionStatus
     created_ms: int
+    last_active_ms: int
     closed_epochs: tuple[EpochSummary, ...]
     open_epoch: int
     open_window: tuple[Window, ...]
@@ -35,7 +36,11 @@ class StoredSession:
 
 
 class StateStore(ABC):
-    """Durable session state. Implementations must be safe to call from several threads."""
+    """Durable session state. Implementations must be safe to call from several threads.
+
+    Every write carries ``at_ms``, the session's last-activity time, so that an idle-session
+    TTL survives restarts and a restored session reads back exactly as it was.
+    """
 
     @abstractmethod
     def create_session(
@@ -49,14 +54,23 @@ class StateStore(ABC):
         superseded in the same transaction."""
 
     @abstractmethod
-    def set_status(self, key: SessionKey, status: SessionStatus) -> None: ...
+    def set_status(self, key: SessionKey, status: SessionStatus, at_ms: int) -> None: ...
 
     @abstractmethod
-    def append_step(self, key: SessionKey, record: StepRecord) -> None: ...
+    def append_step(self, key: SessionKey, record: StepRecord, at_ms: int) -> None: ...
+
+    @abstractmethod
+    def replace_step(self, key: SessionKey, record: StepRecord, at_ms: int) -> None:
+        """Overwrites a recorded step (a late fallback report amends it)."""
 
     @abstractmethod
     def close_epoch(
-        self, key: SessionKey, closed: EpochSummary, next_epoch: int, next_window: tuple[Window, ...]
+        self,
+        key: SessionKey,
+        closed: EpochSummary,
+        next_epoch: int,
+        next_window: tuple[Window, ...],
+        at_ms: int,
     ) -> None:
         """Stores a closed epoch and opens the next one, atomically."""
 
@@ -68,8 +82,23 @@ class StateStore(ABC):
         """Every recorded step of a session, in step order."""
 
     @abstractmethod
-    def load(self) -> list[StoredSession]:
-        """All sessions, for restoring the manager at start-up."""
+    def epoch_steps(self, key: SessionKey, epoch: int) -> list[StepRecord]:
+        """The recorded steps of one epoch, in step order."""
+
+    @abstractmethod
+    def load(self, open_only: bool = True) -> list[StoredSession]:
+        """Sessions to restore at start-up (only the open ones by default: the rest stays on
+        disk and is loaded on demand)."""
+
+    @abstractmethod
+    def load_session(self, key: SessionKey) -> Optional[StoredSession]: ...
+
+    @abstractmethod
+    def latest_attempt(self, job_id: str) -> Optional[int]: ...
+
+    @abstractmethod
+    def inactive_keys(self, limit: int) -> list[SessionKey]:
+        """Up to ``limit`` sessions that are not open, newest first."""
 
     def close(self) -> None:
         """Flushes and releases resources."""

@@ -18,6 +18,7 @@ class _Row:
     config: SessionConfig
     status: SessionStatus
     created_ms: int
+    last_active_ms: int
     open_epoch: int
     open_window: tuple[Window, ...]
     epochs: list[EpochSummary] = field(default_factory=list)
@@ -39,21 +40,37 @@ class MemoryStore(StateStore):
         with self._lock:
             if supersedes is not None:
                 self._rows[supersedes].status = SessionStatus.SUPERSEDED
-            self._rows[config.key] = _Row(config, SessionStatus.OPEN, created_ms, 0, window)
+            self._rows[config.key] = _Row(config, SessionStatus.OPEN, created_ms, created_ms, 0, window)
 
-    def set_status(self, key: SessionKey, status: SessionStatus) -> None:
+    def set_status(self, key: SessionKey, status: SessionStatus, at_ms: int) -> None:
         with self._lock:
             self._rows[key].status = status
+            self._rows[key].last_active_ms = at_ms
 
-    def append_step(self, key: SessionKey, record: StepRecord) -> None:
+    def append_step(self, key: SessionKey, record: StepRecord, at_ms: int) -> None:
         with self._lock:
             self._rows[key].steps[record.step] = record
+            self._rows[key].last_active_ms = at_ms
+
+    def replace_step(self, key: SessionKey, record: StepRecord, at_ms: int) -> None:
+        with self._lock:
+            row = self._rows[key]
+            if record.step not in row.steps:
+                raise KeyError(f"step {record.step} of {key} is not recorded")
+            row.steps[record.step] = record
+            row.last_active_ms = at_ms
 
     def close_epoch(
-        self, key: SessionKey, closed: EpochSummary, next_epoch: int, next_window: tuple[Window, ...]
+        self,
+        key: SessionKey,
+        closed: EpochSummary,
+        next_epoch: int,
+        next_window: tuple[Window, ...],
+        at_ms: int,
     ) -> None:
         with self._lock:
             row = self._rows[key]
+            row.last_active_ms = at_ms
             row.epochs.append(closed)
             row.open_epoch = next_epoch
             row.open_window = next_window
@@ -68,19 +85,44 @@ class MemoryStore(StateStore):
             records = list(self._rows[key].steps.values())
         return iter(records)
 
-    def load(self) -> list[StoredSession]:
+    @staticmethod
+    def _stored(row: _Row) -> StoredSession:
+        return StoredSession(
+            config=row.config,
+            status=row.status,
+            created_ms=row.created_ms,
+            last_active_ms=row.last_active_ms,
+            closed_epochs=tuple(row.epochs),
+            open_epoch=row.open_epoch,
+            open_window=row.open_window,
+            open_steps=tuple(r for r in row.steps.values() if r.epoch == row.open_epoch),
+            step_count=len(row.steps),
+            last_step=max(row.steps, default=-1),
+        )
+
+    def epoch_steps(self, key: SessionKey, epoch: int) -> list[StepRecord]:
+        with self._lock:
+            return [r for r in self._rows[key].steps.values() if r.epoch == epoch]
+
+    def load(self, open_only: bool = True) -> list[StoredSession]:
         with self._lock:
             return [
-                StoredSession(
-                    config=row.config,
-                    status=row.status,
-                    created_ms=row.created_ms,
-                    closed_epochs=tuple(row.epochs),
-                    open_epoch=row.open_epoch,
-                    open_window=row.open_window,
-                    open_steps=tuple(r for r in row.steps.values() if r.epoch == row.open_epoch),
-                    step_count=len(row.steps),
-                    last_step=max(row.steps, default=-1),
-                )
+                self._stored(row)
                 for row in self._rows.values()
+                if not open_only or row.status == SessionStatus.OPEN
             ]
+
+    def load_session(self, key: SessionKey) -> Optional[StoredSession]:
+        with self._lock:
+            row = self._rows.get(key)
+            return None if row is None else self._stored(row)
+
+    def latest_attempt(self, job_id: str) -> Optional[int]:
+        with self._lock:
+            return max((k.attempt for k in self._rows if k.job_id == job_id), default=None)
+
+    def inactive_keys(self, limit: int) -> list[SessionKey]:
+        with self._lock:
+            rows = [r for r in self._rows.values() if r.status != SessionStatus.OPEN]
+        rows.sort(key=lambda r: (r.created_ms, r.config.job_id, r.config.attempt), reverse=True)
+        return [r.config.key for r in rows[:limit]]

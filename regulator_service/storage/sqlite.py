@@ -33,10 +33,12 @@ def _create_v1(conn: sqlite3.Connection) -> None:
             config TEXT NOT NULL,
             status INTEGER NOT NULL,
             created_ms INTEGER NOT NULL,
+            last_active_ms INTEGER NOT NULL,
             open_epoch INTEGER NOT NULL,
             open_window TEXT NOT NULL,
             PRIMARY KEY (job_id, attempt)
         );
+        CREATE INDEX sessions_by_status ON sessions (status, created_ms);
         CREATE TABLE epochs (
             job_id TEXT NOT NULL,
             attempt INTEGER NOT NULL,
@@ -52,6 +54,7 @@ def _create_v1(conn: sqlite3.Connection) -> None:
             record TEXT NOT NULL,
             PRIMARY KEY (job_id, attempt, step)
         ) WITHOUT ROWID;
+        CREATE INDEX steps_by_epoch ON steps (job_id, attempt, epoch);
         """.split(";"):
         if statement.strip():
             conn.execute(statement)
@@ -142,12 +145,13 @@ class SQLiteStore(StateStore):
                     (int(SessionStatus.SUPERSEDED), supersedes.job_id, supersedes.attempt),
                 )
             conn.execute(
-                "INSERT INTO sessions VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?)",
                 (
                     config.job_id,
                     config.attempt,
                     codec.config_to_json(config),
                     int(SessionStatus.OPEN),
+                    created_ms,
                     created_ms,
                     0,
                     codec.windows_to_json(window),
@@ -156,24 +160,49 @@ class SQLiteStore(StateStore):
 
         self._write(tx)
 
-    def set_status(self, key: SessionKey, status: SessionStatus) -> None:
+    def set_status(self, key: SessionKey, status: SessionStatus, at_ms: int) -> None:
         self._write(
             lambda conn: conn.execute(
-                "UPDATE sessions SET status=? WHERE job_id=? AND attempt=?",
-                (int(status), key.job_id, key.attempt),
+                "UPDATE sessions SET status=?, last_active_ms=? WHERE job_id=? AND attempt=?",
+                (int(status), at_ms, key.job_id, key.attempt),
             )
         )
 
-    def append_step(self, key: SessionKey, record: StepRecord) -> None:
-        self._write(
-            lambda conn: conn.execute(
+    def append_step(self, key: SessionKey, record: StepRecord, at_ms: int) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "INSERT INTO steps VALUES (?,?,?,?,?)",
                 (key.job_id, key.attempt, record.step, record.epoch, codec.step_to_json(record)),
             )
-        )
+            conn.execute(
+                "UPDATE sessions SET last_active_ms=? WHERE job_id=? AND attempt=?",
+                (at_ms, key.job_id, key.attempt),
+            )
+
+        self._write(tx)
+
+    def replace_step(self, key: SessionKey, record: StepRecord, at_ms: int) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "UPDATE steps SET epoch=?, record=? WHERE job_id=? AND attempt=? AND step=?",
+                (record.epoch, codec.step_to_json(record), key.job_id, key.attempt, record.step),
+            )
+            if cur.rowcount != 1:
+                raise sqlite3.IntegrityError(f"step {record.step} of {key} is not recorded")
+            conn.execute(
+                "UPDATE sessions SET last_active_ms=? WHERE job_id=? AND attempt=?",
+                (at_ms, key.job_id, key.attempt),
+            )
+
+        self._write(tx)
 
     def close_epoch(
-        self, key: SessionKey, closed: EpochSummary, next_epoch: int, next_window: tuple[Window, ...]
+        self,
+        key: SessionKey,
+        closed: EpochSummary,
+        next_epoch: int,
+        next_window: tuple[Window, ...],
+        at_ms: int,
     ) -> None:
         def tx(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -181,8 +210,9 @@ class SQLiteStore(StateStore):
                 (key.job_id, key.attempt, closed.epoch, codec.epoch_to_json(closed)),
             )
             conn.execute(
-                "UPDATE sessions SET open_epoch=?, open_window=? WHERE job_id=? AND attempt=?",
-                (next_epoch, codec.windows_to_json(next_window), key.job_id, key.attempt),
+                "UPDATE sessions SET open_epoch=?, open_window=?, last_active_ms=? "
+                "WHERE job_id=? AND attempt=?",
+                (next_epoch, codec.windows_to_json(next_window), at_ms, key.job_id, key.attempt),
             )
 
         self._write(tx)
@@ -203,48 +233,68 @@ class SQLiteStore(StateStore):
         )
         return (codec.step_from_json(e, s, r) for s, e, r in rows)
 
-    def load(self) -> list[StoredSession]:
-        out = []
+    def epoch_steps(self, key: SessionKey, epoch: int) -> list[StepRecord]:
+        rows = self._read(
+            "SELECT step, record FROM steps WHERE job_id=? AND attempt=? AND epoch=? ORDER BY step",
+            (key.job_id, key.attempt, epoch),
+        )
+        return [codec.step_from_json(epoch, s, r) for s, r in rows]
+
+    def _stored(self, row: tuple) -> StoredSession:
+        job_id, attempt, config, status, created_ms, last_active_ms, open_epoch, open_window = row
+        args = (job_id, attempt)
+        epochs = tuple(
+            codec.epoch_from_json(summary)
+            for (summary,) in self._read(
+                "SELECT summary FROM epochs WHERE job_id=? AND attempt=? ORDER BY epoch", args
+            )
+        )
+        open_steps = tuple(self.epoch_steps(SessionKey(job_id, attempt), open_epoch))
+        count, last = self._read(
+            "SELECT COUNT(*), COALESCE(MAX(step), -1) FROM steps WHERE job_id=? AND attempt=?", args
+        )[0]
+        return StoredSession(
+            config=codec.config_from_json(config),
+            status=SessionStatus(status),
+            created_ms=created_ms,
+            last_active_ms=last_active_ms,
+            closed_epochs=epochs,
+            open_epoch=open_epoch,
+            open_window=codec.windows_from_json(open_window),
+            open_steps=open_steps,
+            step_count=count,
+            last_step=last,
+        )
+
+    _SESSION_COLUMNS = "job_id, attempt, config, status, created_ms, last_active_ms, open_epoch, open_window"
+
+    def load(self, open_only: bool = True) -> list[StoredSession]:
+        where = f"WHERE status={int(SessionStatus.OPEN)}" if open_only else ""
+        rows = self._read(f"SELECT {self._SESSION_COLUMNS} FROM sessions {where} ORDER BY created_ms, job_id, attempt")
         try:
-            for job_id, attempt, config, status, created_ms, open_epoch, open_window in self._read(
-                "SELECT job_id, attempt, config, status, created_ms, open_epoch, open_window "
-                "FROM sessions ORDER BY created_ms, job_id, attempt"
-            ):
-                args = (job_id, attempt)
-                epochs = tuple(
-                    codec.epoch_from_json(s)
-                    for (s,) in self._read(
-                        "SELECT summary FROM epochs WHERE job_id=? AND attempt=? ORDER BY epoch", args
-                    )
-                )
-                open_steps = tuple(
-                    codec.step_from_json(open_epoch, s, r)
-                    for s, r in self._read(
-                        "SELECT step, record FROM steps WHERE job_id=? AND attempt=? AND epoch=? "
-                        "ORDER BY step",
-                        (*args, open_epoch),
-                    )
-                )
-                count, last = self._read(
-                    "SELECT COUNT(*), COALESCE(MAX(step), -1) FROM steps WHERE job_id=? AND attempt=?",
-                    args,
-                )[0]
-                out.append(
-                    StoredSession(
-                        config=codec.config_from_json(config),
-                        status=SessionStatus(status),
-                        created_ms=created_ms,
-                        closed_epochs=epochs,
-                        open_epoch=open_epoch,
-                        open_window=codec.windows_from_json(open_window),
-                        open_steps=open_steps,
-                        step_count=count,
-                        last_step=last,
-                    )
-                )
+            return [self._stored(row) for row in rows]
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"state file {self.path} holds an undecodable record: {exc}") from exc
-        return out
+
+    def load_session(self, key: SessionKey) -> Optional[StoredSession]:
+        rows = self._read(
+            f"SELECT {self._SESSION_COLUMNS} FROM sessions WHERE job_id=? AND attempt=?", (key.job_id, key.attempt)
+        )
+        try:
+            return self._stored(rows[0]) if rows else None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"state file {self.path} holds an undecodable record: {exc}") from exc
+
+    def latest_attempt(self, job_id: str) -> Optional[int]:
+        return self._read("SELECT MAX(attempt) FROM sessions WHERE job_id=?", (job_id,))[0][0]
+
+    def inactive_keys(self, limit: int) -> list[SessionKey]:
+        rows = self._read(
+            "SELECT job_id, attempt FROM sessions WHERE status<>? "
+            "ORDER BY created_ms DESC, job_id DESC, attempt DESC LIMIT ?",
+            (int(SessionStatus.OPEN), limit),
+        )
+        return [SessionKey(job, attempt) for job, attempt in rows]
 
     def close(self) -> None:
         with self._lock:

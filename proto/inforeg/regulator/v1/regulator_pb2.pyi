@@ -19,6 +19,7 @@ class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_STATE_OPEN: _ClassVar[SessionState]
     SESSION_STATE_CLOSED: _ClassVar[SessionState]
     SESSION_STATE_SUPERSEDED: _ClassVar[SessionState]
+    SESSION_STATE_EXPIRED: _ClassVar[SessionState]
 FALLBACK_UNSPECIFIED: Fallback
 FALLBACK_NEUTRAL: Fallback
 FALLBACK_LAST: Fallback
@@ -26,6 +27,7 @@ SESSION_STATE_UNSPECIFIED: SessionState
 SESSION_STATE_OPEN: SessionState
 SESSION_STATE_CLOSED: SessionState
 SESSION_STATE_SUPERSEDED: SessionState
+SESSION_STATE_EXPIRED: SessionState
 
 class PaperProfile(_message.Message):
     __slots__ = ("beta", "threshold", "warmup_epochs")
@@ -150,7 +152,7 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile", "state", "epoch", "last_step", "steps", "window", "created_unix_ms")
+    __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile", "state", "epoch", "last_step", "steps", "window", "created_unix_ms", "last_active_unix_ms")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +164,7 @@ class SessionInfo(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     world_size: int
@@ -173,7 +176,8 @@ class SessionInfo(_message.Message):
     steps: int
     window: _containers.RepeatedCompositeFieldContainer[ModalityWindow]
     created_unix_ms: int
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., epoch: _Optional[int] = ..., last_step: _Optional[int] = ..., steps: _Optional[int] = ..., window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    last_active_unix_ms: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., epoch: _Optional[int] = ..., last_step: _Optional[int] = ..., steps: _Optional[int] = ..., window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., created_unix_ms: _Optional[int] = ..., last_active_unix_ms: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session", "created")
@@ -290,10 +294,12 @@ class GetSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., epochs: _Optional[_Iterable[_Union[EpochRecord, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
-    __slots__ = ("include_inactive",)
+    __slots__ = ("include_inactive", "limit")
     INCLUDE_INACTIVE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     include_inactive: bool
-    def __init__(self, include_inactive: _Optional[bool] = ...) -> None: ...
+    limit: int
+    def __init__(self, include_inactive: _Optional[bool] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListSessionsResponse(_message.Message):
     __slots__ = ("sessions",)

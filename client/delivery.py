@@ -1,0 +1,150 @@
+"""Getting a step's answer when the regulator is down or slow: the hook's three modes.
+
+- ``wait``: block (reconnecting, ``wait_for_ready``) up to ``wait_timeout`` seconds, then fail
+  loudly. The trajectory is exactly the one an uninterrupted run would have had.
+- ``neutral``: give up after one ``call_timeout``, apply zero coefficients (plain training),
+  and report the step later as ``FALLBACK_NEUTRAL``.
+- ``last``: like neutral, but apply the last known coefficients (``FALLBACK_LAST``).
+
+Deferred reports and epoch ends are kept in order and delivered before anything new, so the
+regulator's history ends up complete and marks exactly the steps that ran unregulated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from inforeg.regulator.v1 import regulator_pb2 as pb
+
+from .errors import DeadlineExceeded, Unavailable
+from .transport import Transport
+
+log = logging.getLogger(__name__)
+
+MODES = ("wait", "neutral", "last")
+TRANSIENT = (Unavailable, DeadlineExceeded)
+FALLBACK_OF_MODE = {"neutral": pb.FALLBACK_NEUTRAL, "last": pb.FALLBACK_LAST}
+
+
+class RegulatorUnreachable(Unavailable):
+    """``wait`` mode gave up: the regulator did not answer within ``wait_timeout``."""
+
+
+@dataclass
+class DeliveryStats:
+    fallback_steps: int = 0
+    deferred_epoch_ends: int = 0
+    waits: int = 0  # calls that had to wait for the regulator (wait mode)
+    waited_s: float = 0.0
+
+
+@dataclass
+class Delivery:
+    transport: Transport
+    mode: str = "wait"
+    call_timeout: float = 10.0
+    wait_timeout: float = 300.0
+    max_pending: int = 1_000_000
+    stats: DeliveryStats = field(default_factory=DeliveryStats)
+    _pending: deque = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"on_unavailable must be one of {MODES}, got {self.mode!r}")
+        if self.call_timeout <= 0 or self.wait_timeout <= 0:
+            raise ValueError("call_timeout and wait_timeout must be > 0")
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _send(self, req: Union[pb.ReportRequest, pb.EndEpochRequest], timeout: float, wait: bool) -> object:
+        if isinstance(req, pb.ReportRequest):
+            return self.transport.report(req, timeout=timeout, wait_for_ready=wait)
+        return self.transport.end_epoch(req, timeout=timeout, wait_for_ready=wait)
+
+    def _send_waiting(self, req: Union[pb.ReportRequest, pb.EndEpochRequest]) -> object:
+        start = time.monotonic()
+        warned = False
+        while True:
+            remaining = self.wait_timeout - (time.monotonic() - start)
+            if remaining <= 0:
+                raise RegulatorUnreachable(
+                    f"the regulator did not answer for {self.wait_timeout:.0f}s (mode 'wait'); "
+                    "failing instead of training without regulation"
+                )
+            try:
+                resp = self._send(req, min(self.call_timeout, remaining), wait=True)
+            except TRANSIENT as exc:
+                if not warned:
+                    log.warning("regulator unavailable (%s); waiting up to %.0fs", exc.message, self.wait_timeout)
+                    warned = True
+                time.sleep(min(0.2, max(remaining, 0)))
+                continue
+            if warned:
+                self.stats.waits += 1
+                self.stats.waited_s += time.monotonic() - start
+                log.warning("regulator back after %.1fs", time.monotonic() - start)
+            return resp
+
+    def flush(self) -> bool:
+        """Delivers deferred messages in order; False if the regulator is still unreachable."""
+        while self._pending:
+            try:
+                self._send(self._pending[0], self.call_timeout, wait=False)
+            except TRANSIENT:
+                return False
+            self._pending.popleft()
+        return True
+
+    def _defer(self, req: Union[pb.ReportRequest, pb.EndEpochRequest]) -> None:
+        if len(self._pending) >= self.max_pending:
+            raise RegulatorUnreachable(f"{self.max_pending} messages are waiting for the regulator")
+        self._pending.append(req)
+
+    # -- the hook's calls ----------------------------------------------------------------------
+
+    def report(self, req: pb.ReportRequest) -> Optional[pb.ReportResponse]:
+        """The regulator's answer, or None when the step must fall back (never in wait mode)."""
+        if self.mode == "wait":
+            return self._send_waiting(req)  # type: ignore[return-value]
+        if not self.flush():
+            return None
+        try:
+            return self._send(req, self.call_timeout, wait=False)  # type: ignore[return-value]
+        except TRANSIENT:
+            return None
+
+    def defer_fallback(self, req: pb.ReportRequest, applied: list[float]) -> None:
+        """Queues the step as applied without an answer, with the factors that were applied."""
+        late = pb.ReportRequest()
+        late.CopyFrom(req)
+        late.fallback = FALLBACK_OF_MODE[self.mode]
+        for stats, coef in zip(late.stats, applied):
+            stats.applied.proximal = coef
+        self._defer(late)
+        self.stats.fallback_steps += 1
+        n = self.stats.fallback_steps
+        if n == 1 or n % 100 == 0:
+            log.warning(
+                "regulator unavailable: step %d ran with %s coefficients (%d fallback steps so far)",
+                req.step, "zero" if self.mode == "neutral" else "the last known", n,
+            )
+
+    def end_epoch(self, req: pb.EndEpochRequest) -> Optional[pb.EndEpochResponse]:
+        if self.mode == "wait":
+            return self._send_waiting(req)  # type: ignore[return-value]
+        if self.flush():
+            try:
+                return self._send(req, self.call_timeout, wait=False)  # type: ignore[return-value]
+            except TRANSIENT:
+                pass
+        self._defer(req)
+        self.stats.deferred_epoch_ends += 1
+        return None
