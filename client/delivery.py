@@ -16,7 +16,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, TypeVar, Union
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 MODES = ("wait", "neutral", "last")
 TRANSIENT = (Unavailable, DeadlineExceeded)
 FALLBACK_OF_MODE = {"neutral": pb.FALLBACK_NEUTRAL, "last": pb.FALLBACK_LAST}
+T = TypeVar("T")
 
 
 class RegulatorUnreachable(Unavailable):
@@ -70,6 +71,10 @@ class Delivery:
         return self.transport.end_epoch(req, timeout=timeout, wait_for_ready=wait)
 
     def _send_waiting(self, req: Union[pb.ReportRequest, pb.EndEpochRequest]) -> object:
+        return self.waiting(lambda timeout: self._send(req, timeout, wait=True), self.call_timeout)
+
+    def waiting(self, call: Callable[[float], T], per_call_timeout: float) -> T:
+        """Retries ``call(timeout)`` through unavailability for up to ``wait_timeout`` seconds."""
         start = time.monotonic()
         warned = False
         while True:
@@ -80,7 +85,7 @@ class Delivery:
                     "failing instead of training without regulation"
                 )
             try:
-                resp = self._send(req, min(self.call_timeout, remaining), wait=True)
+                resp = call(min(per_call_timeout, remaining))
             except TRANSIENT as exc:
                 if not warned:
                     log.warning("regulator unavailable (%s); waiting up to %.0fs", exc.message, self.wait_timeout)

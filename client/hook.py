@@ -162,14 +162,20 @@ class InfoRegHook:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def open(self) -> pb.SessionInfo:
-        """Opens (or rejoins) the session of this job and attempt."""
+        """Opens (or rejoins) the session of this job and attempt. Whatever the mode, this waits
+        for the regulator (up to ``wait_timeout``): a job does not start unregulated."""
         ident = self.identity
-        resp = self.client.open_session(
-            ident.job_id,
-            self.modalities,
-            self.profile,
+        req = pb.OpenSessionRequest(
+            job_id=ident.job_id,
             attempt=ident.attempt,
             world_size=ident.world_size,
+            modalities=list(self.modalities),
+            profile=self.profile,
+        )
+        transport = self.client.transport
+        resp = self.delivery.waiting(
+            lambda timeout: transport.open_session(req, timeout=timeout, wait_for_ready=True),
+            getattr(transport, "timeout", self.delivery.call_timeout),
         )
         self._state.session = resp.session
         if self.record_path is not None and self._trace is None and ident.rank == 0:

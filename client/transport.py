@@ -45,7 +45,7 @@ DEFAULT_SERVICE_CONFIG = {
 class Transport(Protocol):
     """Each call may take ``timeout`` (seconds) and ``wait_for_ready`` overrides."""
 
-    def open_session(self, req: pb.OpenSessionRequest) -> pb.OpenSessionResponse: ...
+    def open_session(self, req: pb.OpenSessionRequest, **call: object) -> pb.OpenSessionResponse: ...
     def report(self, req: pb.ReportRequest, **call: object) -> pb.ReportResponse: ...
     def end_epoch(self, req: pb.EndEpochRequest, **call: object) -> pb.EndEpochResponse: ...
     def get_session(self, req: pb.GetSessionRequest) -> pb.GetSessionResponse: ...
@@ -151,8 +151,8 @@ class GrpcTransport:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    def open_session(self, req: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
-        return self._call("OpenSession", req)
+    def open_session(self, req: pb.OpenSessionRequest, **call: object) -> pb.OpenSessionResponse:
+        return self._call("OpenSession", req, **call)  # type: ignore[arg-type]
 
     def report(self, req: pb.ReportRequest, **call: object) -> pb.ReportResponse:
         return self._call("Report", req, **call)  # type: ignore[arg-type]
@@ -197,7 +197,7 @@ class InProcessTransport:
         resp = fn(type(req).FromString(req.SerializeToString()))
         return type(resp).FromString(resp.SerializeToString())
 
-    def open_session(self, req: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
+    def open_session(self, req: pb.OpenSessionRequest, **call: object) -> pb.OpenSessionResponse:
         return self._call(self.api.open_session, req)
 
     def report(self, req: pb.ReportRequest, **call: object) -> pb.ReportResponse:

@@ -136,9 +136,14 @@ class RegulatorServer:
                 self._health_server, f"{self.config.host}:{self.config.health_port}", secure=False
             )
         if self.config.metrics_port is not None:
-            self._metrics_http, _ = start_http_server(
-                self.config.metrics_port, addr=self.config.metrics_host, registry=self.registry
-            )
+            try:
+                self._metrics_http, _ = start_http_server(
+                    self.config.metrics_port, addr=self.config.metrics_host, registry=self.registry
+                )
+            except OSError as exc:
+                raise OSError(
+                    f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: {exc}"
+                ) from exc
             self.metrics_port = self._metrics_http.server_address[1]
         self._server.start()
         if self._health_server is not None:

@@ -113,8 +113,9 @@ def test_failed_write_changes_nothing_and_is_unavailable() -> None:
 def test_unknown_schema_version_is_refused_untouched(tmp_path: Path) -> None:
     SQLiteStore(tmp_path).close()
     path = tmp_path / STATE_FILE
-    with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA user_version = 99")
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
     raw = path.read_bytes()
     with pytest.raises(StoreError, match="schema version 99"):
         SQLiteStore(tmp_path)

@@ -12,13 +12,14 @@ the released InfoReg code always does). The data order of epoch e is
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,9 @@ class TrainConfig:
     record: Optional[str] = None
     device: str = "cpu"
     threads: int = 1
+    on_unavailable: str = "wait"  # the hook's mode when the regulator is down: wait, neutral, last
+    call_timeout: float = 10.0
+    wait_timeout: float = 300.0
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
@@ -89,8 +93,26 @@ def window_epochs(detail: Any) -> tuple[dict[str, int], dict[str, int]]:
     return open_epochs, regulated
 
 
-def train(cfg: TrainConfig, client: RegulatorClient, data: Optional[DigitsSplit] = None, log: Any = None) -> dict[str, Any]:
-    """Trains one model through the regulator; returns accuracies, windows and timings."""
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's bytes: equal digests = bit-identical weights."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(
+    cfg: TrainConfig,
+    client: RegulatorClient,
+    data: Optional[DigitsSplit] = None,
+    log: Any = None,
+    on_step: Optional[Callable[[int], None]] = None,
+) -> dict[str, Any]:
+    """Trains one model through the regulator; returns accuracies, windows and timings.
+
+    ``log(epoch, end_epoch_response)`` runs after every epoch, ``on_step(step)`` after every
+    optimizer step (progress output, fault-injection tests)."""
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     data = data or load_split(cfg.views)
@@ -113,6 +135,10 @@ def train(cfg: TrainConfig, client: RegulatorClient, data: Optional[DigitsSplit]
         profile=cfg.profile,
         profile_params=cfg.profile_params,
         record=cfg.record,
+        on_unavailable=cfg.on_unavailable,
+        call_timeout=cfg.call_timeout,
+        wait_timeout=cfg.wait_timeout,
+        keep_history=True,
     )
     n = len(y_tr)
     t0 = time.perf_counter()
@@ -128,9 +154,11 @@ def train(cfg: TrainConfig, client: RegulatorClient, data: Optional[DigitsSplit]
                 loss_fn(fused, uni, y, cfg.unimodal_loss).backward()
                 hook.after_backward(logits=uni, labels=y)
                 opt.step()
+                if on_step is not None:
+                    on_step(hook.step - 1)
             sched.step()
             end = hook.on_epoch_end()
-            if log is not None:
+            if log is not None and end is not None:
                 log(epoch, end)
         detail = client.get_session(job_id)
     wall = time.perf_counter() - t0
@@ -147,6 +175,9 @@ def train(cfg: TrainConfig, client: RegulatorClient, data: Optional[DigitsSplit]
         },
         "wall_s": wall,
         "hook": hook.timings.as_dict(),
+        "fallback_steps": hook.fallbacks.fallback_steps,
+        "applied": [[r.proximal[v] for v in cfg.views] for r in hook.history],
+        "weights_digest": weights_digest(model),
     }
 
 
@@ -187,6 +218,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--job-id", default=None)
     p.add_argument("--record", default=None, help="write the statistics trace to this file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--on-unavailable", choices=("wait", "neutral", "last"), default="wait",
+                   help="when the regulator is down: wait (then fail), or train on with zero/last coefficients")
+    p.add_argument("--call-timeout", type=float, default=10.0, help="deadline of one regulator call, seconds")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
     params = {"reference_modality": args.reference_modality} if args.reference_modality else {}
@@ -200,6 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         job_id=args.job_id,
         record=args.record,
         device=args.device,
+        on_unavailable=args.on_unavailable,
+        call_timeout=args.call_timeout,
     )
     client = RegulatorClient.in_process() if args.in_process else RegulatorClient.connect(args.target, token=args.token)
 

@@ -70,34 +70,48 @@ class SQLiteStore(StateStore):
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=10.0
-            )
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
+            raise StoreError(f"cannot create state directory {self.path.parent}: {exc}") from exc
+        if self.path.exists():
+            self._inspect_read_only()
+        try:
+            self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
+        except sqlite3.Error as exc:
             raise StoreError(f"cannot open state file {self.path}: {exc}") from exc
         try:
-            self._check_and_migrate()
+            self._migrate()
         except sqlite3.Error as exc:
             self._conn.close()
-            raise StoreError(f"state file {self.path} is unreadable: {exc}") from exc
-        except StoreError:
-            self._conn.close()
-            raise
+            raise StoreError(f"state file {self.path} is unusable: {exc}") from exc
 
-    def _check_and_migrate(self) -> None:
+    def _inspect_read_only(self) -> None:
+        """Version and integrity checks through a read-only connection, so that a file we
+        refuse is left byte for byte as we found it (a read-write close could checkpoint it)."""
+        try:
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open state file {self.path}: {exc}") from exc
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"state file {self.path} has schema version {version}; this server knows "
+                    f"versions up to {SCHEMA_VERSION} (refusing to touch it)"
+                )
+            if version > 0:
+                result = conn.execute("PRAGMA quick_check").fetchone()[0]
+                if result != "ok":
+                    raise StoreError(f"state file {self.path} is corrupt: {result}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"state file {self.path} is unreadable: {exc}") from exc
+        finally:
+            conn.close()
+
+    def _migrate(self) -> None:
         conn = self._conn
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"state file {self.path} has schema version {version}; this server knows "
-                f"versions up to {SCHEMA_VERSION} (refusing to touch it)"
-            )
-        if version > 0:
-            result = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if result != "ok":
-                raise StoreError(f"state file {self.path} is corrupt: {result}")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
         while version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
             try:

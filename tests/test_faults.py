@@ -1,0 +1,244 @@
+"""Fault tests with a real `regulator serve` process and a real SQLite file.
+
+kill -9 and restart, SIGTERM drain, a slow server, unusable state files, stale attempts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from inforeg.regulator.v1 import regulator_pb2 as pb
+from regulator_client import RegulatorClient
+from regulator_client.errors import FailedPrecondition, Unavailable
+from regulator_service.server import SERVICE_NAME
+from regulator_service.storage.sqlite import STATE_FILE
+from trainers.digits import TrainConfig, train
+from trainers.digits_data import load_split
+from trainers.serverproc import ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+VIEWS = ("fac", "zer")
+
+
+@pytest.fixture(scope="module")
+def digits() -> Any:
+    return load_split(VIEWS)
+
+
+def history(target: str, job: str) -> tuple[list, list]:
+    with RegulatorClient.connect(target) as client:
+        detail = client.get_session(job, include_steps=True)
+    steps = [(r.step, r.fallback, [m.factors.proximal for m in r.modalities], [m.fisher for m in r.modalities]) for r in detail.steps]
+    epochs = [(e.epoch, [m.fisher_trace for m in e.modalities], [m.window.open for m in e.modalities]) for e in detail.epochs]
+    return steps, epochs
+
+
+class Crasher:
+    """kill -9 the server at a given step, restart it on the same port and state dir."""
+
+    def __init__(self, server: ServerProcess, at_step: int, down_s: float) -> None:
+        self.server, self.at_step, self.down_s = server, at_step, down_s
+        self.restarted: Optional[ServerProcess] = None
+        self.thread: Optional[threading.Thread] = None
+
+    def __call__(self, step: int) -> None:
+        if step != self.at_step:
+            return
+        self.server.kill()
+
+        def restart() -> None:
+            time.sleep(self.down_s)
+            self.restarted = ServerProcess(self.server.state_dir, port=self.server.port).start()
+
+        self.thread = threading.Thread(target=restart)
+        self.thread.start()
+
+
+def test_kill9_and_restart_in_wait_mode_gives_the_uninterrupted_trajectory(tmp_path: Path, digits: Any) -> None:
+    cfg = dict(views=VIEWS, profile="official", seed=3, epochs=4, on_unavailable="wait", call_timeout=2.0, wait_timeout=60.0)
+    with ServerProcess(str(tmp_path / "ref")) as ref_server:
+        with RegulatorClient.connect(ref_server.target) as client:
+            reference = train(TrainConfig(job_id="kill9", **cfg), client, digits)
+        ref_history = history(ref_server.target, "kill9")
+
+    server = ServerProcess(str(tmp_path / "crash")).start()
+    crasher = Crasher(server, at_step=37, down_s=1.5)  # mid-epoch 1
+    try:
+        with RegulatorClient.connect(server.target, timeout=2.0) as client:
+            t0 = time.perf_counter()
+            result = train(TrainConfig(job_id="kill9", **cfg), client, digits, on_step=crasher)
+            elapsed = time.perf_counter() - t0
+        assert crasher.thread is not None
+        crasher.thread.join()
+        assert crasher.restarted is not None
+        assert elapsed > 1.5  # it really waited for the restart
+        assert result["fallback_steps"] == 0
+        assert result["applied"] == reference["applied"]  # every per-step coefficient
+        assert result["weights_digest"] == reference["weights_digest"]  # bit-identical weights
+        assert history(crasher.restarted.target, "kill9") == ref_history  # traces, windows, records
+    finally:
+        server.kill()
+        if crasher.restarted is not None:
+            assert crasher.restarted.stop() == 0
+
+
+def test_kill9_in_neutral_mode_never_blocks_and_marks_unregulated_steps(tmp_path: Path, digits: Any) -> None:
+    server = ServerProcess(str(tmp_path / "state")).start()
+    crasher = Crasher(server, at_step=30, down_s=2.0)
+    step_times: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_step(step: int) -> None:
+        now = time.perf_counter()
+        step_times.append(now - last[0])
+        crasher(step)
+        last[0] = time.perf_counter()
+
+    try:
+        with RegulatorClient.connect(server.target, timeout=0.5) as client:
+            result = train(
+                TrainConfig(job_id="neutral", views=VIEWS, profile="official", seed=1, epochs=4,
+                            on_unavailable="neutral", call_timeout=0.5),
+                client, digits, on_step=on_step,
+            )
+        crasher.thread.join()  # type: ignore[union-attr]
+        assert max(step_times) < 0.5 + 0.5  # one deadline at most, plus the step itself
+        assert result["fallback_steps"] > 0
+        steps, epochs = history(crasher.restarted.target, "neutral")  # type: ignore[union-attr]
+        assert [s[0] for s in steps] == list(range(4 * 25))  # nothing lost: deferred reports arrived
+        marked = [s for s in steps if s[1] == pb.FALLBACK_NEUTRAL]
+        assert len(marked) == result["fallback_steps"]
+        assert all(coefs == [0.0, 0.0] for _, _, coefs, _ in marked)
+        applied = result["applied"]
+        assert [s[2] for s in steps] == applied  # the history says what was applied, step by step
+        with RegulatorClient.connect(crasher.restarted.target) as client:  # type: ignore[union-attr]
+            detail = client.get_session("neutral")
+        assert sum(e.fallback_steps for e in detail.epochs) == len(marked)
+    finally:
+        server.kill()
+        if crasher.restarted is not None:
+            crasher.restarted.stop()
+
+
+def test_sigterm_drains_in_flight_calls_and_flushes_state(tmp_path: Path) -> None:
+    server = ServerProcess(str(tmp_path / "state"), extra_args=["--debug-delay", "0.8", "--grace", "5"]).start()
+    jobs = [f"drain-{i}" for i in range(4)]
+    with RegulatorClient.connect(server.target, timeout=10) as client:
+        for job in jobs:
+            client.open_session(job, ["a", "b"], "official")
+
+        def report(job: str) -> Any:
+            return client.report(job, attempt=0, epoch=0, step=0, count=8,
+                                 score_sums={"a": 4.0, "b": 2.0}, fisher={"a": 0.1, "b": 0.2})
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(report, job) for job in jobs]
+            time.sleep(0.3)  # all four are inside the server now, each sleeping 0.8 s
+            assert server.proc is not None
+            server.proc.send_signal(15)
+            time.sleep(0.1)
+            with pytest.raises(Unavailable):  # no new calls while draining
+                RegulatorClient.connect(server.target, timeout=1).list_sessions()
+            results = [f.result(timeout=10) for f in futures]
+        assert all(r.step.modalities[0].factors.proximal > 0 for r in results)
+        assert server.proc.wait(timeout=15) == 0
+    with ServerProcess(str(tmp_path / "state")) as again:  # everything answered was made durable
+        with RegulatorClient.connect(again.target) as client:
+            assert [client.get_session(job).session.steps for job in jobs] == [1, 1, 1, 1]
+
+
+def test_slow_server_clients_hit_deadlines_and_do_not_pile_up(tmp_path: Path, digits: Any) -> None:
+    with ServerProcess(None, extra_args=["--debug-delay", "1.0", "--max-workers", "4"]) as server:
+        with RegulatorClient.connect(server.target, timeout=0.2) as client:
+            with pytest.raises(Exception):  # a plain call: DEADLINE_EXCEEDED after 0.2 s
+                t0 = time.perf_counter()
+                client.list_sessions()
+            assert time.perf_counter() - t0 < 0.6
+            step_times: list[float] = []
+            last = [time.perf_counter()]
+
+            def on_step(step: int) -> None:
+                step_times.append(time.perf_counter() - last[0])
+                last[0] = time.perf_counter()
+
+            # OpenSession always waits for the regulator (deadline 3 s, the server takes 1 s);
+            # each of the 25 steps then gives up after one 0.2 s deadline instead of queueing
+            result = train(
+                TrainConfig(job_id="slow", views=VIEWS, profile="official", epochs=1,
+                            on_unavailable="last", call_timeout=0.2, wait_timeout=10.0),
+                RegulatorClient.connect(server.target, timeout=3.0), digits, on_step=on_step,
+            )
+        assert result["fallback_steps"] == 25
+        assert max(step_times[1:]) < 0.2 + 0.3
+
+
+def test_unusable_state_files_are_reported_and_left_untouched(tmp_path: Path) -> None:
+    for name, damage in [("corrupt", b"definitely not sqlite" * 64), ("future", None)]:
+        state = tmp_path / name
+        state.mkdir()
+        path = state / STATE_FILE
+        if damage is None:
+            with ServerProcess(str(state)):
+                pass
+            conn = sqlite3.connect(path)
+            conn.execute("PRAGMA user_version = 42")
+            conn.close()
+        else:
+            path.write_bytes(damage)
+        raw = path.read_bytes()
+        log = tmp_path / f"{name}.log"
+        with ServerProcess(str(state), log_path=str(log)) as server:
+            with grpc.insecure_channel(server.target) as ch:
+                status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with RegulatorClient.connect(server.target, timeout=2) as client:
+                with pytest.raises(Unavailable, match="state store unusable"):
+                    client.list_sessions()
+            import urllib.request
+
+            text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+            assert "inforeg_regulator_state_store_healthy 0.0" in text
+        assert path.read_bytes() == raw  # never overwritten
+        assert "state store unusable" in log.read_text()
+
+
+def test_stale_attempt_is_fenced_even_in_fallback_modes(tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    from regulator_client.hook import InfoRegHook
+
+    with ServerProcess(None) as server:
+        client = RegulatorClient.connect(server.target)
+        enc = {"a": nn.Linear(3, 2), "b": nn.Linear(3, 2)}
+        old = InfoRegHook(client, enc, job_id="elastic", attempt=0, on_unavailable="neutral")
+        old.on_epoch_start(0)
+        x = torch.randn(4, 3)
+        y = torch.tensor([0, 1, 0, 1])
+
+        def step(hook: InfoRegHook) -> Any:
+            for m in enc.values():
+                m.zero_grad()
+            logits = {k: m(x) for k, m in enc.items()}
+            sum(nn.functional.cross_entropy(v, y) for v in logits.values()).backward()
+            return hook.after_backward(logits=logits, labels=y)
+
+        step(old)
+        new = InfoRegHook(client, enc, job_id="elastic", attempt=1)
+        new.on_epoch_start(0)
+        step(new)
+        with pytest.raises(FailedPrecondition, match="stale"):
+            step(old)  # never mixed into attempt 1, and never silently treated as a fallback
+        detail = client.get_session("elastic")
+        assert detail.session.attempt == 1 and detail.session.steps == 1
+        client.close()
