@@ -32,6 +32,12 @@ class JobIdentity:
             raise ValueError(
                 "no job id: pass job_id=..., or set REGULATOR_JOB_ID (torchrun sets TORCHELASTIC_RUN_ID)"
             )
+        if job == "none" and not job_id and not env.get("REGULATOR_JOB_ID"):
+            # torchrun's default --rdzv-id: every job would share one session
+            raise ValueError(
+                "TORCHELASTIC_RUN_ID is torchrun's default 'none', shared by every job: pass "
+                "torchrun --rdzv-id=<unique id> (or --standalone), or set REGULATOR_JOB_ID"
+            )
         return cls(
             job_id=job,
             attempt=attempt if attempt is not None else _int(env, "TORCHELASTIC_RESTART_COUNT", 0),

@@ -53,6 +53,7 @@ class TrainConfig:
     on_unavailable: str = "wait"  # the hook's mode when the regulator is down: wait, neutral, last
     call_timeout: float = 10.0
     wait_timeout: float = 300.0
+    save_weights: Optional[str] = None  # torch.save(state_dict) here at the end
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
@@ -162,6 +163,8 @@ def train(
                 log(epoch, end)
         detail = client.get_session(job_id)
     wall = time.perf_counter() - t0
+    if cfg.save_weights:
+        torch.save(model.state_dict(), cfg.save_weights)
     open_epochs, regulated = window_epochs(detail)
     return {
         "job_id": job_id,

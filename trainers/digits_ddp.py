@@ -1,0 +1,145 @@
+"""The digits job under torch.distributed DDP, regulated consistently across ranks.
+
+    regulator serve --port 50051 &
+    torchrun --standalone --nproc_per_node 2 -m trainers.digits_ddp --target 127.0.0.1:50051 \\
+        --profile official --epochs 50 --coef-log logs/
+
+Each rank trains on its ``DistributedSampler`` shard (global batch 64 = 2 x 32 by default), DDP
+all-reduces the gradients, and the InfoReg hook all-reduces the per-rank score sums (one small
+collective), so every rank reports identical statistics for a step. The regulator answers the
+first report of a step and gives every other rank the stored answer: all ranks apply identical
+coefficients, and no rank ever waits for another at the regulator. The job's identity comes from
+torchrun (TORCHELASTIC_RUN_ID, RANK, WORLD_SIZE, TORCHELASTIC_RESTART_COUNT) unless ``--job-id``
+is given. ``--coef-log DIR`` writes every applied coefficient to ``DIR/rank<R>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from regulator_client import RegulatorClient
+from regulator_client.hook import InfoRegHook
+
+from .digits import evaluate, loss_fn, weights_digest
+from .digits_data import load_split
+from .digits_model import ConcatFusionNet
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="torchrun ... -m trainers.digits_ddp", description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default=None, help="HOST:PORT of the regulator (default: REGULATOR_TARGET)")
+    p.add_argument("--views", nargs="+", default=["fac", "zer"])
+    p.add_argument("--profile", choices=("paper", "official", "none"), default="official")
+    p.add_argument("--reference-modality", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--global-batch", type=int, default=64, help="split evenly over the ranks")
+    p.add_argument("--unimodal-loss", action="store_true")
+    p.add_argument("--job-id", default=None, help="default: torchrun's TORCHELASTIC_RUN_ID")
+    p.add_argument("--on-unavailable", choices=("wait", "neutral", "last"), default="wait")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
+    p.add_argument("--coef-log", default=None, help="directory for per-rank applied coefficients (JSONL)")
+    p.add_argument("--out", default=None, help="rank 0 writes the results here as JSON")
+    p.add_argument("--save-weights", default=None, help="rank 0 saves the final state_dict here")
+    args = p.parse_args(argv)
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if backend == "nccl" else "cpu")
+    torch.set_num_threads(1)
+    if args.global_batch % world:
+        raise SystemExit(f"--global-batch {args.global_batch} does not split over {world} ranks")
+
+    views = tuple(args.views)
+    data = load_split(views)
+    train_set = TensorDataset(*(torch.from_numpy(data.x_train[v]) for v in views), torch.from_numpy(data.y_train))
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(train_set, batch_size=args.global_batch // world, sampler=sampler, num_workers=args.workers)
+
+    torch.manual_seed(args.seed)
+    model = ConcatFusionNet(data.dims).to(device)
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 30, 0.1)
+    params = {"reference_modality": args.reference_modality} if args.reference_modality else {}
+    client = RegulatorClient.connect(args.target)
+    hook = InfoRegHook(
+        client,
+        {v: model.encoders[v] for v in views},
+        job_id=args.job_id,
+        profile=args.profile,
+        profile_params=params,
+        on_unavailable=args.on_unavailable,
+        keep_history=True,
+    )
+    log_file = None
+    if args.coef_log:
+        Path(args.coef_log).mkdir(parents=True, exist_ok=True)
+        log_file = open(Path(args.coef_log) / f"rank{rank}.jsonl", "w", encoding="utf-8")
+    tag = f"[rank {rank}/{world} job {hook.identity.job_id} attempt {hook.identity.attempt}]"
+    t0 = time.perf_counter()
+    with hook:
+        for epoch in range(args.epochs):
+            sampler.set_epoch(epoch)
+            hook.on_epoch_start(epoch)
+            for *xs, y in loader:
+                batch = {v: x.to(device) for v, x in zip(views, xs)}
+                y = y.to(device)
+                opt.zero_grad(set_to_none=True)
+                fused, uni = ddp(batch)
+                loss_fn(fused, uni, y, args.unimodal_loss).backward()
+                res = hook.after_backward(logits=uni, labels=y)
+                opt.step()
+                if log_file is not None:
+                    log_file.write(json.dumps({
+                        "rank": rank, "epoch": res.epoch, "step": res.step, "proximal": res.proximal,
+                        "fisher": res.fisher, "duplicate": res.duplicate, "fallback": res.fallback,
+                    }) + "\n")
+            sched.step()
+            end = hook.on_epoch_end()
+            applied = [r.proximal for r in hook.history if r.epoch == epoch]
+            regulated = {v: sum(a[v] > 0 for a in applied) for v in views}
+            window = {w.modality: w.open for w in end.next_window} if end is not None else "unknown (deferred)"
+            print(f"{tag} epoch {epoch + 1}/{args.epochs}: regulated steps {regulated}, next window {window}", flush=True)
+    if log_file is not None:
+        log_file.close()
+    wall = time.perf_counter() - t0
+    digest = weights_digest(model)
+    digests: list[Any] = [None] * world
+    dist.all_gather_object(digests, digest)
+    if rank == 0:
+        result = {
+            "job_id": hook.identity.job_id,
+            "world_size": world,
+            **evaluate(model, {v: torch.from_numpy(data.x_test[v]).to(device) for v in views}, torch.from_numpy(data.y_test).to(device)),
+            "weights_digest_per_rank": digests,
+            "applied": [[r.proximal[v] for v in views] for r in hook.history],
+            "wall_s": wall,
+            "hook": hook.timings.as_dict(),
+        }
+        uni = ", ".join(f"{v} {100 * a:.1f}%" for v, a in result["unimodal_acc"].items())
+        print(f"{tag} fused {100 * result['fused_acc']:.2f}%, unimodal heads {uni}, identical weights on all ranks: {len(set(digests)) == 1}, {wall:.1f}s", flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        if args.save_weights:
+            torch.save(model.state_dict(), args.save_weights)
+    client.close()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
