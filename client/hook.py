@@ -96,6 +96,10 @@ class InfoRegHook:
             ``call_timeout``; fallback steps are reported later and marked in the history.
             Under DDP the ranks agree with one extra tiny all-reduce per step (not in ``wait``
             mode), so they always apply the same coefficients.
+        start_epoch, start_step: where an elastic restart resumes from its checkpoint. With a
+            higher ``attempt`` the new session inherits the previous attempt's closed epochs
+            before ``start_epoch`` (traces and windows), so regulation continues as if
+            uninterrupted.
     """
 
     def __init__(
@@ -117,6 +121,8 @@ class InfoRegHook:
         on_unavailable: str = "wait",
         call_timeout: float = 10.0,
         wait_timeout: float = 300.0,
+        start_epoch: int = 0,
+        start_step: int = 0,
     ) -> None:
         if len(encoders) < 2:
             raise ValueError(f"InfoReg needs at least 2 modalities, got {list(encoders)}")
@@ -131,7 +137,10 @@ class InfoRegHook:
         self.close_session = self.identity.rank == 0 if close_session is None else close_session
         self.timings = HookTimings()
         self.delivery = Delivery(client.transport, on_unavailable, call_timeout, wait_timeout)
-        self._state = _State()
+        if start_epoch < 0 or start_step < 0:
+            raise ValueError("start_epoch and start_step must be >= 0")
+        self.start_epoch = start_epoch
+        self._state = _State(epoch=start_epoch, step=start_step)
         self._trace: Optional[TraceWriter] = None
         self._last = [0.0] * len(self.modalities)
 
@@ -171,6 +180,7 @@ class InfoRegHook:
             world_size=ident.world_size,
             modalities=list(self.modalities),
             profile=self.profile,
+            resume_epoch=self.start_epoch,
         )
         transport = self.client.transport
         resp = self.delivery.waiting(
@@ -210,7 +220,7 @@ class InfoRegHook:
         if not self._state.in_epoch:
             raise RuntimeError("after_backward() outside an epoch: call on_epoch_start() first")
         t0 = time.perf_counter()
-        local = self._local_scores(logits, labels, scores, count)
+        local = self.local_scores(logits, labels, scores=scores, count=count)
         if self._distributed():
             import torch.distributed as dist
 
@@ -331,14 +341,16 @@ class InfoRegHook:
 
         return dist.is_available() and dist.is_initialized()
 
-    def _local_scores(
+    def local_scores(
         self,
         logits: Union[Mapping[str, Tensor], Sequence[Tensor], None],
         labels: Optional[Tensor],
-        scores: Union[Mapping[str, Union[float, Tensor]], None],
-        count: Optional[int],
+        *,
+        scores: Union[Mapping[str, Union[float, Tensor]], None] = None,
+        count: Optional[int] = None,
     ) -> Tensor:
-        """``[s_1..s_M, count]`` as float64 on the encoders' device."""
+        """``[s_1..s_M, count]`` of this process's batch, float64 on the encoders' device
+        (validated; integrations that accumulate micro-batches sum these)."""
         device = self.probe.device
         if logits is not None:
             if labels is None:

@@ -7,10 +7,10 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .commands import replay, serve
+from .commands import inspect, plot, replay, serve
 from .errors import RegulatorError
 
-SUBCOMMANDS = (serve, replay)
+SUBCOMMANDS = (serve, replay, inspect, plot)
 
 
 def build_parser() -> argparse.ArgumentParser:

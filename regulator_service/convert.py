@@ -152,6 +152,7 @@ def config_from_request(req: pb.OpenSessionRequest, limits: Limits) -> SessionCo
         world_size=world_size,
         modalities=modalities,
         profile=profile_from_proto(req.profile, modalities),
+        resume_epoch=_at_least("resume_epoch", req.resume_epoch, 0),
     )
 
 
@@ -215,6 +216,7 @@ def session_info(view: SessionView) -> pb.SessionInfo:
         window=windows_to_proto(c.modalities, view.window),
         created_unix_ms=view.created_ms,
         last_active_unix_ms=view.last_active_ms,
+        resume_epoch=c.resume_epoch,
     )
 
 

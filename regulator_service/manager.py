@@ -180,24 +180,52 @@ class SessionManager:
                 raise ResourceExhausted(
                     f"{len(self._open)} sessions are open, the limit is {self.limits.max_open_sessions}"
                 )
-            session = Session.new(config, self._now_ms())
+            inherited = self._inherited(config, previous)
+            session = Session.new(config, self._now_ms(), inherited)
             window = session.view().window
             superseded = previous if previous is not None and previous.status == SessionStatus.OPEN else None
             if superseded is not None:
                 with superseded.lock:
                     self._persist(
                         lambda: self._store.create_session(
-                            config, session.created_ms, window, supersedes=superseded.key
+                            config, session.created_ms, window, superseded.key, inherited
                         )
                     )
                     self._retire(superseded, SessionStatus.SUPERSEDED)
                 self._observer.session_ended(superseded.config, SessionStatus.SUPERSEDED)
             else:
-                self._persist(lambda: self._store.create_session(config, session.created_ms, window))
+                self._persist(
+                    lambda: self._store.create_session(config, session.created_ms, window, None, inherited)
+                )
             self._open[config.key] = session
             self._latest[config.job_id] = config.attempt
             self._observer.session_opened(config, window)
         return session.view(), True
+
+    @staticmethod
+    def _inherited(config: SessionConfig, previous: Optional[Session]) -> tuple[EpochSummary, ...]:
+        """The closed epochs an elastic restart resumes after (manager lock held)."""
+        n = config.resume_epoch
+        if n == 0:
+            return ()
+        if previous is None:
+            raise FailedPrecondition(
+                f"cannot resume job {config.job_id!r} at epoch {n}: it has no previous attempt"
+            )
+        with previous.lock:
+            prev = previous.config
+            if (prev.modalities, prev.profile) != (config.modalities, config.profile):
+                raise FailedPrecondition(
+                    f"cannot resume job {config.job_id!r}: attempt {prev.attempt} ran other modalities "
+                    "or another profile"
+                )
+            closed = [e for e in previous.epochs() if e.closed]
+        if len(closed) < n:
+            raise FailedPrecondition(
+                f"cannot resume job {config.job_id!r} at epoch {n}: attempt {prev.attempt} closed only "
+                f"{len(closed)} epoch(s)"
+            )
+        return tuple(closed[:n])
 
     def report(self, raw: RawReport) -> tuple[SessionConfig, StepOutcome]:
         """Answers one step; returns the session's config with the outcome."""

@@ -45,6 +45,7 @@ class SessionConfig:
     world_size: int
     modalities: tuple[str, ...]
     profile: ProfileParams
+    resume_epoch: int = 0  # > 0: inherits the previous attempt's closed epochs before this one
 
     @property
     def key(self) -> SessionKey:

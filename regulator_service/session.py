@@ -97,19 +97,18 @@ class Session:
     # -- construction -----------------------------------------------------------------------
 
     @classmethod
-    def first_window(cls, config: SessionConfig) -> tuple[Window, ...]:
+    def new(cls, config: SessionConfig, created_ms: int, inherited: tuple[EpochSummary, ...] = ()) -> "Session":
+        """A fresh session, or a resumed one that continues after the ``inherited`` epochs."""
         policy = build_policy(config.profile, config.modalities)
-        return policy.window(tuple(() for _ in config.modalities), 0)
-
-    @classmethod
-    def new(cls, config: SessionConfig, created_ms: int) -> "Session":
+        traces = tuple(tuple(e.fisher[m] for e in inherited) for m in range(len(config.modalities)))
+        window = policy.window(traces, len(inherited))
         return cls(
             config,
             SessionStatus.OPEN,
             created_ms,
             created_ms,
-            (),
-            EpochSummary.start(0, cls.first_window(config)),
+            inherited,
+            EpochSummary.start(len(inherited), window),
             step_count=0,
             last_step=-1,
         )

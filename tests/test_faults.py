@@ -242,3 +242,56 @@ def test_stale_attempt_is_fenced_even_in_fallback_modes(tmp_path: Path) -> None:
         detail = client.get_session("elastic")
         assert detail.session.attempt == 1 and detail.session.steps == 1
         client.close()
+
+
+def test_elastic_restart_resumes_with_the_inherited_history(tmp_path: Path, digits: Any) -> None:
+    """Attempt 0 dies after epoch 2; attempt 1 restarts from the epoch-2 checkpoint. Its windows
+    and coefficients are those of an uninterrupted run, and attempt 0 is fenced off."""
+    import torch
+
+    from regulator_client.hook import InfoRegHook
+    from trainers.digits import epoch_order, loss_fn
+    from trainers.digits_model import ConcatFusionNet
+
+    def run(client: RegulatorClient, attempt: int, epochs: range, state: Any = None) -> tuple[list, Any]:
+        torch.manual_seed(0)
+        model = ConcatFusionNet(digits.dims)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        if state is not None:
+            model.load_state_dict(state[0])
+            opt.load_state_dict(state[1])
+        xs = {v: torch.from_numpy(digits.x_train[v]) for v in VIEWS}
+        y = torch.from_numpy(digits.y_train)
+        hook = InfoRegHook(client, {v: model.encoders[v] for v in VIEWS}, job_id="elastic-dd", attempt=attempt,
+                           profile="official", keep_history=True, start_epoch=epochs.start, start_step=25 * epochs.start)
+        hook.open()
+        for epoch in epochs:
+            hook.on_epoch_start(epoch)
+            order = epoch_order(len(y), 0, epoch)
+            for start in range(0, len(y), 64):
+                idx = order[start : start + 64]
+                opt.zero_grad()
+                fused, uni = model({v: xs[v][idx] for v in VIEWS})
+                loss_fn(fused, uni, y[idx], False).backward()
+                hook.after_backward(logits=uni, labels=y[idx])
+                opt.step()
+            hook.on_epoch_end()
+        return [r.proximal for r in hook.history], (model.state_dict(), opt.state_dict())
+
+    with ServerProcess(None) as server:
+        client = RegulatorClient.connect(server.target)
+        reference, _ = run(client, 0, range(0, 5))
+        client.close_session("elastic-dd", attempt=0)
+        with ServerProcess(str(tmp_path / "state")) as elastic:
+            c2 = RegulatorClient.connect(elastic.target)
+            first, checkpoint = run(c2, 0, range(0, 2))
+            resumed, _ = run(c2, 1, range(2, 5), checkpoint)
+            assert first + resumed == reference
+            detail = c2.get_session("elastic-dd")
+            assert detail.session.attempt == 1 and detail.session.resume_epoch == 2
+            assert [e.epoch for e in detail.epochs] == [0, 1, 2, 3, 4, 5]
+            with pytest.raises(FailedPrecondition, match="stale"):
+                c2.report("elastic-dd", attempt=0, epoch=2, step=50, count=1, score_sums={"fac": 1.0, "zer": 1.0},
+                          fisher={"fac": 1.0, "zer": 1.0})
+            with pytest.raises(FailedPrecondition, match="closed only"):
+                c2.open_session("elastic-dd", ["fac", "zer"], "official", attempt=2, resume_epoch=9)

@@ -49,9 +49,10 @@ class StateStore(ABC):
         created_ms: int,
         window: tuple[Window, ...],
         supersedes: Optional[SessionKey] = None,
+        inherited: tuple[EpochSummary, ...] = (),
     ) -> None:
-        """Records a new session (epoch 0 open with ``window``), marking ``supersedes`` as
-        superseded in the same transaction."""
+        """Records a new session with the ``inherited`` closed epochs and the next epoch open
+        with ``window``, marking ``supersedes`` as superseded in the same transaction."""
 
     @abstractmethod
     def set_status(self, key: SessionKey, status: SessionStatus, at_ms: int) -> None: ...

@@ -37,6 +37,7 @@ def config_to_json(c: SessionConfig) -> str:
             "world_size": c.world_size,
             "modalities": list(c.modalities),
             "profile": profile_to_dict(c.profile),
+            "resume_epoch": c.resume_epoch,
         }
     )
 
@@ -49,6 +50,7 @@ def config_from_json(s: str) -> SessionConfig:
         world_size=int(d["world_size"]),
         modalities=tuple(d["modalities"]),
         profile=profile_from_dict(d["profile"]),
+        resume_epoch=int(d.get("resume_epoch", 0)),
     )
 
 

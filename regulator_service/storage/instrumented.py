@@ -23,8 +23,11 @@ class InstrumentedStore(StateStore):
         created_ms: int,
         window: tuple[Window, ...],
         supersedes: Optional[SessionKey] = None,
+        inherited: tuple[EpochSummary, ...] = (),
     ) -> None:
-        self._timed("create_session", lambda: self.inner.create_session(config, created_ms, window, supersedes))
+        self._timed(
+            "create_session", lambda: self.inner.create_session(config, created_ms, window, supersedes, inherited)
+        )
 
     def set_status(self, key: SessionKey, status: SessionStatus, at_ms: int) -> None:
         self._timed("set_status", lambda: self.inner.set_status(key, status, at_ms))

@@ -36,11 +36,14 @@ class MemoryStore(StateStore):
         created_ms: int,
         window: tuple[Window, ...],
         supersedes: Optional[SessionKey] = None,
+        inherited: tuple[EpochSummary, ...] = (),
     ) -> None:
         with self._lock:
             if supersedes is not None:
                 self._rows[supersedes].status = SessionStatus.SUPERSEDED
-            self._rows[config.key] = _Row(config, SessionStatus.OPEN, created_ms, created_ms, 0, window)
+            self._rows[config.key] = _Row(
+                config, SessionStatus.OPEN, created_ms, created_ms, len(inherited), window, list(inherited)
+            )
 
     def set_status(self, key: SessionKey, status: SessionStatus, at_ms: int) -> None:
         with self._lock:

@@ -151,6 +151,7 @@ class SQLiteStore(StateStore):
         created_ms: int,
         window: tuple[Window, ...],
         supersedes: Optional[SessionKey] = None,
+        inherited: tuple[EpochSummary, ...] = (),
     ) -> None:
         def tx(conn: sqlite3.Connection) -> None:
             if supersedes is not None:
@@ -167,9 +168,13 @@ class SQLiteStore(StateStore):
                     int(SessionStatus.OPEN),
                     created_ms,
                     created_ms,
-                    0,
+                    len(inherited),
                     codec.windows_to_json(window),
                 ),
+            )
+            conn.executemany(
+                "INSERT INTO epochs VALUES (?,?,?,?)",
+                [(config.job_id, config.attempt, e.epoch, codec.epoch_to_json(e)) for e in inherited],
             )
 
         self._write(tx)

@@ -138,21 +138,23 @@ class ModalityWindow(_message.Message):
     def __init__(self, modality: _Optional[str] = ..., open: _Optional[bool] = ..., growth: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile")
+    __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile", "resume_epoch")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_EPOCH_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     world_size: int
     modalities: _containers.RepeatedScalarFieldContainer[str]
     profile: Profile
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ...) -> None: ...
+    resume_epoch: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., resume_epoch: _Optional[int] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile", "state", "epoch", "last_step", "steps", "window", "created_unix_ms", "last_active_unix_ms")
+    __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile", "state", "epoch", "last_step", "steps", "window", "created_unix_ms", "last_active_unix_ms", "resume_epoch")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +167,7 @@ class SessionInfo(_message.Message):
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_ACTIVE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_EPOCH_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     world_size: int
@@ -177,7 +180,8 @@ class SessionInfo(_message.Message):
     window: _containers.RepeatedCompositeFieldContainer[ModalityWindow]
     created_unix_ms: int
     last_active_unix_ms: int
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., epoch: _Optional[int] = ..., last_step: _Optional[int] = ..., steps: _Optional[int] = ..., window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., created_unix_ms: _Optional[int] = ..., last_active_unix_ms: _Optional[int] = ...) -> None: ...
+    resume_epoch: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., epoch: _Optional[int] = ..., last_step: _Optional[int] = ..., steps: _Optional[int] = ..., window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., created_unix_ms: _Optional[int] = ..., last_active_unix_ms: _Optional[int] = ..., resume_epoch: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session", "created")

@@ -1,0 +1,125 @@
+"""``InfoRegCallback`` on a real Lightning ``Trainer``, through a real in-thread regulator."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("lightning.pytorch", reason="the Lightning integration needs `pip install lightning`")
+pytest.importorskip("sklearn", reason="the digits data split needs scikit-learn")
+
+import torch  # noqa: E402
+from inforeg.regulator.v1 import regulator_pb2 as pb  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from regulator_client import RegulatorClient  # noqa: E402
+from regulator_client.lightning import InfoRegCallback, pl  # noqa: E402
+from trainers import digits, lightning_digits  # noqa: E402
+from trainers.digits import TrainConfig  # noqa: E402
+from trainers.digits_data import DigitsSplit, load_split  # noqa: E402
+
+# lightning 2.6 on torch 2.13 warns about its own use of a deprecated torch API
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning", "ignore:.*LeafSpec.*:FutureWarning")
+
+QUIET = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, logger=False)
+
+
+@pytest.fixture(scope="module")
+def data() -> DigitsSplit:
+    try:
+        return load_split(("fac", "zer"))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def steps_of(client: RegulatorClient, job: str) -> list[tuple]:
+    """Every recorded step as plain values: (epoch, step, count, fallback, per modality (score, fisher, beta))."""
+    return [
+        (s.epoch, s.step, s.count, s.fallback, tuple((m.modality, m.score_sum, m.fisher, m.factors.proximal) for m in s.modalities))
+        for s in client.get_session(job, include_steps=True).steps
+    ]
+
+
+def test_lightning_run_equals_the_plain_hook_loop(server, data: DigitsSplit) -> None:
+    """Same seed, data order and optimiser: the regulator records the same steps, bit for bit."""
+    with RegulatorClient.connect(server.target, timeout=10.0) as client:
+        base = dict(profile="official", epochs=2, threads=1)
+        plain = digits.train(TrainConfig(job_id="plain", **base), client, data)
+        light = lightning_digits.train(TrainConfig(job_id="light", **base), client, data)
+        a, b = steps_of(client, "plain"), steps_of(client, "light")
+        assert len(b) == 2 * 25 and [s[1] for s in b] == list(range(50))
+        assert a == b
+        betas = [beta for s in b for (_, _, _, beta) in s[4]]
+        assert sum(x > 0 for x in betas) > 40  # official regulates 'fac' in the first epochs
+        assert client.get_session("light").session.state == pb.SESSION_STATE_CLOSED  # closed on fit end
+        assert [e.closed for e in client.get_session("light").epochs] == [True, True, False]
+    assert light["fused_acc"] == plain["fused_acc"] and light["unimodal_acc"] == plain["unimodal_acc"]
+    assert light["fisher_trace"] == plain["fisher_trace"]
+
+
+class GradProbe(pl.Callback):
+    """Records fac's first-layer gradient (and weights) in on_before_optimizer_step."""
+
+    def __init__(self) -> None:
+        self.grads: list[Tensor] = []
+        self.weights: list[Tensor] = []
+        self.anchor: Tensor = torch.empty(0)
+
+    @staticmethod
+    def weight(pl_module: pl.LightningModule) -> torch.nn.Parameter:
+        return pl_module.model.encoders["fac"][0].weight
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.anchor = self.weight(pl_module).detach().clone()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        w = self.weight(pl_module)
+        self.grads.append(w.grad.detach().clone())
+        self.weights.append(w.detach().clone())
+
+
+def test_callback_regulates_once_per_optimizer_step_with_accumulation(server, data: DigitsSplit) -> None:
+    """accumulate_grad_batches=2: one report per optimizer step, covering both micro-batches, and
+    the gradient the optimizer applies is the plain one plus beta * (w - w_epoch_start)."""
+    cfg = TrainConfig(profile="official", epochs=1, threads=1)
+    train_set = torch.utils.data.TensorDataset(*(torch.from_numpy(data.x_train[v]) for v in cfg.views), torch.from_numpy(data.y_train))
+    module = lightning_digits.DigitsModule(cfg, data.dims, train_set)
+    before, after = GradProbe(), GradProbe()
+    with RegulatorClient.connect(server.target, timeout=10.0) as client:
+        cb = InfoRegCallback(client, module.model.encoders, job_id="accum", profile="official", keep_history=True)
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, accumulate_grad_batches=2, callbacks=[before, cb, after], **QUIET)
+        trainer.fit(module)
+        steps = steps_of(client, "accum")
+    # 1,600 samples in batches of 64: 25 micro-batches, 13 optimizer steps (the last one alone)
+    assert [s[2] for s in steps] == [128] * 12 + [64]
+    assert [r.step for r in cb.history] == list(range(13))
+    assert trainer.callback_metrics["inforeg/fac/window_open"].item() == 1.0
+    regulated = 0
+    for r, g0, g1, w in zip(cb.history, before.grads, after.grads, before.weights):
+        beta = r.proximal["fac"]
+        torch.testing.assert_close(g1, g0 + beta * (w - before.anchor), rtol=1e-5, atol=1e-7)
+        regulated += beta > 0 and not torch.equal(g0, g1)
+    assert regulated >= 10
+
+
+def test_missing_protocol_attributes_fail_clearly(data: DigitsSplit) -> None:
+    class Forgetful(lightning_digits.DigitsModule):
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            *xs, y = batch
+            fused, _ = self.model(dict(zip(self.model.views, xs)))
+            return torch.nn.functional.cross_entropy(fused, y)
+
+    cfg = TrainConfig(profile="official", epochs=1)
+    train_set = torch.utils.data.TensorDataset(*(torch.from_numpy(data.x_train[v]) for v in cfg.views), torch.from_numpy(data.y_train))
+    module = Forgetful(cfg, data.dims, train_set)
+    client = RegulatorClient.in_process()
+    cb = InfoRegCallback(client, lambda m: m.model.encoders, job_id="forgetful", profile="official")
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, accelerator="cpu", devices=1, callbacks=[cb], **QUIET)
+    with pytest.raises(RuntimeError, match="must set self.inforeg_logits"):
+        trainer.fit(module)
+    assert client.get_session("forgetful").session.state == pb.SESSION_STATE_CLOSED  # closed by on_exception
+
+
+def test_example_cli_in_process(capsys) -> None:
+    assert lightning_digits.main(["--in-process", "--epochs", "1", "--profile", "official"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("official (lightning): fused ") and "epoch   1/1" in err

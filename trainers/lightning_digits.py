@@ -1,0 +1,183 @@
+"""The digits job of ``trainers.digits``, trained by a PyTorch Lightning ``Trainer`` through
+``InfoRegCallback``.
+
+    python -m trainers.lightning_digits --target 127.0.0.1:50051 --profile official --epochs 50
+    python -m trainers.lightning_digits --in-process --epochs 5
+
+Same data, model, initialisation, optimiser, schedule and data order as ``trainers.digits``
+(``DistributedSampler(shuffle=True, seed=seed)`` deals out ``randperm(n, seed + epoch)``), so on
+one CPU process both trainers send the regulator the same steps, bit for bit
+(``tests/test_lightning.py``). Needs ``pip install lightning``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from regulator_client import RegulatorClient
+from regulator_client.lightning import InfoRegCallback, pl  # pl: the Lightning package the callback uses
+
+from .digits import TrainConfig, evaluate, loss_fn, window_epochs
+from .digits_data import DigitsSplit, load_split
+from .digits_model import ConcatFusionNet
+
+
+class DigitsModule(pl.LightningModule):
+    """ConcatFusionNet; ``training_step`` hands the unimodal logits to the callback."""
+
+    def __init__(self, cfg: TrainConfig, dims: dict[str, int], train_set: TensorDataset) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.train_set = train_set
+        torch.manual_seed(cfg.seed)  # the same initial weights as trainers.digits
+        self.model = ConcatFusionNet(dims)
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        *xs, y = batch
+        fused, uni = self.model(dict(zip(self.model.views, xs)))
+        self.inforeg_logits, self.inforeg_labels = uni, y  # InfoRegCallback's protocol
+        return loss_fn(fused, uni, y, self.cfg.unimodal_loss)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        c = self.cfg
+        opt = torch.optim.SGD(self.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, c.lr_step, c.lr_gamma)}
+
+    def train_dataloader(self) -> DataLoader:
+        # Lightning calls set_epoch on it; under DDP each rank gets its share of the same order.
+        sampler = DistributedSampler(
+            self.train_set, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=True, seed=self.cfg.seed
+        )
+        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler)
+
+
+class EpochLog(pl.Callback):
+    """One line per epoch on stderr: the closed epoch's traces and the next epoch's windows."""
+
+    def __init__(self, inforeg: InfoRegCallback, epochs: int) -> None:
+        self.inforeg, self.epochs = inforeg, epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        end = self.inforeg.last_epoch_end
+        if end is None or trainer.global_rank != 0:
+            return
+        traces = " ".join(f"{m.modality}:Tr={m.fisher_trace:.3g}" for m in end.closed.modalities)
+        windows = " ".join(f"{w.modality}:{'open' if w.open else 'closed'}" for w in end.next_window)
+        print(f"epoch {end.closed.epoch + 1:3d}/{self.epochs}  {traces}  next window {windows}", file=sys.stderr, flush=True)
+
+
+def train(
+    cfg: TrainConfig,
+    client: RegulatorClient,
+    data: Optional[DigitsSplit] = None,
+    accumulate_grad_batches: int = 1,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Trains one model with Lightning through the regulator; the result shape of ``digits.train``."""
+    torch.set_num_threads(cfg.threads)
+    data = data or load_split(cfg.views)
+    train_set = TensorDataset(*(torch.from_numpy(data.x_train[v]) for v in cfg.views), torch.from_numpy(data.y_train))
+    module = DigitsModule(cfg, data.dims, train_set)
+    job_id = cfg.job_id or f"lightning-digits-{cfg.profile}-s{cfg.seed}-{uuid.uuid4().hex[:8]}"
+    inforeg = InfoRegCallback(
+        client,
+        lambda m: {v: m.model.encoders[v] for v in cfg.views},
+        job_id=job_id,
+        attempt=0,
+        profile=cfg.profile,
+        profile_params=cfg.profile_params,
+        record=cfg.record,
+        on_unavailable=cfg.on_unavailable,
+        call_timeout=cfg.call_timeout,
+        wait_timeout=cfg.wait_timeout,
+    )
+    callbacks: list[pl.Callback] = [inforeg] + ([EpochLog(inforeg, cfg.epochs)] if verbose else [])
+    trainer = pl.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator="gpu" if cfg.device.startswith("cuda") else "cpu",
+        devices=1,
+        accumulate_grad_batches=accumulate_grad_batches,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module)
+    wall = time.perf_counter() - t0
+    detail = client.get_session(job_id)
+    device = next(module.model.parameters()).device
+    xs_te = {v: torch.from_numpy(data.x_test[v]).to(device) for v in cfg.views}
+    open_epochs, regulated = window_epochs(detail)
+    assert inforeg.hook is not None
+    return {
+        "job_id": job_id,
+        "config": {**asdict(cfg), "accumulate_grad_batches": accumulate_grad_batches},
+        **evaluate(module.model, xs_te, torch.from_numpy(data.y_test).to(device)),
+        "window_open_epochs": open_epochs,
+        "regulated_steps": regulated,
+        "fisher_trace": {m: [e.modalities[i].fisher_trace for e in detail.epochs if e.closed] for i, m in enumerate(cfg.views)},
+        "wall_s": wall,
+        "hook": inforeg.hook.timings.as_dict(),
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainers.lightning_digits", description=__doc__.split("\n\n")[0])
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", help="HOST:PORT of a running regulator")
+    where.add_argument("--in-process", action="store_true", help="run the policy in this process (no server)")
+    p.add_argument("--token", default=None, help="bearer token for the regulator")
+    p.add_argument("--views", nargs="+", default=["fac", "zer"], help="views, one modality each (default fac zer)")
+    p.add_argument("--profile", choices=("paper", "official", "none"), default="official")
+    p.add_argument("--reference-modality", default=None, help="official profile: reference (default: first view)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--accumulate-grad-batches", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--unimodal-loss", action="store_true", help="add the unimodal CE terms (InfoReg*)")
+    p.add_argument("--job-id", default=None)
+    p.add_argument("--record", default=None, help="write the statistics trace to this file")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--on-unavailable", choices=("wait", "neutral", "last"), default="wait",
+                   help="when the regulator is down: wait (then fail), or train on with zero/last coefficients")
+    p.add_argument("--call-timeout", type=float, default=10.0, help="deadline of one regulator call, seconds")
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    args = p.parse_args(argv)
+    cfg = TrainConfig(
+        views=tuple(args.views),
+        profile=args.profile,
+        profile_params={"reference_modality": args.reference_modality} if args.reference_modality else {},
+        seed=args.seed,
+        epochs=args.epochs,
+        unimodal_loss=args.unimodal_loss,
+        job_id=args.job_id,
+        record=args.record,
+        device=args.device,
+        on_unavailable=args.on_unavailable,
+        call_timeout=args.call_timeout,
+    )
+    client = RegulatorClient.in_process() if args.in_process else RegulatorClient.connect(args.target, token=args.token)
+    with client:
+        result = train(cfg, client, accumulate_grad_batches=args.accumulate_grad_batches, verbose=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    uni = ", ".join(f"{v} {100 * a:.1f}%" for v, a in result["unimodal_acc"].items())
+    print(f"{cfg.profile} (lightning): fused {100 * result['fused_acc']:.2f}%, unimodal heads {uni}, {result['wall_s']:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
