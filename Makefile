@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO := proto/inforeg/regulator/v1/regulator.proto
 DEMO_ARGS ?=
 
-.PHONY: venv proto demo test test-fast clean
+.PHONY: venv tools proto demo test test-fast clean
 
 venv: $(STAMP)
 
@@ -31,7 +31,14 @@ proto: venv
 demo: venv
 	$(PY) -m trainers.demo --state-dir .regulator --out results/demo.json $(DEMO_ARGS)
 
-test: venv
+# promtool (Debian package `prometheus`) lints the metrics exposition and the alert rules;
+# kubectl (kustomize) renders the manifests and is on these machines already.
+tools:
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool is missing: sudo apt-get install prometheus (Debian/Ubuntu)"; fi; }
+
+test: venv tools
 	$(PY) -m pytest -q
 
 test-fast: venv

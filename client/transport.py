@@ -18,7 +18,7 @@ import grpc
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 
-from regulator_service.security import token_from_env
+from regulator_service.security import TokenSource, token_from_env
 
 from .errors import from_rpc_error
 
@@ -105,8 +105,8 @@ class GrpcTransport:
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
         self.tls = tls
-        token = token if token is not None else token_from_env()
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        # an explicit token ("" = none) wins; else REGULATOR_TOKEN / REGULATOR_TOKEN_FILE (re-read)
+        self._tokens = TokenSource(token=token) if token else None if token == "" else token_from_env()
         self._options = [
             ("grpc.service_config", json.dumps(service_config or DEFAULT_SERVICE_CONFIG)),
             ("grpc.enable_retries", 1),
@@ -122,6 +122,11 @@ class GrpcTransport:
         self._pid: Optional[int] = None
         self._channel: Optional[grpc.Channel] = None
         self._stub: Optional[pb_grpc.RegulatorStub] = None
+
+    def _metadata(self) -> Optional[tuple[tuple[str, str], ...]]:
+        if self._tokens is None:
+            return None
+        return (("authorization", "Bearer " + self._tokens.current().decode()),)
 
     def _get_stub(self) -> pb_grpc.RegulatorStub:
         pid = os.getpid()
@@ -145,7 +150,7 @@ class GrpcTransport:
             return fn(
                 req,
                 timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
+                metadata=self._metadata(),
                 wait_for_ready=self.wait_for_ready if wait_for_ready is None else wait_for_ready,
             )
         except grpc.RpcError as exc:

@@ -22,11 +22,20 @@ def _split(method: str) -> tuple[str, str]:
     return service, name
 
 
+# grpc_code values as go-grpc-prometheus writes them (Go's codes.Code.String()), so that
+# off-the-shelf gRPC dashboards and alerts match.
+GO_CODE_NAMES = {
+    code: ("Canceled" if code == grpc.StatusCode.CANCELLED else "OK" if code == grpc.StatusCode.OK
+           else "".join(part.capitalize() for part in code.name.split("_")))
+    for code in grpc.StatusCode
+}
+
+
 def _code(context: grpc.ServicerContext, default: grpc.StatusCode) -> str:
     code = context.code()
     if code is None:
-        return default.name
-    return code.name if isinstance(code, grpc.StatusCode) else str(code)
+        code = default
+    return GO_CODE_NAMES.get(code, str(code)) if isinstance(code, grpc.StatusCode) else str(code)
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):

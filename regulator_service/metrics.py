@@ -104,6 +104,15 @@ class RegulatorMetrics:
         self.epoch = Gauge(f"{PREFIX}_epoch", "Epoch currently open.", ["job_id"], registry=r)
         self.step = Gauge(f"{PREFIX}_last_step", "Last step recorded.", ["job_id"], registry=r)
         self.store_healthy.set(1)
+        # Known label values start at zero, so increase() sees the first event and panels show 0.
+        for outcome in ("recorded", "duplicate", "rejected"):
+            self.reports.labels(outcome)
+        for mode in ("neutral", "last"):
+            self.fallback_steps.labels(mode)
+        for reason in ("closed", "superseded", "expired"):
+            self.sessions_ended.labels(reason)
+        for op in ("create_session", "set_status", "append_step", "replace_step", "close_epoch"):
+            self.store_write_failures.labels(op)
 
     # -- store instrumentation ----------------------------------------------------------------
 

@@ -20,18 +20,28 @@ EXEMPT_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerRefle
 
 
 class TokenSource:
-    """The expected bearer token: a fixed value, or a file re-read when it changes (a rotated
-    Kubernetes Secret) at most every ``recheck_s`` seconds."""
+    """A bearer token: a fixed value, or a file re-read when it changes (a rotated Kubernetes
+    Secret) at most every ``recheck_s`` seconds. After a rotation the previous token stays valid
+    for ``grace_s`` seconds, so running jobs can pick up the new file without failing a call."""
 
-    def __init__(self, token: Optional[str] = None, path: Optional[Path] = None, recheck_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        token: Optional[str] = None,
+        path: Optional[Path] = None,
+        recheck_s: float = 5.0,
+        grace_s: float = 600.0,
+    ) -> None:
         if (token is None) == (path is None):
             raise ValueError("give exactly one of token or path")
         self._path = path
         self._recheck_s = recheck_s
+        self._grace_s = grace_s
         self._lock = threading.Lock()
         self._checked = 0.0
         self._mtime: Optional[float] = None
         self._token = self._validate(token) if token is not None else self._read()
+        self._previous: Optional[bytes] = None
+        self._previous_until = 0.0
 
     @staticmethod
     def _validate(token: str) -> bytes:
@@ -57,11 +67,22 @@ class TokenSource:
                 self._checked = now
                 try:
                     if self._path.stat().st_mtime != self._mtime:
-                        self._token = self._read()
-                        log.info("bearer token reloaded from %s", self._path)
+                        token = self._read()
+                        if token != self._token:
+                            self._previous, self._previous_until = self._token, now + self._grace_s
+                            self._token = token
+                            log.info("bearer token reloaded from %s", self._path)
                 except (OSError, ValueError) as exc:  # keep the last good token
                     log.error("token file %s unusable, keeping the previous token: %s", self._path, exc)
         return self._token
+
+    def accepts(self, sent: bytes) -> bool:
+        """Constant-time comparison with the current token (and the previous one in its grace)."""
+        ok = hmac.compare_digest(sent, self.current())
+        previous = self._previous
+        if previous is not None and time.monotonic() < self._previous_until:
+            ok |= hmac.compare_digest(sent, previous)
+        return ok
 
 
 def _deny(message: str) -> grpc.RpcMethodHandler:
@@ -94,7 +115,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             return _deny("missing bearer token: send metadata 'authorization: Bearer <token>'")
         scheme, _, token = sent.partition(" ")
         raw = token.strip().encode() if isinstance(token, str) else b""
-        if scheme.lower() != "bearer" or not hmac.compare_digest(raw, self._tokens.current()):
+        if scheme.lower() != "bearer" or not self._tokens.accepts(raw):
             return _deny("invalid bearer token")
         return continuation(details)
 
@@ -116,12 +137,12 @@ class TlsFiles:
         )
 
 
-def token_from_env(env: Optional[dict[str, str]] = None) -> Optional[str]:
-    """The client side: REGULATOR_TOKEN, else the file named by REGULATOR_TOKEN_FILE."""
+def token_from_env(env: Optional[dict[str, str]] = None) -> Optional[TokenSource]:
+    """The client side: REGULATOR_TOKEN, else the (re-read) file named by REGULATOR_TOKEN_FILE."""
     env = dict(os.environ) if env is None else env
     if env.get("REGULATOR_TOKEN"):
-        return env["REGULATOR_TOKEN"].strip()
+        return TokenSource(token=env["REGULATOR_TOKEN"])
     path = env.get("REGULATOR_TOKEN_FILE")
     if path:
-        return Path(path).read_text().strip()
+        return TokenSource(path=Path(path))
     return None

@@ -34,7 +34,7 @@ def healthy(target: str) -> bool:
 def test_bearer_token(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    config = ServerConfig(port=0, health_port=0, token=TokenSource(path=token_file, recheck_s=0.0))
+    config = ServerConfig(port=0, health_port=0, token=TokenSource(path=token_file, recheck_s=0.0, grace_s=0.5))
     with RegulatorServer(config) as srv:
         with RegulatorClient.connect(srv.target, token=TOKEN) as ok:
             ok.open_session("t", ["a", "b"])
@@ -44,13 +44,29 @@ def test_bearer_token(tmp_path: Path) -> None:
                     bad.list_sessions()
         assert healthy(srv.target)  # health is exempt: kubelet probes carry no token
         assert healthy(f"127.0.0.1:{srv.health_port}")  # and the plaintext health port
-        # a rotated Secret is picked up without a restart
+        # a rotated Secret is picked up without a restart; the old token has a grace period
         token_file.write_text("rotated-token-abcdefghij")
         with RegulatorClient.connect(srv.target, token="rotated-token-abcdefghij") as rotated:
             assert [s.job_id for s in rotated.list_sessions()] == ["t"]
         with RegulatorClient.connect(srv.target, token=TOKEN) as stale:
+            stale.list_sessions()  # within the grace period
+            time.sleep(0.6)
             with pytest.raises(Unauthenticated):
                 stale.list_sessions()
+
+
+def test_client_rereads_a_rotated_token_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server_file, client_file = tmp_path / "server-token", tmp_path / "client-token"
+    server_file.write_text(TOKEN)
+    client_file.write_text(TOKEN)
+    monkeypatch.setenv("REGULATOR_TOKEN_FILE", str(client_file))
+    with RegulatorServer(ServerConfig(port=0, token=TokenSource(path=server_file, recheck_s=0.0, grace_s=0.0))) as srv:
+        with RegulatorClient.connect(srv.target) as client:  # one long-lived client, as a training job
+            client.open_session("rotating", ["a", "b"])
+            server_file.write_text("second-token-abcdefghij")
+            client_file.write_text("second-token-abcdefghij")
+            time.sleep(5.1)  # the client re-reads its file at most every 5 s
+            assert client.get_session("rotating").session.job_id == "rotating"
 
 
 def test_token_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,7 +56,7 @@ def test_health_reflection_and_metrics(tmp_path: Path) -> None:
             assert value(text, "inforeg_regulator_fisher_trace", job_id="m-job", modality="a") == 0.5
             assert value(text, "inforeg_regulator_window_open", job_id="m-job", modality="b") == 1
             assert value(text, "inforeg_regulator_proximal_coefficient", job_id="m-job", modality="a") > 0.95
-            assert value(text, "grpc_server_handled_total", grpc_type="unary", grpc_service=SERVICE_NAME, grpc_method="Report", grpc_code="ALREADY_EXISTS") == 1
+            assert value(text, "grpc_server_handled_total", grpc_type="unary", grpc_service=SERVICE_NAME, grpc_method="Report", grpc_code="AlreadyExists") == 1
             assert value(text, "grpc_server_handled_total", grpc_type="unary", grpc_service=SERVICE_NAME, grpc_method="Report", grpc_code="OK") == 1
             client.close_session("m-job", attempt=0)
             text = scrape(srv.metrics_port)

@@ -16,6 +16,8 @@ import threading
 from pathlib import Path
 from typing import Mapping, Optional
 
+from prometheus_client import disable_created_metrics
+
 from ..manager import Limits
 from ..security import TlsFiles, TokenSource
 from ..server import RegulatorServer, ServerConfig
@@ -65,6 +67,13 @@ def apply_env_defaults(parser: argparse.ArgumentParser, env: Optional[Mapping[st
         raw = env.get(ENV_PREFIX + action.dest.upper())
         if raw is None:
             continue
+        if raw.startswith(("tcp://", "udp://")):
+            # Kubernetes service links: a Service named "regulator" sets REGULATOR_PORT=tcp://...
+            log.warning(
+                "ignoring %s%s=%s: a Kubernetes service link, not a setting (set enableServiceLinks: false)",
+                ENV_PREFIX, action.dest.upper(), raw,
+            )
+            continue
         if isinstance(action, argparse._StoreTrueAction):
             defaults[action.dest] = raw.strip().lower() in ("1", "true", "yes", "on")
         else:
@@ -113,6 +122,8 @@ def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] 
 
 
 def run(args: argparse.Namespace) -> int:
+    # This process owns its metrics: no `_created` twin for every counter and histogram series.
+    disable_created_metrics()
     try:
         config = config_from_args(args)
     except ValueError as exc:
