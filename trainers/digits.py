@@ -28,6 +28,7 @@ from torch import Tensor
 from regulator_client import RegulatorClient
 from regulator_client.hook import InfoRegHook
 
+from .connection import add_connection_flags, connect
 from .digits_data import DigitsSplit, load_split
 from .digits_model import ConcatFusionNet
 
@@ -208,10 +209,8 @@ def train_alone(view: str, seed: int, data: DigitsSplit, epochs: int = 50, threa
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainers.digits", description=__doc__.split("\n\n")[0])
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", help="HOST:PORT of a running regulator")
-    where.add_argument("--in-process", action="store_true", help="run the policy in this process (no server)")
-    p.add_argument("--token", default=None, help="bearer token for the regulator")
+    add_connection_flags(p)
+    p.add_argument("--in-process", action="store_true", help="run the policy in this process (no server)")
     p.add_argument("--views", nargs="+", default=["fac", "zer"], help="views, one modality each (default fac zer)")
     p.add_argument("--profile", choices=("paper", "official", "none"), default="official")
     p.add_argument("--reference-modality", default=None, help="official profile: reference (default: first view)")
@@ -223,7 +222,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--on-unavailable", choices=("wait", "neutral", "last"), default="wait",
                    help="when the regulator is down: wait (then fail), or train on with zero/last coefficients")
-    p.add_argument("--call-timeout", type=float, default=10.0, help="deadline of one regulator call, seconds")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
     params = {"reference_modality": args.reference_modality} if args.reference_modality else {}
@@ -240,7 +238,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         on_unavailable=args.on_unavailable,
         call_timeout=args.call_timeout,
     )
-    client = RegulatorClient.in_process() if args.in_process else RegulatorClient.connect(args.target, token=args.token)
+    if args.in_process and args.target:
+        p.error("--in-process and --target exclude each other")
+    client = RegulatorClient.in_process() if args.in_process else connect(args)
 
     def progress(epoch: int, end: Any) -> None:
         traces = " ".join(f"{m.modality}:Tr={m.fisher_trace:.3g}" for m in end.closed.modalities)
