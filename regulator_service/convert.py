@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
-from .errors import InvalidArgument, ResourceExhausted
+from .errors import InvalidArgument, ResourceExhausted, shown
 from .manager import Limits, SessionDetail
 from .model import (
     EpochSummary,
@@ -31,6 +31,9 @@ from .session import SessionView
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,199}")
 MODALITY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 MAX_HISTORY = 10_000
+# beta and the official gains scale exp(.) and are bounded so that every coefficient (at most
+# exp(100) for paper, 100 * e for official) and every regulated Fisher value stays finite.
+MAX_STRENGTH = 100.0
 
 
 def _finite(name: str, x: float, *, nonneg: bool = False) -> float:
@@ -39,6 +42,13 @@ def _finite(name: str, x: float, *, nonneg: bool = False) -> float:
     if nonneg and x < 0.0:
         raise InvalidArgument(f"{name} must be >= 0, got {x}")
     return float(x)
+
+
+def _strength(name: str, x: float) -> float:
+    value = _finite(name, x, nonneg=True)
+    if value > MAX_STRENGTH:
+        raise InvalidArgument(f"{name} must be <= {MAX_STRENGTH:g}, got {x}")
+    return value
 
 
 def _at_least(name: str, x: int, low: int) -> int:
@@ -50,7 +60,7 @@ def _at_least(name: str, x: int, low: int) -> int:
 def job_id(value: str) -> str:
     if not JOB_ID.fullmatch(value):
         raise InvalidArgument(
-            f"job_id {value[:80]!r} is invalid: 1-200 characters of [A-Za-z0-9._:@/+=-], "
+            f"job_id {shown(value)} is invalid: 1-200 characters of [A-Za-z0-9._:@/+=-], "
             "starting with a letter or digit"
         )
     return value
@@ -68,7 +78,7 @@ def profile_from_proto(p: pb.Profile, modalities: tuple[str, ...]) -> ProfilePar
     if kind is None or kind == "paper":
         q = p.paper
         params = PaperParams(
-            beta=_finite("paper.beta", q.beta, nonneg=True) if q.HasField("beta") else 0.9,
+            beta=_strength("paper.beta", q.beta) if q.HasField("beta") else 0.9,
             threshold=_finite("paper.threshold", q.threshold) if q.HasField("threshold") else 0.04,
             warmup_epochs=_at_least("paper.warmup_epochs", q.warmup_epochs, 2)
             if q.HasField("warmup_epochs")
@@ -86,7 +96,7 @@ def profile_from_proto(p: pb.Profile, modalities: tuple[str, ...]) -> ProfilePar
         ref = q.reference_modality or modalities[0]
         if ref not in modalities:
             raise InvalidArgument(
-                f"official.reference_modality {ref!r} is not one of {list(modalities)}"
+                f"official.reference_modality {shown(ref)} is not one of {list(modalities)}"
             )
         history = q.history if q.HasField("history") else 10
         if not 1 <= history <= MAX_HISTORY:
@@ -95,12 +105,10 @@ def profile_from_proto(p: pb.Profile, modalities: tuple[str, ...]) -> ProfilePar
             reference_modality=ref,
             threshold=_finite("official.threshold", q.threshold) if q.HasField("threshold") else 0.05,
             history=history,
-            reference_gain=_finite("official.reference_gain", q.reference_gain, nonneg=True)
+            reference_gain=_strength("official.reference_gain", q.reference_gain)
             if q.HasField("reference_gain")
             else 0.95,
-            other_gain=_finite("official.other_gain", q.other_gain, nonneg=True)
-            if q.HasField("other_gain")
-            else 0.1,
+            other_gain=_strength("official.other_gain", q.other_gain) if q.HasField("other_gain") else 0.1,
         )
     return NoneParams()
 
@@ -140,7 +148,7 @@ def config_from_request(req: pb.OpenSessionRequest, limits: Limits) -> SessionCo
     for m in modalities:
         if not MODALITY.fullmatch(m):
             raise InvalidArgument(
-                f"modality name {m[:80]!r} is invalid: 1-64 characters of [A-Za-z0-9_.-]"
+                f"modality name {shown(m)} is invalid: 1-64 characters of [A-Za-z0-9_.-]"
             )
     if len(set(modalities)) != len(modalities):
         raise InvalidArgument(f"modality names must be unique, got {list(modalities)}")
@@ -158,23 +166,24 @@ def config_from_request(req: pb.OpenSessionRequest, limits: Limits) -> SessionCo
 
 def _modality_report(s: pb.ModalityStats, fallback: Fallback) -> ModalityReport:
     name = s.modality
-    score = _finite(f"score_sum of {name!r}", s.score_sum, nonneg=True)
+    quoted = shown(name)
+    score = _finite(f"score_sum of {quoted}", s.score_sum, nonneg=True)
     source = s.WhichOneof("fisher_source")
     fisher: float | FisherTerms
     if source == "fisher":
-        fisher = _finite(f"fisher of {name!r}", s.fisher, nonneg=True)
+        fisher = _finite(f"fisher of {quoted}", s.fisher, nonneg=True)
     elif source == "fisher_terms":
         t = s.fisher_terms
         fisher = FisherTerms(
-            grad_sq=_finite(f"fisher_terms.grad_sq of {name!r}", t.grad_sq, nonneg=True),
-            grad_delta=_finite(f"fisher_terms.grad_delta of {name!r}", t.grad_delta),
-            delta_sq=_finite(f"fisher_terms.delta_sq of {name!r}", t.delta_sq, nonneg=True),
+            grad_sq=_finite(f"fisher_terms.grad_sq of {quoted}", t.grad_sq, nonneg=True),
+            grad_delta=_finite(f"fisher_terms.grad_delta of {quoted}", t.grad_delta),
+            delta_sq=_finite(f"fisher_terms.delta_sq of {quoted}", t.delta_sq, nonneg=True),
         )
     else:
-        raise InvalidArgument(f"modality {name!r} carries neither fisher nor fisher_terms")
+        raise InvalidArgument(f"modality {quoted} carries neither fisher nor fisher_terms")
     applied: Optional[float] = None
     if s.HasField("applied"):
-        applied = _finite(f"applied.proximal of {name!r}", s.applied.proximal, nonneg=True)
+        applied = _finite(f"applied.proximal of {quoted}", s.applied.proximal, nonneg=True)
     return ModalityReport(modality=name, score_sum=score, fisher=fisher, applied=applied)
 
 

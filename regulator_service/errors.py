@@ -10,6 +10,12 @@ from __future__ import annotations
 import grpc
 
 
+def shown(text: str, limit: int = 64) -> str:
+    """A client-supplied string as error messages quote it: repr'd and cut, so that a message
+    never grows with the request (gRPC refuses status messages beyond 16 KiB of metadata)."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 class RegulatorError(Exception):
     """Base class; ``code`` is the gRPC status the error is sent as."""
 

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, shown
 from .model import (
     EpochSummary,
     Fallback,
@@ -179,13 +179,13 @@ class Session:
             i = self._index.get(entry.modality)
             if i is None:
                 raise InvalidArgument(
-                    f"unknown modality {entry.modality!r}; session has {list(cfg.modalities)}"
+                    f"unknown modality {shown(entry.modality)}; session has {list(cfg.modalities)}"
                 )
             if slots[i] is not None:
-                raise InvalidArgument(f"modality {entry.modality!r} reported twice")
+                raise InvalidArgument(f"modality {shown(entry.modality)} reported twice")
             if entry.score_sum > raw.count * (1.0 + SCORE_SLACK):
                 raise InvalidArgument(
-                    f"score_sum {entry.score_sum} of {entry.modality!r} exceeds count {raw.count}: "
+                    f"score_sum {entry.score_sum} of {shown(entry.modality)} exceeds count {raw.count}: "
                     "it must be a sum of probabilities"
                 )
             slots[i] = entry
