@@ -11,7 +11,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
 import grpc
 
@@ -21,6 +21,9 @@ from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 from regulator_service.security import TokenSource, token_from_env
 
 from .errors import from_rpc_error
+
+if TYPE_CHECKING:
+    from regulator_service.api import RegulatorAPI
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Regulator"].full_name
 
@@ -189,7 +192,7 @@ class InProcessTransport:
     (a float32 field, a missing presence bit) can differ between the two transports.
     """
 
-    def __init__(self, api: Optional["RegulatorAPI"] = None) -> None:  # noqa: F821
+    def __init__(self, api: Optional["RegulatorAPI"] = None) -> None:
         if api is None:
             from regulator_service.api import RegulatorAPI
             from regulator_service.manager import SessionManager

@@ -82,17 +82,16 @@ def evaluate(model: ConcatFusionNet, xs: dict[str, Tensor], y: Tensor) -> dict[s
     }
 
 
-def window_epochs(detail: Any) -> tuple[dict[str, int], dict[str, int]]:
-    """Per modality: epochs with the window open, steps with a non-zero coefficient."""
-    open_epochs: dict[str, int] = {}
-    regulated: dict[str, int] = {}
-    for e in detail.epochs:
-        if not e.closed:
-            continue
-        for m in e.modalities:
-            open_epochs[m.modality] = open_epochs.get(m.modality, 0) + int(m.window.open)
-            regulated[m.modality] = regulated.get(m.modality, 0) + m.regulated_steps
-    return open_epochs, regulated
+def session_summary(detail: Any) -> dict[str, Any]:
+    """From a GetSession answer, per modality: epochs with the window open, steps with a non-zero
+    coefficient, and the Fisher trace of every closed epoch."""
+    closed = [e for e in detail.epochs if e.closed]
+    mods = list(detail.session.modalities)
+    return {
+        "window_open_epochs": {m: sum(int(e.modalities[i].window.open) for e in closed) for i, m in enumerate(mods)},
+        "regulated_steps": {m: sum(e.modalities[i].regulated_steps for e in closed) for i, m in enumerate(mods)},
+        "fisher_trace": {m: [e.modalities[i].fisher_trace for e in closed] for i, m in enumerate(mods)},
+    }
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -166,17 +165,11 @@ def train(
     wall = time.perf_counter() - t0
     if cfg.save_weights:
         torch.save(model.state_dict(), cfg.save_weights)
-    open_epochs, regulated = window_epochs(detail)
     return {
         "job_id": job_id,
         "config": asdict(cfg),
         **evaluate(model, xs_te, y_te),
-        "window_open_epochs": open_epochs,
-        "regulated_steps": regulated,
-        "fisher_trace": {
-            m: [e.modalities[i].fisher_trace for e in detail.epochs if e.closed]
-            for i, m in enumerate(cfg.views)
-        },
+        **session_summary(detail),
         "wall_s": wall,
         "hook": hook.timings.as_dict(),
         "fallback_steps": hook.fallbacks.fallback_steps,
@@ -207,8 +200,8 @@ def train_alone(view: str, seed: int, data: DigitsSplit, epochs: int = 50, threa
     return evaluate(model, {view: torch.from_numpy(data.x_test[view])}, torch.from_numpy(data.y_test))["fused_acc"]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainers.digits", description=__doc__.split("\n\n")[0])
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every digits trainer shares (connection, job, profile, schedule, output)."""
     add_connection_flags(p)
     p.add_argument("--in-process", action="store_true", help="run the policy in this process (no server)")
     p.add_argument("--views", nargs="+", default=["fac", "zer"], help="views, one modality each (default fac zer)")
@@ -223,12 +216,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--on-unavailable", choices=("wait", "neutral", "last"), default="wait",
                    help="when the regulator is down: wait (then fail), or train on with zero/last coefficients")
     p.add_argument("--out", default=None, help="write the result as JSON here")
-    args = p.parse_args(argv)
-    params = {"reference_modality": args.reference_modality} if args.reference_modality else {}
-    cfg = TrainConfig(
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
         views=tuple(args.views),
         profile=args.profile,
-        profile_params=params,
+        profile_params={"reference_modality": args.reference_modality} if args.reference_modality else {},
         seed=args.seed,
         epochs=args.epochs,
         unimodal_loss=args.unimodal_loss,
@@ -238,23 +232,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         on_unavailable=args.on_unavailable,
         call_timeout=args.call_timeout,
     )
+
+
+def client_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> RegulatorClient:
     if args.in_process and args.target:
         p.error("--in-process and --target exclude each other")
-    client = RegulatorClient.in_process() if args.in_process else connect(args)
+    return RegulatorClient.in_process() if args.in_process else connect(args)
+
+
+def print_epoch(epochs: int) -> Callable[[int, Any], None]:
+    """Progress on stderr after every epoch: traces and the next epoch's windows."""
 
     def progress(epoch: int, end: Any) -> None:
         traces = " ".join(f"{m.modality}:Tr={m.fisher_trace:.3g}" for m in end.closed.modalities)
         windows = " ".join(f"{w.modality}:{'open' if w.open else 'closed'}" for w in end.next_window)
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  {traces}  next window {windows}", file=sys.stderr, flush=True)
+        print(f"epoch {epoch + 1:3d}/{epochs}  {traces}  next window {windows}", file=sys.stderr, flush=True)
 
-    with client:
-        result = train(cfg, client, log=progress)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    return progress
+
+
+def write_result(result: dict[str, Any], out: Optional[str], label: str) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
     uni = ", ".join(f"{v} {100 * a:.1f}%" for v, a in result["unimodal_acc"].items())
-    print(f"{cfg.profile}: fused {100 * result['fused_acc']:.2f}%, unimodal heads {uni}, {result['wall_s']:.1f}s")
+    print(f"{label}: fused {100 * result['fused_acc']:.2f}%, unimodal heads {uni}, {result['wall_s']:.1f}s")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainers.digits", description=__doc__.split("\n\n")[0])
+    add_training_flags(p)
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    with client_from_args(p, args) as client:
+        result = train(cfg, client, log=print_epoch(cfg.epochs))
+    write_result(result, args.out, cfg.profile)
     return 0
 
 

@@ -137,6 +137,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.save_weights:
             torch.save(model.state_dict(), args.save_weights)
     client.close()
+    # Tear down together: a rank that destroys its gloo group while a peer still holds the
+    # connection open can abort at exit ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 

@@ -13,12 +13,10 @@ one CPU process both trainers send the regulator the same steps, bit for bit
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import uuid
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -28,7 +26,16 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from regulator_client import RegulatorClient
 from regulator_client.lightning import InfoRegCallback, pl  # pl: the Lightning package the callback uses
 
-from .digits import TrainConfig, evaluate, loss_fn, window_epochs
+from .digits import (
+    TrainConfig,
+    add_training_flags,
+    client_from_args,
+    config_from_args,
+    evaluate,
+    loss_fn,
+    session_summary,
+    write_result,
+)
 from .digits_data import DigitsSplit, load_split
 from .digits_model import ConcatFusionNet
 
@@ -120,15 +127,12 @@ def train(
     detail = client.get_session(job_id)
     device = next(module.model.parameters()).device
     xs_te = {v: torch.from_numpy(data.x_test[v]).to(device) for v in cfg.views}
-    open_epochs, regulated = window_epochs(detail)
     assert inforeg.hook is not None
     return {
         "job_id": job_id,
         "config": {**asdict(cfg), "accumulate_grad_batches": accumulate_grad_batches},
         **evaluate(module.model, xs_te, torch.from_numpy(data.y_test).to(device)),
-        "window_open_epochs": open_epochs,
-        "regulated_steps": regulated,
-        "fisher_trace": {m: [e.modalities[i].fisher_trace for e in detail.epochs if e.closed] for i, m in enumerate(cfg.views)},
+        **session_summary(detail),
         "wall_s": wall,
         "hook": inforeg.hook.timings.as_dict(),
     }
@@ -136,46 +140,13 @@ def train(
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainers.lightning_digits", description=__doc__.split("\n\n")[0])
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", help="HOST:PORT of a running regulator")
-    where.add_argument("--in-process", action="store_true", help="run the policy in this process (no server)")
-    p.add_argument("--token", default=None, help="bearer token for the regulator")
-    p.add_argument("--views", nargs="+", default=["fac", "zer"], help="views, one modality each (default fac zer)")
-    p.add_argument("--profile", choices=("paper", "official", "none"), default="official")
-    p.add_argument("--reference-modality", default=None, help="official profile: reference (default: first view)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=50)
+    add_training_flags(p)
     p.add_argument("--accumulate-grad-batches", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--unimodal-loss", action="store_true", help="add the unimodal CE terms (InfoReg*)")
-    p.add_argument("--job-id", default=None)
-    p.add_argument("--record", default=None, help="write the statistics trace to this file")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--on-unavailable", choices=("wait", "neutral", "last"), default="wait",
-                   help="when the regulator is down: wait (then fail), or train on with zero/last coefficients")
-    p.add_argument("--call-timeout", type=float, default=10.0, help="deadline of one regulator call, seconds")
-    p.add_argument("--out", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
-    cfg = TrainConfig(
-        views=tuple(args.views),
-        profile=args.profile,
-        profile_params={"reference_modality": args.reference_modality} if args.reference_modality else {},
-        seed=args.seed,
-        epochs=args.epochs,
-        unimodal_loss=args.unimodal_loss,
-        job_id=args.job_id,
-        record=args.record,
-        device=args.device,
-        on_unavailable=args.on_unavailable,
-        call_timeout=args.call_timeout,
-    )
-    client = RegulatorClient.in_process() if args.in_process else RegulatorClient.connect(args.target, token=args.token)
-    with client:
+    cfg = config_from_args(args)
+    with client_from_args(p, args) as client:
         result = train(cfg, client, accumulate_grad_batches=args.accumulate_grad_batches, verbose=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    uni = ", ".join(f"{v} {100 * a:.1f}%" for v, a in result["unimodal_acc"].items())
-    print(f"{cfg.profile} (lightning): fused {100 * result['fused_acc']:.2f}%, unimodal heads {uni}, {result['wall_s']:.1f}s")
+    write_result(result, args.out, f"{cfg.profile} (lightning)")
     return 0
 
 
