@@ -226,8 +226,8 @@ class InfoRegHook:
 
             dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.process_group)
         deltas = self.probe.deltas()
-        terms = self.probe.fisher_terms(deltas)
-        host = torch.cat([local, terms.flatten()]).tolist()  # the step's single host sync
+        on_device = self.probe.fisher_terms(deltas)
+        host = torch.cat([local, on_device.flatten()]).tolist()  # the step's single host sync
         t1 = time.perf_counter()
         m = len(self.modalities)
         total = int(round(host[m]))
