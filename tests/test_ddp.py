@@ -3,11 +3,9 @@ at once, fork safety. Real gloo process groups started by torchrun, no mocks."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import grpc
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
