@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +23,17 @@ def data_file(name: str) -> Path:
         if (base / name).exists():
             return base / name
     pytest.skip(f"trace {name} not found in {SHARED_DATA} or {FIXTURES}")
+
+
+def require_promtool() -> str:
+    """promtool (Debian package `prometheus`; `make test` installs it when run as root)."""
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail(
+            "promtool is not on PATH. Install it (Debian/Ubuntu): "
+            "apt-get update && apt-get install -y --no-install-recommends prometheus"
+        )
+    return path
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -36,6 +36,8 @@ import yaml
 from regulator_service.cli import build_parser
 from regulator_service.server import SERVICE_NAME
 
+from .conftest import require_promtool
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -69,13 +71,7 @@ def kubectl() -> str:
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool is not on PATH. Install it (Debian/Ubuntu): "
-            "apt-get update && apt-get install -y --no-install-recommends prometheus"
-        )
-    return path
+    return require_promtool()
 
 
 def venv_tool(name: str, package: str) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
 import urllib.request
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from regulator_service import metrics as metrics_module
 from regulator_service.interceptors import GO_CODE_NAMES
 from regulator_service.server import RegulatorServer, ServerConfig
 
-from .conftest import data_file
+from .conftest import data_file, require_promtool
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "inforeg-regulator.json"
@@ -354,13 +353,7 @@ def test_job_cap_and_series_removed_on_close(live: Run) -> None:
 
 
 def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool is not on PATH. Install it (Debian/Ubuntu): "
-            "apt-get update && apt-get install -y --no-install-recommends prometheus"
-        )
-    return path
+    return require_promtool()
 
 
 @pytest.mark.parametrize("when", ["capped", "trace_closed_window", "final"])

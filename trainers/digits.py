@@ -94,6 +94,20 @@ def session_summary(detail: Any) -> dict[str, Any]:
     }
 
 
+def hook_options(cfg: TrainConfig, job_id: str) -> dict[str, Any]:
+    """The InfoRegHook keywords a TrainConfig decides (shared with the Lightning trainer)."""
+    return dict(
+        job_id=job_id,
+        attempt=0,
+        profile=cfg.profile,
+        profile_params=cfg.profile_params,
+        record=cfg.record,
+        on_unavailable=cfg.on_unavailable,
+        call_timeout=cfg.call_timeout,
+        wait_timeout=cfg.wait_timeout,
+    )
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 over every parameter's bytes: equal digests = bit-identical weights."""
     h = hashlib.sha256()
@@ -127,19 +141,7 @@ def train(
     sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, cfg.lr_gamma)
     job_id = cfg.job_id or f"digits-{cfg.profile}-s{cfg.seed}-{uuid.uuid4().hex[:8]}"
     hook = InfoRegHook(
-        client,
-        {v: model.encoders[v] for v in cfg.views},
-        job_id=job_id,
-        attempt=0,
-        rank=0,
-        world_size=1,
-        profile=cfg.profile,
-        profile_params=cfg.profile_params,
-        record=cfg.record,
-        on_unavailable=cfg.on_unavailable,
-        call_timeout=cfg.call_timeout,
-        wait_timeout=cfg.wait_timeout,
-        keep_history=True,
+        client, {v: model.encoders[v] for v in cfg.views}, rank=0, world_size=1, keep_history=True, **hook_options(cfg, job_id)
     )
     n = len(y_tr)
     t0 = time.perf_counter()

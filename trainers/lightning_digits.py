@@ -32,6 +32,7 @@ from .digits import (
     client_from_args,
     config_from_args,
     evaluate,
+    hook_options,
     loss_fn,
     session_summary,
     write_result,
@@ -97,18 +98,7 @@ def train(
     train_set = TensorDataset(*(torch.from_numpy(data.x_train[v]) for v in cfg.views), torch.from_numpy(data.y_train))
     module = DigitsModule(cfg, data.dims, train_set)
     job_id = cfg.job_id or f"lightning-digits-{cfg.profile}-s{cfg.seed}-{uuid.uuid4().hex[:8]}"
-    inforeg = InfoRegCallback(
-        client,
-        lambda m: {v: m.model.encoders[v] for v in cfg.views},
-        job_id=job_id,
-        attempt=0,
-        profile=cfg.profile,
-        profile_params=cfg.profile_params,
-        record=cfg.record,
-        on_unavailable=cfg.on_unavailable,
-        call_timeout=cfg.call_timeout,
-        wait_timeout=cfg.wait_timeout,
-    )
+    inforeg = InfoRegCallback(client, lambda m: {v: m.model.encoders[v] for v in cfg.views}, **hook_options(cfg, job_id))
     callbacks: list[pl.Callback] = [inforeg] + ([EpochLog(inforeg, cfg.epochs)] if verbose else [])
     trainer = pl.Trainer(
         max_epochs=cfg.epochs,
