@@ -5,13 +5,19 @@ INVALID_ARGUMENT, and an optional injected delay for fault tests."""
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from google.protobuf.message import DecodeError
 
 import grpc
 
-from .metrics import GrpcServerMetrics, iter_counted
+from .metrics import GrpcServerMetrics
+
+
+def _counted(requests: Iterator[Any], inc: Callable[[], None]) -> Iterator[Any]:
+    for request in requests:
+        inc()
+        yield request
 
 
 _KINDS = {(False, False): "unary", (True, False): "client_stream", (False, True): "server_stream", (True, True): "bidi_stream"}
@@ -68,7 +74,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             started.inc()
             t0 = time.perf_counter()
             if handler.request_streaming:
-                request_or_iterator = iter_counted(request_or_iterator, received.inc)
+                request_or_iterator = _counted(request_or_iterator, received.inc)
             else:
                 received.inc()
             if handler.response_streaming:

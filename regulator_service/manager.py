@@ -324,9 +324,5 @@ class SessionManager:
                 views.append(s.view())
         return sorted(views, key=lambda v: (v.config.job_id, v.config.attempt))
 
-    @property
-    def open_count(self) -> int:
-        return len(self._open)
-
     def close_store(self) -> None:
         self._store.close()

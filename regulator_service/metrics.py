@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -241,9 +241,3 @@ class GrpcServerMetrics:
             labels,
             registry=registry,
         )
-
-
-def iter_counted(it: Iterator[T], inc: Callable[[], None]) -> Iterator[T]:
-    for item in it:
-        inc()
-        yield item

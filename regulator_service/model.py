@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Union
 
-from .policy import CLOSED, ProfileParams, Window
+from .policy import ProfileParams, Window
 
 
 class Fallback(IntEnum):
@@ -181,7 +181,3 @@ class EpochSummary:
 
     def close(self) -> "EpochSummary":
         return replace(self, closed=True)
-
-
-def closed_windows(n: int) -> tuple[Window, ...]:
-    return tuple(CLOSED for _ in range(n))

@@ -18,11 +18,10 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from regulator_client import RegulatorClient
 
-from .digits import TrainConfig, epoch_order, train
+from .digits import TrainConfig, fit_plain, train
 from .digits_data import load_split
 from .digits_model import ConcatFusionNet
 from .serverproc import ServerProcess
@@ -32,20 +31,9 @@ def plain(epochs: int, data: Any) -> float:
     """Seconds per step of the same loop without regulation."""
     torch.manual_seed(0)
     model = ConcatFusionNet(data.dims)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     xs = {v: torch.from_numpy(data.x_train[v]) for v in data.views}
-    y = torch.from_numpy(data.y_train)
-    steps = 0
     t0 = time.perf_counter()
-    for epoch in range(epochs):
-        order = epoch_order(len(y), 0, epoch)
-        for start in range(0, len(y), 64):
-            idx = order[start : start + 64]
-            opt.zero_grad(set_to_none=True)
-            fused, _ = model({v: xs[v][idx] for v in data.views})
-            F.cross_entropy(fused, y[idx]).backward()
-            opt.step()
-            steps += 1
+    steps = fit_plain(model, xs, torch.from_numpy(data.y_train), epochs, 0)
     return (time.perf_counter() - t0) / steps
 
 

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from regulator_client import RegulatorClient
+from regulator_client.cli_args import add_connection_flags, connect_from_args
 from regulator_client.hook import InfoRegHook
 
-from .connection import add_connection_flags, connect
 from .digits_data import DigitsSplit, load_split
 from .digits_model import ConcatFusionNet
 
@@ -180,31 +180,37 @@ def train(
     }
 
 
+def fit_plain(model: ConcatFusionNet, xs: dict[str, Tensor], y: Tensor, epochs: int, seed: int) -> int:
+    """``train``'s loop without any regulation: same optimizer, schedule, data order and fused
+    loss. Returns the number of optimizer steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 30, 0.1)
+    steps = 0
+    for epoch in range(epochs):
+        order = epoch_order(len(y), seed, epoch)
+        for start in range(0, len(y), 64):
+            idx = order[start : start + 64]
+            opt.zero_grad(set_to_none=True)
+            fused, _ = model({v: x[idx] for v, x in xs.items()})
+            F.cross_entropy(fused, y[idx]).backward()
+            opt.step()
+            steps += 1
+        sched.step()
+    return steps
+
+
 def train_alone(view: str, seed: int, data: DigitsSplit, epochs: int = 50, threads: int = 1) -> float:
     """Reference: test accuracy of one view's encoder + its own head, trained alone."""
     torch.set_num_threads(threads)
-    xs_tr = torch.from_numpy(data.x_train[view])
-    y_tr = torch.from_numpy(data.y_train)
     torch.manual_seed(seed)
     model = ConcatFusionNet({view: data.dims[view]})
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 30, 0.1)
-    n = len(y_tr)
-    for epoch in range(epochs):
-        order = epoch_order(n, seed, epoch)
-        for start in range(0, n, 64):
-            idx = order[start : start + 64]
-            opt.zero_grad(set_to_none=True)
-            fused, _ = model({view: xs_tr[idx]})
-            F.cross_entropy(fused, y_tr[idx]).backward()
-            opt.step()
-        sched.step()
+    fit_plain(model, {view: torch.from_numpy(data.x_train[view])}, torch.from_numpy(data.y_train), epochs, seed)
     return evaluate(model, {view: torch.from_numpy(data.x_test[view])}, torch.from_numpy(data.y_test))["fused_acc"]
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
     """The flags every digits trainer shares (connection, job, profile, schedule, output)."""
-    add_connection_flags(p)
+    add_connection_flags(p, timeout_flag="--call-timeout", default_timeout=10.0)
     p.add_argument("--in-process", action="store_true", help="run the policy in this process (no server)")
     p.add_argument("--views", nargs="+", default=["fac", "zer"], help="views, one modality each (default fac zer)")
     p.add_argument("--profile", choices=("paper", "official", "none"), default="official")
@@ -239,7 +245,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def client_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> RegulatorClient:
     if args.in_process and args.target:
         p.error("--in-process and --target exclude each other")
-    return RegulatorClient.in_process() if args.in_process else connect(args)
+    return RegulatorClient.in_process() if args.in_process else connect_from_args(args, args.call_timeout)
 
 
 def print_epoch(epochs: int) -> Callable[[int, Any], None]:

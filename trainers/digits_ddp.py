@@ -28,9 +28,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from regulator_client.cli_args import add_connection_flags, connect_from_args
 from regulator_client.hook import InfoRegHook
 
-from .connection import add_connection_flags, connect
 from .digits import evaluate, loss_fn, weights_digest
 from .digits_data import load_split
 from .digits_model import ConcatFusionNet
@@ -38,7 +38,7 @@ from .digits_model import ConcatFusionNet
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="torchrun ... -m trainers.digits_ddp", description=__doc__.split("\n\n")[0])
-    add_connection_flags(p)
+    add_connection_flags(p, timeout_flag="--call-timeout", default_timeout=10.0)
     p.add_argument("--views", nargs="+", default=["fac", "zer"])
     p.add_argument("--profile", choices=("paper", "official", "none"), default="official")
     p.add_argument("--reference-modality", default=None)
@@ -74,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, 30, 0.1)
     params = {"reference_modality": args.reference_modality} if args.reference_modality else {}
-    client = connect(args)
+    client = connect_from_args(args, args.call_timeout)
     hook = InfoRegHook(
         client,
         {v: model.encoders[v] for v in views},

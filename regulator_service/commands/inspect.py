@@ -27,7 +27,8 @@ from typing import IO, Any, Callable, Iterator, Optional, Sequence
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_client import DeadlineExceeded, RegulatorClient, Unavailable
 from regulator_client.profiles import profile_name, profile_params
-from regulator_client.transport import TlsConfig, default_target
+from regulator_client.cli_args import add_connection_flags, connect_from_args
+from regulator_client.transport import default_target
 
 SLOW_FETCH_S = 1.0  # a GetSession slower than this gets a note on stderr
 # GetSession with every step is one message: ~70 bytes per step and modality pair, so a long job
@@ -45,19 +46,6 @@ FALLBACK_NAMES = {pb.FALLBACK_NEUTRAL: "neutral", pb.FALLBACK_LAST: "last"}
 # -- connection -------------------------------------------------------------------------------
 
 
-def add_connection_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("connection")
-    g.add_argument("--target", default=None, help="HOST:PORT or unix:PATH of the regulator (default: $REGULATOR_TARGET, else 127.0.0.1:50051)")
-    g.add_argument(
-        "--token", default=None,
-        help="bearer token (default: $REGULATOR_TOKEN, else the file $REGULATOR_TOKEN_FILE; prefer those: a flag shows in ps)",
-    )
-    g.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds (default 30)")
-    g.add_argument("--tls-ca", default=None, help="use TLS, trusting this CA (PEM); without it: plaintext")
-    g.add_argument("--tls-cert", default=None, help="client certificate for mutual TLS (PEM, with --tls-key)")
-    g.add_argument("--tls-key", default=None, help="client key for mutual TLS (PEM)")
-
-
 def resolve_target(args: argparse.Namespace) -> str:
     return args.target or default_target()
 
@@ -67,9 +55,8 @@ def connect(args: argparse.Namespace) -> Iterator[RegulatorClient]:
     """A ``RegulatorClient`` for the flags (the transport fills in the environment's defaults);
     UNAVAILABLE says which address was tried."""
     target = resolve_target(args)
-    tls = TlsConfig(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) if args.tls_ca or args.tls_cert else None
     options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
-    with RegulatorClient.connect(target, timeout=args.timeout, token=args.token, tls=tls, options=options) as client:
+    with connect_from_args(args, args.timeout, target, options=options) as client:
         try:
             yield client
         except Unavailable as exc:

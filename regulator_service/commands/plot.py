@@ -17,7 +17,9 @@ from typing import Any
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
-from .inspect import add_connection_flags, add_job_flags, connect, fetch_session, fmt_profile
+from regulator_client.cli_args import add_connection_flags
+
+from .inspect import add_job_flags, connect, fetch_session, fmt_profile
 
 MAX_BOUNDARIES = 200  # more epoch lines than this would grey out the panel
 

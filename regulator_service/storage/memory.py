@@ -25,6 +25,10 @@ class _Row:
     steps: dict[int, StepRecord] = field(default_factory=dict)  # insertion = step order
 
 
+def _of_epoch(row: _Row, epoch: int) -> list[StepRecord]:
+    return [r for r in row.steps.values() if r.epoch == epoch]
+
+
 class MemoryStore(StateStore):
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -98,14 +102,14 @@ class MemoryStore(StateStore):
             closed_epochs=tuple(row.epochs),
             open_epoch=row.open_epoch,
             open_window=row.open_window,
-            open_steps=tuple(r for r in row.steps.values() if r.epoch == row.open_epoch),
+            open_steps=tuple(_of_epoch(row, row.open_epoch)),
             step_count=len(row.steps),
             last_step=max(row.steps, default=-1),
         )
 
     def epoch_steps(self, key: SessionKey, epoch: int) -> list[StepRecord]:
         with self._lock:
-            return [r for r in self._rows[key].steps.values() if r.epoch == epoch]
+            return _of_epoch(self._rows[key], epoch)
 
     def load(self, open_only: bool = True) -> list[StoredSession]:
         with self._lock:
