@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
-from regulator_service.policy import regulated_fisher
+from regulator_service.model import regulated_fisher
 
 from .client import RegulatorClient, modality_stats
 from .delivery import Delivery, DeliveryStats

@@ -194,11 +194,9 @@ class InProcessTransport:
 
     def __init__(self, api: Optional["RegulatorAPI"] = None) -> None:
         if api is None:
-            from regulator_service.api import RegulatorAPI
-            from regulator_service.manager import SessionManager
-            from regulator_service.storage import MemoryStore
+            from regulator_service.api import build_api
 
-            api = RegulatorAPI(SessionManager(MemoryStore()))
+            api = build_api()
         self.api = api
 
     def _call(self, fn, req):  # type: ignore[no-untyped-def]

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
+from typing import Optional
+
 from . import convert
 from .errors import InvalidArgument
 from .manager import SessionManager
+from .model import Limits
+from .observer import SessionObserver
+from .storage import MemoryStore, StateStore
 
 
 class RegulatorAPI:
@@ -60,3 +65,13 @@ class RegulatorAPI:
     def close_session(self, req: pb.CloseSessionRequest) -> pb.CloseSessionResponse:
         key = convert.session_key(req.job_id, req.attempt)
         return pb.CloseSessionResponse(session=convert.session_info(self.manager.close(key)))
+
+
+def build_api(
+    store: Optional[StateStore] = None,
+    observer: Optional[SessionObserver] = None,
+    limits: Limits = Limits(),
+) -> RegulatorAPI:
+    """The one composition of the regulator's core (store -> session manager -> API), used by
+    the gRPC server and by the client's in-process transport alike. No store = in memory."""
+    return RegulatorAPI(SessionManager(store if store is not None else MemoryStore(), observer, limits=limits))

@@ -14,19 +14,20 @@ from typing import Iterable, Optional
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
 from .errors import InvalidArgument, ResourceExhausted, shown
-from .manager import Limits, SessionDetail
 from .model import (
     EpochSummary,
     Fallback,
     FisherTerms,
+    Limits,
     ModalityReport,
     RawReport,
     SessionConfig,
+    SessionDetail,
     SessionKey,
+    SessionView,
     StepRecord,
 )
 from .policy import NoneParams, OfficialParams, PaperParams, ProfileParams, Window
-from .session import SessionView
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,199}")
 MODALITY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -259,7 +260,7 @@ def epoch_record(modalities: tuple[str, ...], e: EpochSummary) -> pb.EpochRecord
                 regulated_steps=e.regulated_steps[i],
                 mean_proximal=e.proximal_sum[i] / n if n else 0.0,
                 max_proximal=e.proximal_max[i],
-                mean_score=e.score_sum[i] / n if n else 0.0,
+                mean_score=e.score_mean_sum[i] / n if n else 0.0,
             )
             for i, m in enumerate(modalities)
         ],

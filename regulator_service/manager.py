@@ -13,34 +13,25 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
-from .model import EpochSummary, RawReport, SessionConfig, SessionKey, SessionStatus, StepRecord
+from .model import (
+    EpochSummary,
+    Limits,
+    RawReport,
+    SessionConfig,
+    SessionDetail,
+    SessionKey,
+    SessionStatus,
+    SessionView,
+    StepRecord,
+)
 from .observer import NullObserver, SessionObserver
-from .session import EpochOutcome, Session, SessionView, StepOutcome
+from .session import EpochOutcome, Session, StepOutcome
 from .storage import StateStore, StoreError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Resource bounds; beyond them a request is RESOURCE_EXHAUSTED."""
-
-    max_open_sessions: int = 1024
-    max_modalities: int = 16
-    inactive_cache: int = 256  # inactive sessions kept in memory (the rest is read from the store)
-    session_ttl_s: float = 0.0  # idle open sessions expire after this long; 0 = never
-    max_listed_inactive: int = 1000
-
-
-@dataclass(frozen=True)
-class SessionDetail:
-    view: SessionView
-    epochs: tuple[EpochSummary, ...]
-    steps: tuple[StepRecord, ...]
 
 
 class SessionManager:
@@ -231,7 +222,12 @@ class SessionManager:
         """Answers one step; returns the session's config with the outcome."""
         session = self._live(raw.key)
         with session.lock:
-            outcome = session.plan_report(raw, self._store.get_step, self._store.epoch_steps)
+            # store reads go through _load: a failing store is UNAVAILABLE, never INTERNAL
+            outcome = session.plan_report(
+                raw,
+                lambda key, step: self._load(lambda: self._store.get_step(key, step)),  # type: ignore[arg-type,return-value]
+                lambda key, epoch: self._load(lambda: self._store.epoch_steps(key, epoch)),  # type: ignore[arg-type,return-value]
+            )
             if not outcome.duplicate:
                 now = self._now_ms()
                 write = self._store.replace_step if outcome.amended else self._store.append_step

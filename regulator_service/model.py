@@ -54,11 +54,24 @@ class SessionConfig:
 
 @dataclass(frozen=True)
 class FisherTerms:
-    """The three per-modality reductions of a step; see ``policy.regulated_fisher``."""
+    """The three per-modality reductions of a step; see ``regulated_fisher``."""
 
     grad_sq: float
     grad_delta: float
     delta_sq: float
+
+
+def regulated_fisher(grad_sq: float, grad_delta: float, delta_sq: float, coef: float) -> float:
+    """Fisher contribution of the gradient ``g + coef*d`` from the three fused reductions.
+
+    sum((g + a d)^2) = sum(g^2) + 2a sum(g d) + a^2 sum(d^2); a sum of squares, so rounding
+    residue below zero is clamped (a NaN stays NaN, and closes the window). With ``coef == 0``
+    this is exactly ``grad_sq``.
+    """
+    if coef == 0.0:
+        return grad_sq
+    value = grad_sq + 2.0 * coef * grad_delta + coef * coef * delta_sq
+    return 0.0 if value < 0.0 else value
 
 
 FisherInput = Union[float, FisherTerms]
@@ -150,7 +163,7 @@ class EpochSummary:
     regulated_steps: tuple[int, ...] = ()
     proximal_sum: tuple[float, ...] = ()
     proximal_max: tuple[float, ...] = ()
-    score_sum: tuple[float, ...] = ()  # sum over steps of score_sum / count
+    score_mean_sum: tuple[float, ...] = ()  # sum over steps of the step mean score_sum / count
     closed: bool = False
 
     @classmethod
@@ -163,7 +176,7 @@ class EpochSummary:
             regulated_steps=tuple(0 for _ in windows),
             proximal_sum=zeros,
             proximal_max=zeros,
-            score_sum=zeros,
+            score_mean_sum=zeros,
         )
 
     def add(self, rec: StepRecord) -> "EpochSummary":
@@ -176,8 +189,40 @@ class EpochSummary:
             regulated_steps=tuple(n + (p != 0.0) for n, p in zip(self.regulated_steps, rec.proximal)),
             proximal_sum=tuple(a + p for a, p in zip(self.proximal_sum, rec.proximal)),
             proximal_max=tuple(max(a, p) for a, p in zip(self.proximal_max, rec.proximal)),
-            score_sum=tuple(a + s / rec.count for a, s in zip(self.score_sum, rec.score_sums)),
+            score_mean_sum=tuple(a + s / rec.count for a, s in zip(self.score_mean_sum, rec.score_sums)),
         )
 
     def close(self) -> "EpochSummary":
         return replace(self, closed=True)
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """A consistent snapshot of a session's header, for answers and listings."""
+
+    config: SessionConfig
+    status: SessionStatus
+    epoch: int
+    window: tuple[Window, ...]
+    last_step: int
+    steps: int
+    created_ms: int
+    last_active_ms: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource bounds; beyond them a request is RESOURCE_EXHAUSTED."""
+
+    max_open_sessions: int = 1024
+    max_modalities: int = 16
+    inactive_cache: int = 256  # inactive sessions kept in memory (the rest is read from the store)
+    session_ttl_s: float = 0.0  # idle open sessions expire after this long; 0 = never
+    max_listed_inactive: int = 1000
+
+
+@dataclass(frozen=True)
+class SessionDetail:
+    view: SessionView
+    epochs: tuple[EpochSummary, ...]
+    steps: tuple[StepRecord, ...]

@@ -22,9 +22,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 
-from .api import RegulatorAPI
+from .api import build_api
 from .interceptors import DelayInterceptor, MalformedRequestInterceptor, MetricsInterceptor
-from .manager import Limits, SessionManager
+from .model import Limits
 from .metrics import GrpcServerMetrics, RegulatorMetrics
 from .security import BearerTokenInterceptor, TlsFiles, TokenSource
 from .servicer import RegulatorServicer
@@ -75,8 +75,8 @@ class RegulatorServer:
                 log.error("state store unusable, serving UNAVAILABLE until fixed: %s", exc)
                 self.metrics.store_healthy.set(0)
         self.store = InstrumentedStore(inner, self.metrics.timed_write)
-        self.manager = SessionManager(self.store, self.metrics, limits=config.limits)
-        self.api = RegulatorAPI(self.manager)
+        self.api = build_api(self.store, self.metrics, config.limits)
+        self.manager = self.api.manager
         self.health = health.HealthServicer(experimental_non_blocking=True)
         interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(self.grpc_metrics)]
         if config.token is not None:

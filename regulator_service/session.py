@@ -22,28 +22,16 @@ from .model import (
     SessionConfig,
     SessionKey,
     SessionStatus,
+    SessionView,
     StepRecord,
     StepReport,
+    regulated_fisher,
 )
-from .policy import Policy, Window, build_policy, regulated_fisher
+from .policy import Policy, Window, build_policy
 from .storage import StoredSession
 
 RECENT_STEPS = 1024  # answers kept in memory for duplicate reports; older ones come from the store
 SCORE_SLACK = 1e-6  # a score sum may exceed count by float rounding, not more
-
-
-@dataclass(frozen=True)
-class SessionView:
-    """A consistent snapshot of a session's header, for answers and listings."""
-
-    config: SessionConfig
-    status: SessionStatus
-    epoch: int
-    window: tuple[Window, ...]
-    last_step: int
-    steps: int
-    created_ms: int
-    last_active_ms: int
 
 
 @dataclass(frozen=True)

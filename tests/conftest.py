@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -53,3 +53,52 @@ def server(tmp_path: Path) -> Iterator[RegulatorServer]:
 def client(server: RegulatorServer) -> Iterator[RegulatorClient]:
     with RegulatorClient.connect(server.target, timeout=5.0) as c:
         yield c
+
+
+class RecordingTransport:
+    """Wraps a transport and records every Report and EndEpoch call the hook makes: the
+    request's step, the deadline and wait_for_ready it was sent with, whether it failed, and
+    ``current`` (set by the test: the training step in progress). Lets tests assert "a step never
+    waits longer than one deadline" structurally (gRPC enforces the deadline), not with a clock."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: list[dict[str, Any]] = []
+        self.current = 0
+
+    def _record(self, method: str, req: Any, call: dict[str, Any]) -> Any:
+        entry = {"method": method, "during": self.current, "step": getattr(req, "step", None),
+                 "fallback": getattr(req, "fallback", 0), "timeout": call.get("timeout"),
+                 "wait_for_ready": call.get("wait_for_ready"), "error": None}
+        self.calls.append(entry)
+        try:
+            return getattr(self.inner, method)(req, **call)
+        except Exception as exc:
+            entry["error"] = type(exc).__name__
+            raise
+
+    def report(self, req: Any, **call: Any) -> Any:
+        return self._record("report", req, call)
+
+    def end_epoch(self, req: Any, **call: Any) -> Any:
+        return self._record("end_epoch", req, call)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def scrape(metrics_port: int) -> str:
+    import urllib.request
+
+    return urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+
+
+def wait_until(predicate: Any, what: str, timeout: float = 60.0) -> None:
+    """Polls ``predicate`` (a liveness bound for a slow machine, not a performance threshold)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting until {what}")
+        time.sleep(0.02)

@@ -13,8 +13,8 @@ import pytest
 
 from regulator_client import RegulatorClient
 from regulator_client.trace import TraceEpochEnd, TraceStep, read_trace, replay_events
-from regulator_service import cli
-from regulator_service.commands import inspect, plot
+from regulator_cli import main as cli
+from regulator_cli.commands import inspect, plot
 from regulator_service.server import RegulatorServer, ServerConfig
 
 from .conftest import data_file, read_jsonl

@@ -4,7 +4,7 @@
   `kubernetes-validate -k 1.29.0 --strict`; the prometheus-operator CRDs (PodMonitor,
   ServiceMonitor) are not in its schemas and are checked here by hand;
 - the manifests agree with the server's real command line: the container args and the
-  REGULATOR_* settings parse with ``regulator_service.cli.build_parser``, the probes use the
+  REGULATOR_* settings parse with ``regulator_cli.main.build_parser``, the probes use the
   configured health port, the Service/PodMonitor/ServiceMonitor the configured metrics port;
 - yamllint over deploy/; promtool on the scrape config, the alert rules and their unit tests,
   and on every dashboard query (as recording rules: promtool parses PromQL);
@@ -33,7 +33,7 @@ import grpc
 import pytest
 import yaml
 
-from regulator_service.cli import build_parser
+from regulator_cli.main import build_parser
 from regulator_service.server import SERVICE_NAME
 
 from .conftest import require_promtool
@@ -702,7 +702,7 @@ def test_image_cmd_serves_health_port_and_healthcheck_passes(tmp_path: Path) -> 
     ready = tmp_path / "ready.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "regulator_service.cli", "serve", *args, "--ready-file", str(ready)],
+        [sys.executable, "-m", "regulator_cli", "serve", *args, "--ready-file", str(ready)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     try:

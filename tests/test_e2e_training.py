@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from regulator_client import RegulatorClient
-from regulator_service.cli import main as cli_main
+from regulator_cli.main import main as cli_main
 from trainers.demo import main as demo_main
 from trainers.serverproc import ServerProcess
 

@@ -13,7 +13,7 @@ from regulator_client import RegulatorClient
 from regulator_client.heads import concat_unimodal_logits
 from regulator_client.hook import InfoRegHook
 from regulator_client.stats import score_sums
-from regulator_service.cli import main as cli_main
+from regulator_cli.main import main as cli_main
 
 from .conftest import read_jsonl
 

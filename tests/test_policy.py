@@ -17,8 +17,8 @@ from regulator_service.policy import (
     Window,
     gaps,
     growth_window,
-    regulated_fisher,
 )
+from regulator_service.model import regulated_fisher
 
 OPEN = Window(True, 1.0)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from regulator_service.cli import main as cli_main
+from regulator_cli.main import main as cli_main
 
 from .conftest import data_file, read_jsonl
 from .spec_reference import reference_replay
@@ -42,7 +42,7 @@ def test_replay_console_script_prints_trace_format(tmp_path: Path) -> None:
     """The installed `regulator` entry point, as a user runs it; output goes to stdout."""
     trace = data_file("synthetic_3mod_seed11.jsonl")
     proc = subprocess.run(
-        [sys.executable, "-m", "regulator_service.cli", "replay", str(trace), "--profile", "paper"],
+        [sys.executable, "-m", "regulator_cli", "replay", str(trace), "--profile", "paper"],
         capture_output=True, text=True, timeout=120, check=True,
     )
     lines = [json.loads(x) for x in proc.stdout.splitlines()]

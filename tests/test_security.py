@@ -14,9 +14,9 @@ from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_client import RegulatorClient
 from regulator_client.errors import FailedPrecondition, ResourceExhausted, Unauthenticated, Unavailable
 from regulator_client.transport import TlsConfig
-from regulator_service.cli import build_parser
-from regulator_service.commands.serve import apply_env_defaults, config_from_args
-from regulator_service.manager import Limits
+from regulator_cli.main import build_parser
+from regulator_service.serve import apply_env_defaults, config_from_args
+from regulator_service.model import Limits
 from regulator_service.security import TlsFiles, TokenSource
 from regulator_service.server import SERVICE_NAME, RegulatorServer, ServerConfig
 

@@ -65,7 +65,7 @@ def test_health_reflection_and_metrics(tmp_path: Path) -> None:
 
 def test_serve_cli_port_zero_and_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "regulator_service.cli", "serve", "--port", "0", "--metrics-port", "-1", "--state-dir", str(tmp_path)],
+        [sys.executable, "-m", "regulator_cli", "serve", "--port", "0", "--metrics-port", "-1", "--state-dir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -56,6 +56,11 @@ class TrainConfig:
     wait_timeout: float = 300.0
     save_weights: Optional[str] = None  # torch.save(state_dict) here at the end
 
+    def optimizer(self, params: Any) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.StepLR]:
+        """The optimizer and schedule every digits trainer uses (plain, hook, DDP, Lightning)."""
+        opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, self.lr_step, self.lr_gamma)
+
 
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     """The permutation DistributedSampler(shuffle=True, seed=seed) uses in ``epoch``."""
@@ -137,8 +142,7 @@ def train(
     y_te = torch.from_numpy(data.y_test).to(device)
     torch.manual_seed(cfg.seed)
     model = ConcatFusionNet(data.dims).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, cfg.lr_gamma)
+    opt, sched = cfg.optimizer(model.parameters())
     job_id = cfg.job_id or f"digits-{cfg.profile}-s{cfg.seed}-{uuid.uuid4().hex[:8]}"
     hook = InfoRegHook(
         client, {v: model.encoders[v] for v in cfg.views}, rank=0, world_size=1, keep_history=True, **hook_options(cfg, job_id)
@@ -183,13 +187,13 @@ def train(
 def fit_plain(model: ConcatFusionNet, xs: dict[str, Tensor], y: Tensor, epochs: int, seed: int) -> int:
     """``train``'s loop without any regulation: same optimizer, schedule, data order and fused
     loss. Returns the number of optimizer steps."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 30, 0.1)
+    cfg = TrainConfig()
+    opt, sched = cfg.optimizer(model.parameters())
     steps = 0
     for epoch in range(epochs):
         order = epoch_order(len(y), seed, epoch)
-        for start in range(0, len(y), 64):
-            idx = order[start : start + 64]
+        for start in range(0, len(y), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
             opt.zero_grad(set_to_none=True)
             fused, _ = model({v: x[idx] for v, x in xs.items()})
             F.cross_entropy(fused, y[idx]).backward()

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from regulator_client.cli_args import add_connection_flags, connect_from_args
 from regulator_client.hook import InfoRegHook
 
-from .digits import evaluate, loss_fn, weights_digest
+from .digits import TrainConfig, evaluate, loss_fn, weights_digest
 from .digits_data import load_split
 from .digits_model import ConcatFusionNet
 
@@ -71,8 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.manual_seed(args.seed)
     model = ConcatFusionNet(data.dims).to(device)
     ddp = DistributedDataParallel(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 30, 0.1)
+    opt, sched = TrainConfig().optimizer(ddp.parameters())
     params = {"reference_modality": args.reference_modality} if args.reference_modality else {}
     client = connect_from_args(args, args.call_timeout)
     hook = InfoRegHook(

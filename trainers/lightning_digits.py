@@ -58,9 +58,8 @@ class DigitsModule(pl.LightningModule):
         return loss_fn(fused, uni, y, self.cfg.unimodal_loss)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        c = self.cfg
-        opt = torch.optim.SGD(self.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, c.lr_step, c.lr_gamma)}
+        opt, sched = self.cfg.optimizer(self.parameters())
+        return {"optimizer": opt, "lr_scheduler": sched}
 
     def train_dataloader(self) -> DataLoader:
         # Lightning calls set_epoch on it; under DDP each rank gets its share of the same order.

@@ -41,7 +41,7 @@ class ServerProcess:
         ready = Path(self._tmp.name) / "ready.json"
         ready.unlink(missing_ok=True)
         cmd = [
-            sys.executable, "-m", "regulator_service.cli", "serve",
+            sys.executable, "-m", "regulator_cli", "serve",
             "--port", str(self.requested_port), "--metrics-port", "0", "--ready-file", str(ready),
         ]
         cmd += ["--state-dir", self.state_dir] if self.state_dir else ["--in-memory"]

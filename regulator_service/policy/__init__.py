@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Union
 
-from .base import CLOSED, Policy, Window, regulated_fisher
+from .base import CLOSED, Policy, Window
 from .none import NoneParams, NonePolicy
 from .official import OfficialParams, OfficialPolicy
 from .paper import PaperParams, PaperPolicy, gaps, growth_window
@@ -54,5 +54,4 @@ __all__ = [
     "gaps",
     "growth_window",
     "profile_name",
-    "regulated_fisher",
 ]

@@ -44,15 +44,3 @@ class Policy(Protocol):
         """Per-modality proximal coefficients of one step."""
         ...
 
-
-def regulated_fisher(grad_sq: float, grad_delta: float, delta_sq: float, coef: float) -> float:
-    """Fisher contribution of the gradient ``g + coef*d`` from the three fused reductions.
-
-    sum((g + a d)^2) = sum(g^2) + 2a sum(g d) + a^2 sum(d^2); a sum of squares, so rounding
-    residue below zero is clamped (a NaN stays NaN, and closes the window). With ``coef == 0``
-    this is exactly ``grad_sq``.
-    """
-    if coef == 0.0:
-        return grad_sq
-    value = grad_sq + 2.0 * coef * grad_delta + coef * coef * delta_sq
-    return 0.0 if value < 0.0 else value

@@ -73,6 +73,7 @@ def windows_from_json(s: str) -> tuple[Window, ...]:
 def epoch_to_json(e: EpochSummary) -> str:
     d = dataclasses.asdict(e)
     d["windows"] = windows_to_list(e.windows)
+    d["score_sum"] = d.pop("score_mean_sum")  # the stored key of schema 1
     return dumps(d)
 
 
@@ -87,7 +88,7 @@ def epoch_from_json(s: str) -> EpochSummary:
         regulated_steps=tuple(int(x) for x in d["regulated_steps"]),
         proximal_sum=tuple(d["proximal_sum"]),
         proximal_max=tuple(d["proximal_max"]),
-        score_sum=tuple(d["score_sum"]),
+        score_mean_sum=tuple(d["score_sum"]),
         closed=bool(d["closed"]),
     )
 

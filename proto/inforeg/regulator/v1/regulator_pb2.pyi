@@ -1,3 +1,4 @@
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -20,6 +21,7 @@ class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_STATE_CLOSED: _ClassVar[SessionState]
     SESSION_STATE_SUPERSEDED: _ClassVar[SessionState]
     SESSION_STATE_EXPIRED: _ClassVar[SessionState]
+    SESSION_STATE_CORRUPT: _ClassVar[SessionState]
 FALLBACK_UNSPECIFIED: Fallback
 FALLBACK_NEUTRAL: Fallback
 FALLBACK_LAST: Fallback
@@ -28,6 +30,7 @@ SESSION_STATE_OPEN: SessionState
 SESSION_STATE_CLOSED: SessionState
 SESSION_STATE_SUPERSEDED: SessionState
 SESSION_STATE_EXPIRED: SessionState
+SESSION_STATE_CORRUPT: SessionState
 
 class PaperProfile(_message.Message):
     __slots__ = ("beta", "threshold", "warmup_epochs")
@@ -57,15 +60,31 @@ class NoneProfile(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class OgmGeProfile(_message.Message):
+    __slots__ = ("alpha", "start_epoch", "end_epoch", "noise")
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    START_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    END_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
+    alpha: float
+    start_epoch: int
+    end_epoch: int
+    noise: bool
+    def __init__(self, alpha: _Optional[float] = ..., start_epoch: _Optional[int] = ..., end_epoch: _Optional[int] = ..., noise: _Optional[bool] = ...) -> None: ...
+
 class Profile(_message.Message):
-    __slots__ = ("paper", "official", "none")
+    __slots__ = ("paper", "official", "none", "ogm_ge", "plugin")
     PAPER_FIELD_NUMBER: _ClassVar[int]
     OFFICIAL_FIELD_NUMBER: _ClassVar[int]
     NONE_FIELD_NUMBER: _ClassVar[int]
+    OGM_GE_FIELD_NUMBER: _ClassVar[int]
+    PLUGIN_FIELD_NUMBER: _ClassVar[int]
     paper: PaperProfile
     official: OfficialProfile
     none: NoneProfile
-    def __init__(self, paper: _Optional[_Union[PaperProfile, _Mapping]] = ..., official: _Optional[_Union[OfficialProfile, _Mapping]] = ..., none: _Optional[_Union[NoneProfile, _Mapping]] = ...) -> None: ...
+    ogm_ge: OgmGeProfile
+    plugin: _any_pb2.Any
+    def __init__(self, paper: _Optional[_Union[PaperProfile, _Mapping]] = ..., official: _Optional[_Union[OfficialProfile, _Mapping]] = ..., none: _Optional[_Union[NoneProfile, _Mapping]] = ..., ogm_ge: _Optional[_Union[OgmGeProfile, _Mapping]] = ..., plugin: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
 
 class FisherTerms(_message.Message):
     __slots__ = ("grad_sq", "grad_delta", "delta_sq")
@@ -138,23 +157,27 @@ class ModalityWindow(_message.Message):
     def __init__(self, modality: _Optional[str] = ..., open: _Optional[bool] = ..., growth: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile", "resume_epoch")
+    __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile", "resume_epoch", "next_attempt", "open_token")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     RESUME_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    OPEN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     world_size: int
     modalities: _containers.RepeatedScalarFieldContainer[str]
     profile: Profile
     resume_epoch: int
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., resume_epoch: _Optional[int] = ...) -> None: ...
+    next_attempt: bool
+    open_token: str
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., resume_epoch: _Optional[int] = ..., next_attempt: _Optional[bool] = ..., open_token: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile", "state", "epoch", "last_step", "steps", "window", "created_unix_ms", "last_active_unix_ms", "resume_epoch")
+    __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile", "state", "epoch", "last_step", "steps", "window", "created_unix_ms", "last_active_unix_ms", "resume_epoch", "state_reason")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +191,7 @@ class SessionInfo(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_ACTIVE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     RESUME_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STATE_REASON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     world_size: int
@@ -181,7 +205,8 @@ class SessionInfo(_message.Message):
     created_unix_ms: int
     last_active_unix_ms: int
     resume_epoch: int
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., epoch: _Optional[int] = ..., last_step: _Optional[int] = ..., steps: _Optional[int] = ..., window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., created_unix_ms: _Optional[int] = ..., last_active_unix_ms: _Optional[int] = ..., resume_epoch: _Optional[int] = ...) -> None: ...
+    state_reason: str
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., epoch: _Optional[int] = ..., last_step: _Optional[int] = ..., steps: _Optional[int] = ..., window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., created_unix_ms: _Optional[int] = ..., last_active_unix_ms: _Optional[int] = ..., resume_epoch: _Optional[int] = ..., state_reason: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session", "created")
@@ -278,24 +303,30 @@ class EndEpochResponse(_message.Message):
     def __init__(self, closed: _Optional[_Union[EpochRecord, _Mapping]] = ..., next_epoch: _Optional[int] = ..., next_window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
-    __slots__ = ("job_id", "attempt", "include_steps")
+    __slots__ = ("job_id", "attempt", "include_steps", "page_size", "page_token")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     include_steps: bool
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., include_steps: _Optional[bool] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., include_steps: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class GetSessionResponse(_message.Message):
-    __slots__ = ("session", "epochs", "steps")
+    __slots__ = ("session", "epochs", "steps", "next_page_token")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session: SessionInfo
     epochs: _containers.RepeatedCompositeFieldContainer[EpochRecord]
     steps: _containers.RepeatedCompositeFieldContainer[StepRecord]
-    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., epochs: _Optional[_Iterable[_Union[EpochRecord, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., epochs: _Optional[_Iterable[_Union[EpochRecord, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
     __slots__ = ("include_inactive", "limit")

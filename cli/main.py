@@ -7,8 +7,10 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .commands import inspect, plot, replay, serve
-from .errors import RegulatorError
+from regulator_service import serve
+from regulator_service.errors import RegulatorError
+
+from .commands import inspect, plot, replay
 
 SUBCOMMANDS = (serve, replay, inspect, plot)
 

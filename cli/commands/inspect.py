@@ -35,12 +35,17 @@ SLOW_FETCH_S = 1.0  # a GetSession slower than this gets a note on stderr
 # passes gRPC's 4 MiB default; the client lifts the limit (the server sends without one).
 MAX_RECEIVE_BYTES = 1 << 30
 
+# derived from the wire contract, so a new state or fallback mode is never printed as '?'
 STATE_NAMES = {
-    pb.SESSION_STATE_OPEN: "open",
-    pb.SESSION_STATE_CLOSED: "closed",
-    pb.SESSION_STATE_SUPERSEDED: "superseded",
+    v.number: v.name.removeprefix("SESSION_STATE_").lower()
+    for v in pb.SessionState.DESCRIPTOR.values
+    if v.number != pb.SESSION_STATE_UNSPECIFIED
 }
-FALLBACK_NAMES = {pb.FALLBACK_NEUTRAL: "neutral", pb.FALLBACK_LAST: "last"}
+FALLBACK_NAMES = {
+    v.number: v.name.removeprefix("FALLBACK_").lower()
+    for v in pb.Fallback.DESCRIPTOR.values
+    if v.number != pb.FALLBACK_UNSPECIFIED
+}
 
 
 # -- connection -------------------------------------------------------------------------------

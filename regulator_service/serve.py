@@ -18,20 +18,31 @@ from typing import Mapping, Optional
 
 from prometheus_client import disable_created_metrics
 
-from ..manager import Limits
-from ..security import TlsFiles, TokenSource
-from ..server import RegulatorServer, ServerConfig
+from .model import Limits
+from .security import TlsFiles, TokenSource
+from .server import RegulatorServer, ServerConfig
+from .storage.sqlite import STATE_FILE
 
 log = logging.getLogger("regulator")
 ENV_PREFIX = "REGULATOR_"
+# A long-running server expires sessions idle for a day (library servers default to never).
+DEFAULT_SESSION_TTL_S = 86400.0
+_LIMITS = Limits()
+_SERVER = ServerConfig()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser(
-        "serve",
-        help="run the gRPC regulator",
-        description="Run the regulator. Every flag may also be set as REGULATOR_<FLAG> in the environment.",
+    add_arguments(
+        sub.add_parser(
+            "serve",
+            help="run the gRPC regulator",
+            description="Run the regulator. Every flag may also be set as REGULATOR_<FLAG> in the environment.",
+        )
     )
+
+
+def add_arguments(s: argparse.ArgumentParser) -> None:
+    """The serve flags, with REGULATOR_<FLAG> environment defaults."""
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
     s.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one and prints it")
     s.add_argument("--metrics-host", default=None, help="metrics address (default: --host)")
@@ -44,13 +55,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--tls-cert", default=None, help="server certificate chain (PEM); enables TLS")
     s.add_argument("--tls-key", default=None, help="server private key (PEM)")
     s.add_argument("--tls-client-ca", default=None, help="CA bundle for client certificates; enables mutual TLS")
-    s.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
-    s.add_argument("--max-sessions", type=int, default=1024, help="open sessions before RESOURCE_EXHAUSTED")
-    s.add_argument("--max-modalities", type=int, default=16, help="modalities per session")
-    s.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest request accepted")
-    s.add_argument("--session-ttl", type=float, default=86400.0, help="expire open sessions idle this many seconds (0 = never)")
-    s.add_argument("--metrics-max-jobs", type=int, default=100, help="jobs with per-job metric series")
-    s.add_argument("--max-workers", type=int, default=16, help="gRPC worker threads")
+    s.add_argument("--grace", type=float, default=_SERVER.grace_seconds, help="seconds in-flight calls get on SIGTERM")
+    s.add_argument("--max-sessions", type=int, default=_LIMITS.max_open_sessions, help="open sessions before RESOURCE_EXHAUSTED")
+    s.add_argument("--max-modalities", type=int, default=_LIMITS.max_modalities, help="modalities per session")
+    s.add_argument("--max-message-bytes", type=int, default=_SERVER.max_receive_bytes, help="largest request accepted")
+    s.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S, help="expire open sessions idle this many seconds (0 = never)")
+    s.add_argument("--metrics-max-jobs", type=int, default=_SERVER.metrics_max_jobs, help="jobs with per-job metric series")
+    s.add_argument("--max-workers", type=int, default=_SERVER.max_workers, help="gRPC worker threads")
     s.add_argument("--ready-file", default=None, help="write {port, metrics_port, health_port, pid} as JSON once serving")
     s.add_argument("--debug-delay", type=float, default=0.0, help="fault injection: delay every Regulator RPC by this many seconds")
     apply_env_defaults(s)
@@ -133,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     server.start()
-    state = "in memory" if config.state_dir is None else str(config.state_dir / "regulator.sqlite3")
+    state = "in memory" if config.state_dir is None else str(config.state_dir / STATE_FILE)
     if server.store_error:
         state += " UNUSABLE (answering UNAVAILABLE; see the log)"
     metrics = f"http://{config.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else "off"

@@ -9,7 +9,9 @@ import time
 import uuid
 from typing import Any, Optional
 
-from ..server import RegulatorServer, ServerConfig
+from regulator_client import RegulatorClient
+from regulator_client.trace import TraceError, read_trace, replay_events
+from regulator_service.server import RegulatorServer, ServerConfig
 
 PROFILE_FLAGS = {
     # parameter -> (type, profiles it belongs to)
@@ -54,9 +56,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from regulator_client import RegulatorClient
-    from regulator_client.trace import TraceError, read_trace, replay_events
-
     try:
         header, events = read_trace(args.trace)
     except (OSError, TraceError) as exc:

@@ -1,0 +1,1 @@
+"""The ``regulator`` subcommands, one module each (``serve`` lives with the server)."""

@@ -1,1 +1,0 @@
-"""The ``regulator`` subcommands, one module each."""
