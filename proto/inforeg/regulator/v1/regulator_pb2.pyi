@@ -97,18 +97,36 @@ class FisherTerms(_message.Message):
     def __init__(self, grad_sq: _Optional[float] = ..., grad_delta: _Optional[float] = ..., delta_sq: _Optional[float] = ...) -> None: ...
 
 class ModalityStats(_message.Message):
-    __slots__ = ("modality", "score_sum", "fisher", "fisher_terms", "applied")
+    __slots__ = ("modality", "score_sum", "fisher", "fisher_terms", "fisher_deferred", "applied")
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     SCORE_SUM_FIELD_NUMBER: _ClassVar[int]
     FISHER_FIELD_NUMBER: _ClassVar[int]
     FISHER_TERMS_FIELD_NUMBER: _ClassVar[int]
+    FISHER_DEFERRED_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     modality: str
     score_sum: float
     fisher: float
     fisher_terms: FisherTerms
+    fisher_deferred: bool
     applied: Factors
-    def __init__(self, modality: _Optional[str] = ..., score_sum: _Optional[float] = ..., fisher: _Optional[float] = ..., fisher_terms: _Optional[_Union[FisherTerms, _Mapping]] = ..., applied: _Optional[_Union[Factors, _Mapping]] = ...) -> None: ...
+    def __init__(self, modality: _Optional[str] = ..., score_sum: _Optional[float] = ..., fisher: _Optional[float] = ..., fisher_terms: _Optional[_Union[FisherTerms, _Mapping]] = ..., fisher_deferred: _Optional[bool] = ..., applied: _Optional[_Union[Factors, _Mapping]] = ...) -> None: ...
+
+class MeasuredFisher(_message.Message):
+    __slots__ = ("step", "modalities")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    modalities: _containers.RepeatedCompositeFieldContainer[ModalityFisher]
+    def __init__(self, step: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalityFisher, _Mapping]]] = ...) -> None: ...
+
+class ModalityFisher(_message.Message):
+    __slots__ = ("modality", "fisher")
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    FISHER_FIELD_NUMBER: _ClassVar[int]
+    modality: str
+    fisher: float
+    def __init__(self, modality: _Optional[str] = ..., fisher: _Optional[float] = ...) -> None: ...
 
 class Factors(_message.Message):
     __slots__ = ("proximal", "grad_scale", "noise_scale")
@@ -217,7 +235,7 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("job_id", "attempt", "rank", "epoch", "step", "count", "stats", "fallback")
+    __slots__ = ("job_id", "attempt", "rank", "epoch", "step", "count", "stats", "fallback", "measured")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +244,7 @@ class ReportRequest(_message.Message):
     COUNT_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     rank: int
@@ -234,7 +253,8 @@ class ReportRequest(_message.Message):
     count: int
     stats: _containers.RepeatedCompositeFieldContainer[ModalityStats]
     fallback: Fallback
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., count: _Optional[int] = ..., stats: _Optional[_Iterable[_Union[ModalityStats, _Mapping]]] = ..., fallback: _Optional[_Union[Fallback, str]] = ...) -> None: ...
+    measured: _containers.RepeatedCompositeFieldContainer[MeasuredFisher]
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., count: _Optional[int] = ..., stats: _Optional[_Iterable[_Union[ModalityStats, _Mapping]]] = ..., fallback: _Optional[_Union[Fallback, str]] = ..., measured: _Optional[_Iterable[_Union[MeasuredFisher, _Mapping]]] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
     __slots__ = ("step", "window", "duplicate")
@@ -247,16 +267,18 @@ class ReportResponse(_message.Message):
     def __init__(self, step: _Optional[_Union[StepRecord, _Mapping]] = ..., window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class EndEpochRequest(_message.Message):
-    __slots__ = ("job_id", "attempt", "rank", "epoch")
+    __slots__ = ("job_id", "attempt", "rank", "epoch", "measured")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     rank: int
     epoch: int
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    measured: MeasuredFisher
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., epoch: _Optional[int] = ..., measured: _Optional[_Union[MeasuredFisher, _Mapping]] = ...) -> None: ...
 
 class ModalityEpoch(_message.Message):
     __slots__ = ("modality", "fisher_trace", "window", "regulated_steps", "mean_proximal", "max_proximal", "mean_score")
