@@ -154,8 +154,15 @@ def replay_events(
             score_sums={m: ev.score_sum[m] for m in header.modalities},
             fisher={m: ev.fisher[m] for m in header.modalities},
         )
-        yield {
+        line: dict[str, Any] = {
             "epoch": ev.epoch,
             "step": ev.step,
             "factors": {s.modality: s.factors.proximal for s in resp.step.modalities},
         }
+        if any(s.factors.HasField("grad_scale") for s in resp.step.modalities):
+            # a profile that scales gradients (ogm-ge): absent means 1 (trace-format.md)
+            line["grad_scale"] = {
+                s.modality: s.factors.grad_scale if s.factors.HasField("grad_scale") else 1.0
+                for s in resp.step.modalities
+            }
+        yield line

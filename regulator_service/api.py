@@ -14,16 +14,18 @@ from . import convert
 from .errors import InvalidArgument
 from .manager import SessionManager
 from .model import Limits
+from .policy import BUILTIN_PROFILES, ProfileRegistry
 from .observer import SessionObserver
 from .storage import MemoryStore, StateStore
 
 
 class RegulatorAPI:
-    def __init__(self, manager: SessionManager) -> None:
+    def __init__(self, manager: SessionManager, profiles: ProfileRegistry = BUILTIN_PROFILES) -> None:
         self.manager = manager
+        self.profiles = profiles  # the profiles OpenSession accepts
 
     def open_session(self, req: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
-        config = convert.config_from_request(req, self.manager.limits)
+        config = convert.config_from_request(req, self.manager.limits, self.profiles)
         view, created = self.manager.open(config)
         return pb.OpenSessionResponse(session=convert.session_info(view), created=created)
 
@@ -71,7 +73,12 @@ def build_api(
     store: Optional[StateStore] = None,
     observer: Optional[SessionObserver] = None,
     limits: Limits = Limits(),
+    profiles: ProfileRegistry = BUILTIN_PROFILES,
 ) -> RegulatorAPI:
     """The one composition of the regulator's core (store -> session manager -> API), used by
-    the gRPC server and by the client's in-process transport alike. No store = in memory."""
-    return RegulatorAPI(SessionManager(store if store is not None else MemoryStore(), observer, limits=limits))
+    the gRPC server and by the client's in-process transport alike. No store = in memory.
+    ``profiles``: what OpenSession accepts (the built-ins, plus a server's plugins); a store
+    that decodes stored profiles must be given the same registry."""
+    return RegulatorAPI(
+        SessionManager(store if store is not None else MemoryStore(), observer, limits=limits), profiles
+    )

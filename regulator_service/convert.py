@@ -27,14 +27,11 @@ from .model import (
     SessionView,
     StepRecord,
 )
-from .policy import NoneParams, OfficialParams, PaperParams, ProfileParams, Window
+from . import profile_wire
+from .policy import BUILTIN_PROFILES, MAX_STRENGTH, ProfileError, ProfileRegistry, SessionProfile, Window
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,199}")
 MODALITY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-MAX_HISTORY = 10_000
-# beta and the official gains scale exp(.) and are bounded so that every coefficient (at most
-# exp(100) for paper, 100 * e for official) and every regulated Fisher value stays finite.
-MAX_STRENGTH = 100.0
 
 
 def _finite(name: str, x: float, *, nonneg: bool = False) -> float:
@@ -43,13 +40,6 @@ def _finite(name: str, x: float, *, nonneg: bool = False) -> float:
     if nonneg and x < 0.0:
         raise InvalidArgument(f"{name} must be >= 0, got {x}")
     return float(x)
-
-
-def _strength(name: str, x: float) -> float:
-    value = _finite(name, x, nonneg=True)
-    if value > MAX_STRENGTH:
-        raise InvalidArgument(f"{name} must be <= {MAX_STRENGTH:g}, got {x}")
-    return value
 
 
 def _at_least(name: str, x: int, low: int) -> int:
@@ -74,70 +64,28 @@ def session_key(job: str, attempt: int) -> SessionKey:
 # -- profiles ---------------------------------------------------------------------------------
 
 
-def profile_from_proto(p: pb.Profile, modalities: tuple[str, ...]) -> ProfileParams:
-    kind = p.WhichOneof("kind")
-    if kind is None or kind == "paper":
-        q = p.paper
-        params = PaperParams(
-            beta=_strength("paper.beta", q.beta) if q.HasField("beta") else 0.9,
-            threshold=_finite("paper.threshold", q.threshold) if q.HasField("threshold") else 0.04,
-            warmup_epochs=_at_least("paper.warmup_epochs", q.warmup_epochs, 2)
-            if q.HasField("warmup_epochs")
-            else 2,
-        )
-        if len(modalities) < 2:
-            raise InvalidArgument("profile 'paper' needs at least 2 modalities")
-        return params
-    if kind == "official":
-        q = p.official
-        if len(modalities) != 2:
-            raise InvalidArgument(
-                f"profile 'official' needs exactly 2 modalities, got {len(modalities)}"
-            )
-        ref = q.reference_modality or modalities[0]
-        if ref not in modalities:
-            raise InvalidArgument(
-                f"official.reference_modality {shown(ref)} is not one of {list(modalities)}"
-            )
-        history = q.history if q.HasField("history") else 10
-        if not 1 <= history <= MAX_HISTORY:
-            raise InvalidArgument(f"official.history must be in [1, {MAX_HISTORY}], got {history}")
-        return OfficialParams(
-            reference_modality=ref,
-            threshold=_finite("official.threshold", q.threshold) if q.HasField("threshold") else 0.05,
-            history=history,
-            reference_gain=_strength("official.reference_gain", q.reference_gain)
-            if q.HasField("reference_gain")
-            else 0.95,
-            other_gain=_strength("official.other_gain", q.other_gain) if q.HasField("other_gain") else 0.1,
-        )
-    return NoneParams()
+def profile_from_proto(
+    p: Optional[pb.Profile], modalities: tuple[str, ...], profiles: ProfileRegistry = BUILTIN_PROFILES
+) -> SessionProfile:
+    """A request's profile, validated; ``None`` (absent) is the default profile. A present
+    profile whose kind is unset or unknown here, or any parameter out of range, is
+    INVALID_ARGUMENT with a message naming it."""
+    try:
+        return profile_wire.profile_from_proto(p, modalities, profiles)
+    except ProfileError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
-def profile_to_proto(params: ProfileParams) -> pb.Profile:
-    if isinstance(params, PaperParams):
-        return pb.Profile(
-            paper=pb.PaperProfile(
-                beta=params.beta, threshold=params.threshold, warmup_epochs=params.warmup_epochs
-            )
-        )
-    if isinstance(params, OfficialParams):
-        return pb.Profile(
-            official=pb.OfficialProfile(
-                reference_modality=params.reference_modality,
-                threshold=params.threshold,
-                history=params.history,
-                reference_gain=params.reference_gain,
-                other_gain=params.other_gain,
-            )
-        )
-    return pb.Profile(none=pb.NoneProfile())
+def profile_to_proto(profile: SessionProfile) -> pb.Profile:
+    return profile_wire.profile_to_proto(profile)
 
 
 # -- requests ---------------------------------------------------------------------------------
 
 
-def config_from_request(req: pb.OpenSessionRequest, limits: Limits) -> SessionConfig:
+def config_from_request(
+    req: pb.OpenSessionRequest, limits: Limits, profiles: ProfileRegistry = BUILTIN_PROFILES
+) -> SessionConfig:
     key = session_key(req.job_id, req.attempt)
     world_size = req.world_size or 1
     _at_least("world_size", world_size, 1)
@@ -160,7 +108,7 @@ def config_from_request(req: pb.OpenSessionRequest, limits: Limits) -> SessionCo
         attempt=key.attempt,
         world_size=world_size,
         modalities=modalities,
-        profile=profile_from_proto(req.profile, modalities),
+        profile=profile_from_proto(req.profile if req.HasField("profile") else None, modalities, profiles),
         resume_epoch=_at_least("resume_epoch", req.resume_epoch, 0),
     )
 
@@ -230,16 +178,24 @@ def session_info(view: SessionView) -> pb.SessionInfo:
     )
 
 
+def factors(r: StepRecord, i: int) -> pb.Factors:
+    """Modality i's factors; ``grad_scale`` stays absent (= 1) for profiles that never scale."""
+    f = pb.Factors(proximal=r.proximal[i])
+    if r.grad_scale:
+        f.grad_scale = r.grad_scale[i]
+    if r.noise_scale:
+        f.noise_scale = r.noise_scale[i]
+    return f
+
+
 def step_record(modalities: tuple[str, ...], r: StepRecord) -> pb.StepRecord:
     return pb.StepRecord(
         epoch=r.epoch,
         step=r.step,
         count=r.count,
         modalities=[
-            pb.ModalityStep(
-                modality=m, score_sum=s, fisher=f, factors=pb.Factors(proximal=p)
-            )
-            for m, s, f, p in zip(modalities, r.score_sums, r.fishers, r.proximal)
+            pb.ModalityStep(modality=m, score_sum=s, fisher=f, factors=factors(r, i))
+            for i, (m, s, f) in enumerate(zip(modalities, r.score_sums, r.fishers))
         ],
         fallback=int(r.fallback),
     )

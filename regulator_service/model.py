@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Union
 
-from .policy import ProfileParams, Window
+from .policy import SessionProfile, Window
 
 
 class Fallback(IntEnum):
@@ -44,7 +44,7 @@ class SessionConfig:
     attempt: int
     world_size: int
     modalities: tuple[str, ...]
-    profile: ProfileParams
+    profile: SessionProfile
     resume_epoch: int = 0  # > 0: inherits the previous attempt's closed epochs before this one
 
     @property
@@ -149,6 +149,15 @@ class StepRecord:
     proximal: tuple[float, ...]
     fallback: Fallback
     digest: bytes
+    grad_scale: tuple[float, ...] = ()  # empty: the profile does not scale gradients (all 1)
+    noise_scale: tuple[float, ...] = ()  # empty: no gradient noise (all 0)
+
+    def scales(self) -> tuple[float, ...]:
+        return self.grad_scale or tuple(1.0 for _ in self.proximal)
+
+    def slowed(self) -> tuple[bool, ...]:
+        """Per modality: regulated at this step (a proximal term, or a gradient scale below 1)."""
+        return tuple(p != 0.0 or g != 1.0 for p, g in zip(self.proximal, self.scales()))
 
 
 @dataclass(frozen=True)
@@ -186,7 +195,7 @@ class EpochSummary:
             steps=self.steps + 1,
             fallback_steps=self.fallback_steps + (rec.fallback != Fallback.NONE),
             fisher=tuple(a + b for a, b in zip(self.fisher, rec.fishers)),
-            regulated_steps=tuple(n + (p != 0.0) for n, p in zip(self.regulated_steps, rec.proximal)),
+            regulated_steps=tuple(n + slowed for n, slowed in zip(self.regulated_steps, rec.slowed())),
             proximal_sum=tuple(a + p for a, p in zip(self.proximal_sum, rec.proximal)),
             proximal_max=tuple(max(a, p) for a, p in zip(self.proximal_max, rec.proximal)),
             score_mean_sum=tuple(a + s / rec.count for a, s in zip(self.score_mean_sum, rec.score_sums)),

@@ -19,6 +19,7 @@ from typing import Mapping, Optional
 from prometheus_client import disable_created_metrics
 
 from .model import Limits
+from .profile_wire import load_registry
 from .security import TlsFiles, TokenSource
 from .server import RegulatorServer, ServerConfig
 from .storage.sqlite import STATE_FILE
@@ -62,6 +63,11 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S, help="expire open sessions idle this many seconds (0 = never)")
     s.add_argument("--metrics-max-jobs", type=int, default=_SERVER.metrics_max_jobs, help="jobs with per-job metric series")
     s.add_argument("--max-workers", type=int, default=_SERVER.max_workers, help="gRPC worker threads")
+    s.add_argument(
+        "--plugin", action=PluginAction, default=[], metavar="MODULE",
+        help="load the profiles a module (or .py file) declares in INFOREG_PROFILES; repeatable "
+        "(REGULATOR_PLUGIN: comma-separated)",
+    )
     s.add_argument("--ready-file", default=None, help="write {port, metrics_port, health_port, pid} as JSON once serving")
     s.add_argument("--debug-delay", type=float, default=0.0, help="fault injection: delay every Regulator RPC by this many seconds")
     apply_env_defaults(s)
@@ -95,6 +101,21 @@ def apply_env_defaults(parser: argparse.ArgumentParser, env: Optional[Mapping[st
     parser.set_defaults(**defaults)
 
 
+class PluginAction(argparse.Action):
+    """Appends to the plugin list; a REGULATOR_PLUGIN default arrives as one comma-separated string."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: Optional[str] = None) -> None:
+        setattr(namespace, self.dest, [*plugin_list(getattr(namespace, self.dest, None)), values])
+
+
+def plugin_list(value: object) -> list[str]:
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value)  # type: ignore[call-overload]
+
+
 def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] = None) -> ServerConfig:
     env = os.environ if env is None else env
     token: Optional[TokenSource] = None
@@ -126,6 +147,7 @@ def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] 
             session_ttl_s=args.session_ttl,
         ),
         metrics_max_jobs=args.metrics_max_jobs,
+        profiles=load_registry(plugin_list(args.plugin)),
         token=token,
         tls=tls,
         debug_delay_s=args.debug_delay,
@@ -154,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
             f", socket {config.uds}" if config.uds else "",
             ", TLS" + (" (mutual)" if config.tls and config.tls.client_ca else "") if config.tls else "",
             ", token required" if config.token else "",
+            f", plugin profiles {[s.name for s in config.profiles.plugins()]}" if config.profiles.plugins() else "",
         ]
     )
     print(f"regulator serving on {config.host}:{server.port} (metrics {metrics}, state {state}{extras})", flush=True)

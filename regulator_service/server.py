@@ -25,6 +25,7 @@ from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 from .api import build_api
 from .interceptors import DelayInterceptor, MalformedRequestInterceptor, MetricsInterceptor
 from .model import Limits
+from .policy import BUILTIN_PROFILES, ProfileRegistry
 from .metrics import GrpcServerMetrics, RegulatorMetrics
 from .security import BearerTokenInterceptor, TlsFiles, TokenSource
 from .servicer import RegulatorServicer
@@ -49,6 +50,7 @@ class ServerConfig:
     max_receive_bytes: int = 1 << 20
     grace_seconds: float = 10.0
     limits: Limits = field(default_factory=Limits)
+    profiles: ProfileRegistry = BUILTIN_PROFILES  # built-ins plus the --plugin profiles
     metrics_max_jobs: int = 100
     token: Optional[TokenSource] = None  # bearer token required on Regulator RPCs
     tls: Optional[TlsFiles] = None
@@ -69,13 +71,13 @@ class RegulatorServer:
         inner: StateStore = MemoryStore()
         if config.state_dir is not None:
             try:
-                inner = SQLiteStore(config.state_dir)
+                inner = SQLiteStore(config.state_dir, profiles=config.profiles)
             except StoreError as exc:
                 self.store_error = str(exc)
                 log.error("state store unusable, serving UNAVAILABLE until fixed: %s", exc)
                 self.metrics.store_healthy.set(0)
         self.store = InstrumentedStore(inner, self.metrics.timed_write)
-        self.api = build_api(self.store, self.metrics, config.limits)
+        self.api = build_api(self.store, self.metrics, config.limits, profiles=config.profiles)
         self.manager = self.api.manager
         self.health = health.HealthServicer(experimental_non_blocking=True)
         interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(self.grpc_metrics)]

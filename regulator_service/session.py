@@ -27,7 +27,7 @@ from .model import (
     StepReport,
     regulated_fisher,
 )
-from .policy import Policy, Window, build_policy
+from .policy import Policy, StepFactors, Window, build_policy
 from .storage import StoredSession
 
 RECENT_STEPS = 1024  # answers kept in memory for duplicate reports; older ones come from the store
@@ -244,9 +244,10 @@ class Session:
 
     def _record(self, rep: StepReport, windows: tuple[Window, ...]) -> StepRecord:
         if rep.applied is not None:
-            proximal = rep.applied
+            factors = StepFactors(rep.applied)  # what the client applied on its own
         else:
-            proximal = self.policy.proximal(windows, rep.count, rep.score_sums)
+            factors = self.policy.factors(windows, rep.epoch, rep.count, rep.score_sums)
+        proximal = factors.proximal
         fishers = tuple(
             regulated_fisher(f.grad_sq, f.grad_delta, f.delta_sq, a)
             if isinstance(f, FisherTerms)
@@ -262,6 +263,8 @@ class Session:
             proximal=proximal,
             fallback=rep.fallback,
             digest=rep.digest,
+            grad_scale=factors.grad_scale,
+            noise_scale=factors.noise_scale,
         )
 
     def _repeat(

@@ -72,3 +72,35 @@ def reference_replay(header: dict[str, Any], events: list[dict[str, Any]], profi
                     f[m] = math.exp(beta * math.tanh(delta))
         out.append({"epoch": ev["epoch"], "step": ev["step"], "factors": f})
     return out
+
+
+def reference_ogm_ge(
+    header: dict[str, Any],
+    events: list[dict[str, Any]],
+    alpha: float = 0.8,
+    start_epoch: int = 0,
+    end_epoch: int | None = None,
+) -> list[dict[str, Any]]:
+    """inforeg.md "Peer policy ogm-ge", read literally: per step ratio_m = s_m / mean(s_o, o != m)
+    of the batch score sums; m slowed iff ratio_m > 1 with scale 1 - tanh(alpha * relu(ratio_m));
+    every other scale 1; outside start_epoch <= e <= end_epoch every scale 1; proximal 0."""
+    mods = header["modalities"]
+    out = []
+    for ev in events:
+        if ev["type"] != "step":
+            continue
+        e, s = ev["epoch"], ev["score_sum"]
+        scale = {m: 1.0 for m in mods}
+        if start_epoch <= e and (end_epoch is None or e <= end_epoch):
+            for m in mods:
+                others = [s[o] for o in mods if o != m]
+                mean = sum(others) / len(others)
+                if mean == 0:
+                    ratio = math.inf if s[m] > 0 else 0.0
+                else:
+                    ratio = s[m] / mean
+                if ratio > 1:
+                    relu = max(ratio, 0.0)
+                    scale[m] = 1.0 - (math.tanh(alpha * relu) if alpha != 0 else 0.0)
+        out.append({"epoch": e, "step": ev["step"], "factors": {m: 0.0 for m in mods}, "grad_scale": scale})
+    return out

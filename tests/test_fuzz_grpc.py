@@ -460,7 +460,7 @@ def too_strong(g: Gen) -> float:
 
 def valid_open(g: Gen, job: str, attempt: int, kind: Optional[str] = None) -> tuple[pb.OpenSessionRequest, bool]:
     """A valid OpenSession. (The flag is kept for callers; every profile here is valid.)"""
-    kind = kind or g.pick([(3, "official"), (3, "paper"), (2, "none"), (1, "unset")])
+    kind = kind or g.pick([(3, "official"), (3, "paper"), (2, "none"), (2, "ogm_ge"), (1, "unset")])
     n = 2 if kind == "official" else g.pick([(6, 2), (3, 3), (1, lambda: g.int(2, MAX_MODALITIES))])
     mods = g.modalities(n)
     ws = g.pick([(4, 1), (3, lambda: g.int(0, 4)), (1, lambda: g.int(1, I64_MAX))])  # 0 means 1
@@ -469,7 +469,7 @@ def valid_open(g: Gen, job: str, attempt: int, kind: Optional[str] = None) -> tu
     if kind == "official":
         q = pb.OfficialProfile(reference_modality=g.choice(["", "", mods[0], mods[1]]))
         if g.bool():
-            q.threshold = g.pick([(1, lambda: g.choice([-1.0, 0.0, 0.05])), (2, g.finite)])
+            q.threshold = g.pick([(1, lambda: g.choice([0.0, -0.0, 0.05, math.nextafter(1.0, 0.0)])), (2, lambda: g.r.uniform(0.0, 1.0))])
         if g.bool():
             q.history = g.pick([(3, lambda: g.int(1, 12)), (1, lambda: g.choice([1, 10_000]))])
         for name in ("reference_gain", "other_gain"):
@@ -481,12 +481,23 @@ def valid_open(g: Gen, job: str, attempt: int, kind: Optional[str] = None) -> tu
         if g.bool():
             q.beta = strength(g)
         if g.bool():
-            q.threshold = g.pick([(2, lambda: g.choice([-1.0, -1e300, 0.0, 0.04])), (1, g.finite)])
+            q.threshold = g.pick([(2, lambda: g.choice([0.0, -0.0, 0.04, math.nextafter(1.0, 0.0)])), (1, lambda: g.r.uniform(0.0, 1.0))])
         if g.bool():
-            q.warmup_epochs = g.pick([(4, lambda: g.int(2, 4)), (1, lambda: I64_MAX)])
+            q.warmup_epochs = g.pick([(4, lambda: g.int(2, 4)), (1, lambda: 2**53 - 1)])
         req.profile.paper.CopyFrom(q)
     elif kind == "none":
         req.profile.none.SetInParent()
+    elif kind == "ogm_ge":
+        o = pb.OgmGeProfile()
+        if g.bool():
+            o.alpha = strength(g)
+        if g.bool():
+            o.start_epoch = g.int(0, 3)
+        if g.bool():
+            o.end_epoch = o.start_epoch + g.pick([(3, lambda: g.int(0, 5)), (1, lambda: 2**53 - 1 - o.start_epoch)])
+        if g.bool():
+            o.noise = g.bool()
+        req.profile.ogm_ge.CopyFrom(o)
     return req, risky
 
 
@@ -854,9 +865,9 @@ def poison_open(g: Gen, req: pb.OpenSessionRequest) -> frozenset:
         if kind == "paper_beta":
             q.beta = g.pick([(3, g.bad_float), (1, lambda: too_strong(g))])
         elif kind == "paper_threshold":
-            q.threshold = g.choice(NON_FINITE)
+            q.threshold = g.choice([*NON_FINITE, -1.0, -1e-300, 1.0, 1e300])
         else:
-            q.warmup_epochs = g.pick([(3, lambda: g.int(-2, 1)), (1, lambda: I64_MIN)])
+            q.warmup_epochs = g.pick([(3, lambda: g.int(-2, 1)), (1, lambda: I64_MIN), (1, lambda: g.int(2**53, I64_MAX))])
         req.profile.paper.CopyFrom(q)
     else:
         if len(mods) != 2:
@@ -874,7 +885,7 @@ def poison_open(g: Gen, req: pb.OpenSessionRequest) -> frozenset:
         elif kind == "official_gain":
             setattr(q, g.choice(["reference_gain", "other_gain"]), g.pick([(3, g.bad_float), (1, lambda: too_strong(g))]))
         else:
-            q.threshold = g.choice(NON_FINITE)
+            q.threshold = g.choice([*NON_FINITE, -1.0, -1e-300, 1.0, 1e300])
         req.profile.official.CopyFrom(q)
     return frozenset({INVALID})
 
@@ -1230,16 +1241,17 @@ def resumed(w: World, job: str, attempt: int, epoch: int, profile: Optional[pb.P
 def huge_beta_flow(runner: Runner) -> None:
     """A beta that would make exp(beta * tanh(gap)) leave the float range is refused up front; the
     largest accepted beta keeps every coefficient finite once a window opens (never INTERNAL)."""
-    too_big = pb.OpenSessionRequest(job_id="seed-paper-huge-beta", modalities=["a", "b"], profile=pb.Profile(paper=pb.PaperProfile(beta=1e308, threshold=-1.0)))
+    too_big = pb.OpenSessionRequest(job_id="seed-paper-huge-beta", modalities=["a", "b"], profile=pb.Profile(paper=pb.PaperProfile(beta=1e308, threshold=0.0)))
     runner.call(Op("OpenSession", too_big, "seed paper beta 1e308", expect=frozenset({INVALID})))
     job = "seed-paper-max-beta"
-    req = pb.OpenSessionRequest(job_id=job, modalities=["a", "b"], profile=pb.Profile(paper=pb.PaperProfile(beta=MAX_STRENGTH, threshold=-1.0)))
+    req = pb.OpenSessionRequest(job_id=job, modalities=["a", "b"], profile=pb.Profile(paper=pb.PaperProfile(beta=MAX_STRENGTH, threshold=0.0)))
     code, _ = runner.call(Op("OpenSession", req, "seed paper beta at its maximum", expect=frozenset({OK})))
     if code != OK:
         return
     for epoch in range(3):
         for i in range(2):
-            stats = [pb.ModalityStats(modality="a", score_sum=3.0, fisher=1.0), pb.ModalityStats(modality="b", score_sum=1.0, fisher=2.0)]
+            # traces that grow from epoch to epoch, so the window of epoch 2 opens (threshold 0)
+            stats = [pb.ModalityStats(modality="a", score_sum=3.0, fisher=1.0 + epoch), pb.ModalityStats(modality="b", score_sum=1.0, fisher=2.0 + epoch)]
             r = pb.ReportRequest(job_id=job, epoch=epoch, step=2 * epoch + i, count=4, stats=stats)
             runner.call(Op("Report", r, f"seed paper max beta, report in epoch {epoch}", expect=frozenset({OK}), dup=False))
         runner.call(Op("EndEpoch", pb.EndEpochRequest(job_id=job, epoch=epoch), "seed paper max beta EndEpoch", expect=frozenset({OK})))

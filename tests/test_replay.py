@@ -13,7 +13,7 @@ import pytest
 from regulator_cli.main import main as cli_main
 
 from .conftest import data_file, read_jsonl
-from .spec_reference import reference_replay
+from .spec_reference import reference_ogm_ge, reference_replay
 
 CASES = [
     ("trace_pix+mor_seed0.jsonl", "official", "trace_pix+mor_seed0_expected_official.jsonl"),
@@ -99,3 +99,38 @@ def test_replay_rejects_malformed_trace(tmp_path: Path, capsys: pytest.CaptureFi
     bad.write_text('{"type": "session", "modalities": ["a", "b"]}\n{"type": "step", "epoch": 0}\n')
     assert cli_main(["replay", str(bad), "--profile", "paper"]) == 2
     assert "line 2: missing 'step'" in capsys.readouterr().err
+
+
+OGM_CASES = [  # (modalities, replay flags, reference parameters)
+    (["a", "b"], [], {}),
+    (["a", "b"], ["--alpha", "2.5", "--start-epoch", "1", "--end-epoch", "3"], {"alpha": 2.5, "start_epoch": 1, "end_epoch": 3}),
+    (["x", "y", "z"], ["--alpha", "0.3"], {"alpha": 0.3}),
+    (["x", "y", "z", "w"], ["--start-epoch", "2", "--no-noise"], {"start_epoch": 2}),
+]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_replay_ogm_ge_matches_independent_reference_on_generated_traces(tmp_path: Path, seed: int) -> None:
+    """`regulator replay --profile ogm-ge` against scales computed from the spec alone
+    (tests/spec_reference.py), on generated traces with ties, zero scores and 2-4 modalities."""
+    mods, flags, params = OGM_CASES[seed % len(OGM_CASES)]
+    header, events = random_trace(100 + seed, mods)
+    rng = random.Random(seed)
+    for ev in events:  # zero score sums too: a 0/0 ratio slows nobody, s/0 slows fully
+        if ev["type"] == "step" and rng.random() < 0.05:
+            ev["score_sum"][rng.choice(mods)] = 0.0
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("\n".join(json.dumps(x) for x in [header, *events]) + "\n")
+    out = tmp_path / "ogm.jsonl"
+    assert cli_main(["replay", str(trace), "--profile", "ogm-ge", "-o", str(out), *flags]) == 0
+    got, expected = read_jsonl(out), reference_ogm_ge(header, events, **params)
+    assert_factors_match(got, expected)
+    slowed = 0
+    for g, e in zip(got, expected):
+        assert set(g["grad_scale"]) == set(mods)
+        for m in mods:
+            assert g["grad_scale"][m] == pytest.approx(e["grad_scale"][m], rel=1e-9, abs=0.0), (e["step"], m)
+        slowed += sum(v < 1.0 for v in g["grad_scale"].values())
+    assert slowed > 0, "the trace never slows a modality"
+    if len(mods) > 2:
+        assert any(sum(v < 1.0 for v in g["grad_scale"].values()) > 1 for g in got), "never two slowed at once"

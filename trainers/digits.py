@@ -28,6 +28,7 @@ from torch import Tensor
 from regulator_client import RegulatorClient
 from regulator_client.cli_args import add_connection_flags, connect_from_args
 from regulator_client.hook import InfoRegHook
+from regulator_client.profiles import PROFILE_NAMES, parse_profile_params
 
 from .digits_data import DigitsSplit, load_split
 from .digits_model import ConcatFusionNet
@@ -217,8 +218,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     add_connection_flags(p, timeout_flag="--call-timeout", default_timeout=10.0)
     p.add_argument("--in-process", action="store_true", help="run the policy in this process (no server)")
     p.add_argument("--views", nargs="+", default=["fac", "zer"], help="views, one modality each (default fac zer)")
-    p.add_argument("--profile", choices=("paper", "official", "none"), default="official")
+    p.add_argument("--profile", choices=PROFILE_NAMES, default="official")
     p.add_argument("--reference-modality", default=None, help="official profile: reference (default: first view)")
+    p.add_argument("--profile-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="any parameter of the profile, e.g. alpha=0.5 for ogm-ge (repeatable; see `regulator replay --help`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--unimodal-loss", action="store_true", help="add the unimodal CE terms (InfoReg*)")
@@ -234,7 +237,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         views=tuple(args.views),
         profile=args.profile,
-        profile_params={"reference_modality": args.reference_modality} if args.reference_modality else {},
+        profile_params=profile_params_from_args(args),
         seed=args.seed,
         epochs=args.epochs,
         unimodal_loss=args.unimodal_loss,
@@ -244,6 +247,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         on_unavailable=args.on_unavailable,
         call_timeout=args.call_timeout,
     )
+
+
+def profile_params_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        params = parse_profile_params(args.profile, args.profile_param)
+    except ValueError as exc:
+        raise SystemExit(f"--profile-param: {exc}") from None
+    if args.reference_modality:
+        params["reference_modality"] = args.reference_modality
+    return params
 
 
 def client_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> RegulatorClient:

@@ -32,6 +32,8 @@ from regulator_client.cli_args import add_connection_flags, connect_from_args
 from regulator_client.hook import InfoRegHook
 
 from .digits import TrainConfig, evaluate, loss_fn, weights_digest
+from regulator_client.profiles import PROFILE_NAMES
+
 from .digits_data import load_split
 from .digits_model import ConcatFusionNet
 
@@ -40,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="torchrun ... -m trainers.digits_ddp", description=__doc__.split("\n\n")[0])
     add_connection_flags(p, timeout_flag="--call-timeout", default_timeout=10.0)
     p.add_argument("--views", nargs="+", default=["fac", "zer"])
-    p.add_argument("--profile", choices=("paper", "official", "none"), default="official")
+    p.add_argument("--profile", choices=PROFILE_NAMES, default="official")
     p.add_argument("--reference-modality", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=50)

@@ -7,41 +7,15 @@ import json
 import sys
 import time
 import uuid
-from typing import Any, Optional
+from typing import Optional
 
 from regulator_client import RegulatorClient
+from regulator_client.profiles import make_profile
 from regulator_client.trace import TraceError, read_trace, replay_events
+from regulator_service.policy import ProfileError
 from regulator_service.server import RegulatorServer, ServerConfig
 
-PROFILE_FLAGS = {
-    # parameter -> (type, profiles it belongs to)
-    "beta": (float, ("paper",)),
-    "threshold": (float, ("paper", "official")),
-    "warmup_epochs": (int, ("paper",)),
-    "reference_modality": (str, ("official",)),
-    "history": (int, ("official",)),
-    "reference_gain": (float, ("official",)),
-    "other_gain": (float, ("official",)),
-}
-
-
-def add_profile_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", choices=("paper", "official", "none"), default="paper", help="regulation profile (default: paper)")
-    g = p.add_argument_group("profile parameters (unset = the documented defaults)")
-    for name, (kind, profiles) in PROFILE_FLAGS.items():
-        g.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"({'/'.join(profiles)})")
-
-
-def profile_params(args: argparse.Namespace) -> dict[str, Any]:
-    out = {}
-    for name, (_, profiles) in PROFILE_FLAGS.items():
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if args.profile not in profiles:
-            raise SystemExit(f"regulator: --{name.replace('_', '-')} does not apply to profile {args.profile!r}")
-        out[name] = value
-    return out
+from ..profile_flags import add_profile_flags, chosen_profile, registry_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,13 +35,19 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, TraceError) as exc:
         print(f"regulator replay: {args.trace}: {exc}", file=sys.stderr)
         return 2
-    params = profile_params(args)
-    if args.profile == "official" and "reference_modality" not in params and header.reference_modality:
-        params["reference_modality"] = header.reference_modality
+    try:
+        registry = registry_from_args(args)
+        spec, params = chosen_profile(args, registry)
+        if "reference_modality" in spec.param_names() and "reference_modality" not in params and header.reference_modality:
+            params["reference_modality"] = header.reference_modality  # the trace says which
+        profile = make_profile(spec.name, registry=registry, **params)
+    except (ProfileError, ValueError) as exc:
+        print(f"regulator replay: {exc}", file=sys.stderr)
+        return 2
     server: Optional[RegulatorServer] = None
     target = args.target
     if target is None:
-        server = RegulatorServer(ServerConfig(port=0, metrics_port=None, state_dir=None)).start()
+        server = RegulatorServer(ServerConfig(port=0, metrics_port=None, state_dir=None, profiles=registry)).start()
         target = server.target
     job_id = args.job_id or f"replay-{uuid.uuid4().hex[:12]}"
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
@@ -75,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     steps = 0
     try:
         with RegulatorClient.connect(target, timeout=args.timeout) as client:
-            client.open_session(job_id, header.modalities, args.profile, **params)
+            client.open_session(job_id, header.modalities, profile)
             for line in replay_events(client, job_id, header, events):
                 out.write(json.dumps(line) + "\n")
                 steps += 1

@@ -1,7 +1,7 @@
 """What every regulation policy is: two pure functions over a session's history.
 
 A policy object is built once per session from its (immutable) parameters and modality order and
-holds no mutable state, so ``window`` and ``proximal`` are pure functions of their arguments:
+holds no mutable state, so ``window`` and ``factors`` are pure functions of their arguments:
 the server, the in-process transport and ``regulator replay`` all get the same bits from the
 same inputs.
 """
@@ -26,6 +26,19 @@ class Window:
 CLOSED = Window(open=False, growth=NAN)
 
 
+@dataclass(frozen=True)
+class StepFactors:
+    """One step's answer, per modality in the session's order.
+
+    ``grad_scale`` empty means the policy does not scale gradients (1 everywhere, and the wire
+    leaves ``Factors.grad_scale`` absent); ``noise_scale`` empty means no noise (0 everywhere).
+    """
+
+    proximal: tuple[float, ...]
+    grad_scale: tuple[float, ...] = ()
+    noise_scale: tuple[float, ...] = ()
+
+
 class Policy(Protocol):
     """A regulation policy for one session's modality order and parameters."""
 
@@ -38,9 +51,23 @@ class Policy(Protocol):
         """
         ...
 
+    def factors(
+        self, window: Sequence[Window], epoch: int, count: int, score_sums: Sequence[float]
+    ) -> StepFactors:
+        """The factors of one step of ``epoch`` from its statistics and the epoch's windows."""
+        ...
+
+
+class ProximalPolicy:
+    """Mixin for the InfoReg-style policies whose only answer is a proximal coefficient."""
+
     def proximal(
         self, window: Sequence[Window], count: int, score_sums: Sequence[float]
     ) -> tuple[float, ...]:
-        """Per-modality proximal coefficients of one step."""
-        ...
+        raise NotImplementedError
+
+    def factors(
+        self, window: Sequence[Window], epoch: int, count: int, score_sums: Sequence[float]
+    ) -> StepFactors:
+        return StepFactors(self.proximal(window, count, score_sums))
 

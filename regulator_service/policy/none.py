@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import CLOSED, Window
+from .base import CLOSED, ProximalPolicy, Window
+from .spec import ProfileSpec
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,7 @@ class NoneParams:
 
 
 @dataclass(frozen=True)
-class NonePolicy:
+class NonePolicy(ProximalPolicy):
     params: NoneParams
     modalities: tuple[str, ...]
     name: str = "none"
@@ -26,3 +27,13 @@ class NonePolicy:
         self, window: Sequence[Window], count: int, score_sums: Sequence[float]
     ) -> tuple[float, ...]:
         return tuple(0.0 for _ in self.modalities)
+
+
+SPEC = ProfileSpec(
+    name="none",
+    params=NoneParams,
+    policy=NonePolicy,
+    summary="records statistics (traces, scores) and answers zeros: the monitored baseline",
+    min_modalities=2,
+    oneof="none",
+)

@@ -8,23 +8,27 @@ modality is slowed, with a different gain for the reference and the other modali
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
-from .base import Window
+from .base import ProximalPolicy, Window
+from .paper import GROWTH_WHY
+from .spec import MAX_STRENGTH, ProfileError, ProfileSpec, param, quoted
+
+MAX_HISTORY = 10_000
 
 
 @dataclass(frozen=True)
 class OfficialParams:
-    reference_modality: str
-    threshold: float = 0.05
-    history: int = 10
-    reference_gain: float = 0.95
-    other_gain: float = 0.1
+    reference_modality: str = param("", "the code's 'audio' modality (empty: the first modality)")
+    threshold: float = param(0.05, "the window opens iff k > threshold", low=0.0, high=1.0, high_open=True, why=GROWTH_WHY)
+    history: int = param(10, "zeros prepended and moving-average length", low=1, high=MAX_HISTORY)
+    reference_gain: float = param(0.95, "beta_ref = gain * exp(tanh(gap))", low=0.0, high=MAX_STRENGTH)
+    other_gain: float = param(0.1, "beta_other = gain * exp(tanh(gap))", low=0.0, high=MAX_STRENGTH)
 
 
 @dataclass(frozen=True)
-class OfficialPolicy:
+class OfficialPolicy(ProximalPolicy):
     params: OfficialParams
     modalities: tuple[str, ...]
     name: str = "official"
@@ -59,3 +63,23 @@ class OfficialPolicy:
             elif s_ref < s_other:
                 out[other] = self.params.other_gain * math.exp(math.tanh(s_other - s_ref))
         return tuple(out)
+
+
+def _resolve_reference(params: OfficialParams, modalities: tuple[str, ...]) -> OfficialParams:
+    """The reference defaults to the first modality and must be one of the session's."""
+    ref = params.reference_modality or modalities[0]
+    if ref not in modalities:
+        raise ProfileError(f"official.reference_modality {quoted(ref)} is not one of {list(modalities)}")
+    return replace(params, reference_modality=ref)
+
+
+SPEC = ProfileSpec(
+    name="official",
+    params=OfficialParams,
+    policy=OfficialPolicy,
+    summary="bit-compatible with the released InfoReg main.py: one window from the reference modality's moving average",
+    min_modalities=2,
+    max_modalities=2,
+    check=_resolve_reference,
+    oneof="official",
+)

@@ -6,14 +6,17 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import CLOSED, Window
+from .base import CLOSED, ProximalPolicy, Window
+from .spec import MAX_EPOCH, MAX_STRENGTH, ProfileSpec, param
+
+GROWTH_WHY = "a relative growth of the Fisher trace: below 0 the window would open while the trace shrinks, at 1 or above it never opens"
 
 
 @dataclass(frozen=True)
 class PaperParams:
-    beta: float = 0.9  # Eq. 16
-    threshold: float = 0.04  # Eq. 11 K
-    warmup_epochs: int = 2  # epochs 0..warmup-1 are never regulated
+    beta: float = param(0.9, "Eq. 16 strength: alpha = exp(beta * tanh(gap))", low=0.0, high=MAX_STRENGTH)
+    threshold: float = param(0.04, "Eq. 11 K: the window opens iff the trace grew by more than K", low=0.0, high=1.0, high_open=True, why=GROWTH_WHY)
+    warmup_epochs: int = param(2, "epochs 0..warmup-1 are never regulated", low=2, high=MAX_EPOCH, why="Eq. 11 needs two closed epochs")
 
 
 def gaps(scores: Sequence[float]) -> tuple[float, ...]:
@@ -34,7 +37,7 @@ def growth_window(trace_prev: float, trace_prev2: float, threshold: float) -> Wi
 
 
 @dataclass(frozen=True)
-class PaperPolicy:
+class PaperPolicy(ProximalPolicy):
     params: PaperParams
     modalities: tuple[str, ...]
     name: str = "paper"
@@ -55,3 +58,13 @@ class PaperPolicy:
             math.exp(beta * math.tanh(d)) if w.open and d > 0.0 else 0.0
             for w, d in zip(window, deltas)
         )
+
+
+SPEC = ProfileSpec(
+    name="paper",
+    params=PaperParams,
+    policy=PaperPolicy,
+    summary="the paper's Eq. 9-16: per-modality windows from each trace's growth, gap over the weaker modalities",
+    min_modalities=2,
+    oneof="paper",
+)

@@ -11,22 +11,29 @@ import json
 from typing import Any
 
 from ..model import EpochSummary, Fallback, SessionConfig, StepRecord
-from ..policy import NoneParams, OfficialParams, PaperParams, ProfileParams, Window, profile_name
-
-_PARAMS = {"paper": PaperParams, "official": OfficialParams, "none": NoneParams}
+from ..policy import BUILTIN_PROFILES, ProfileError, ProfileRegistry, SessionProfile, Window
 
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), allow_nan=True)
 
 
-def profile_to_dict(params: ProfileParams) -> dict[str, Any]:
-    return {"name": profile_name(params), **dataclasses.asdict(params)}
+def profile_to_dict(profile: SessionProfile) -> dict[str, Any]:
+    """``{"name": ..., <parameter>: <value>, ...}``: the layout every stored session has."""
+    return {"name": profile.name, **profile.values()}
 
 
-def profile_from_dict(d: dict[str, Any]) -> ProfileParams:
+def profile_from_dict(d: dict[str, Any], profiles: ProfileRegistry = BUILTIN_PROFILES) -> SessionProfile:
+    """A stored profile, as it was accepted. A profile this server does not know (a plugin it
+    was not started with) is a ``ProfileError`` (a ValueError) naming it."""
     d = dict(d)
-    return _PARAMS[d.pop("name")](**d)
+    name = d.pop("name")
+    if name not in profiles:
+        raise ProfileError(
+            f"stored profile {name!r} is not known to this server (a plugin profile needs "
+            f"`regulator serve --plugin MODULE`); known: {list(profiles.names())}"
+        )
+    return profiles.get(name).restore(d)
 
 
 def config_to_json(c: SessionConfig) -> str:
@@ -42,14 +49,14 @@ def config_to_json(c: SessionConfig) -> str:
     )
 
 
-def config_from_json(s: str) -> SessionConfig:
+def config_from_json(s: str, profiles: ProfileRegistry = BUILTIN_PROFILES) -> SessionConfig:
     d = json.loads(s)
     return SessionConfig(
         job_id=d["job_id"],
         attempt=int(d["attempt"]),
         world_size=int(d["world_size"]),
         modalities=tuple(d["modalities"]),
-        profile=profile_from_dict(d["profile"]),
+        profile=profile_from_dict(d["profile"], profiles),
         resume_epoch=int(d.get("resume_epoch", 0)),
     )
 
@@ -102,6 +109,9 @@ def step_to_json(r: StepRecord) -> str:
             "proximal": list(r.proximal),
             "fallback": int(r.fallback),
             "digest": r.digest.hex(),
+            # only profiles that scale gradients or add noise write these (older records lack them)
+            **({"grad_scale": list(r.grad_scale)} if r.grad_scale else {}),
+            **({"noise_scale": list(r.noise_scale)} if r.noise_scale else {}),
         }
     )
 
@@ -117,4 +127,6 @@ def step_from_json(epoch: int, step: int, s: str) -> StepRecord:
         proximal=tuple(d["proximal"]),
         fallback=Fallback(d["fallback"]),
         digest=bytes.fromhex(d["digest"]),
+        grad_scale=tuple(d.get("grad_scale", ())),
+        noise_scale=tuple(d.get("noise_scale", ())),
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from ..model import EpochSummary, SessionConfig, SessionKey, SessionStatus, StepRecord
-from ..policy import Window
+from ..policy import BUILTIN_PROFILES, ProfileRegistry, Window
 from . import codec
 from .base import StateStore, StoredSession, StoreError
 
@@ -65,8 +65,9 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _create_v1}
 
 
 class SQLiteStore(StateStore):
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], profiles: ProfileRegistry = BUILTIN_PROFILES) -> None:
         self.path = Path(state_dir) / STATE_FILE
+        self.profiles = profiles  # decodes the stored profiles (built-ins plus the server's plugins)
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +274,7 @@ class SQLiteStore(StateStore):
             "SELECT COUNT(*), COALESCE(MAX(step), -1) FROM steps WHERE job_id=? AND attempt=?", args
         )[0]
         return StoredSession(
-            config=codec.config_from_json(config),
+            config=codec.config_from_json(config, self.profiles),
             status=SessionStatus(status),
             created_ms=created_ms,
             last_active_ms=last_active_ms,
