@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO := proto/inforeg/regulator/v1/regulator.proto
 DEMO_ARGS ?=
 
-.PHONY: venv tools proto demo test test-fast clean
+.PHONY: venv tools proto demo bench-science test test-fast clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,13 @@ tools:
 	@command -v promtool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool is missing: sudo apt-get install prometheus (Debian/Ubuntu)"; fi; }
+
+# The science table (not part of `make test`; about half an hour on 2 cores): every profile x view
+# set x loss x 10 seeds through one regulator, two jobs at a time. SCIENCE_ARGS="--resume"
+# continues an interrupted run; SCIENCE_ARGS="--seeds 0 1 --epochs 10" is a quick look.
+SCIENCE_ARGS ?=
+bench-science: venv
+	$(PY) -m trainers.bench_science --out results/science.json $(SCIENCE_ARGS)
 
 test: venv tools
 	$(PY) -m pytest -q
