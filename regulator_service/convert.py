@@ -131,9 +131,17 @@ def _modality_report(s: pb.ModalityStats, fallback: Fallback) -> ModalityReport:
     else:
         raise InvalidArgument(f"modality {quoted} carries neither fisher nor fisher_terms")
     applied: Optional[float] = None
+    grad_scale: Optional[float] = None
+    noise_scale = 0.0
     if s.HasField("applied"):
         applied = _finite(f"applied.proximal of {quoted}", s.applied.proximal, nonneg=True)
-    return ModalityReport(modality=name, score_sum=score, fisher=fisher, applied=applied)
+        if s.applied.HasField("grad_scale"):
+            grad_scale = _finite(f"applied.grad_scale of {quoted}", s.applied.grad_scale, nonneg=True)
+        noise_scale = _finite(f"applied.noise_scale of {quoted}", s.applied.noise_scale, nonneg=True)
+    return ModalityReport(
+        modality=name, score_sum=score, fisher=fisher, applied=applied,
+        applied_grad_scale=grad_scale, applied_noise_scale=noise_scale,
+    )
 
 
 def report_from_request(req: pb.ReportRequest) -> RawReport:

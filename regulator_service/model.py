@@ -99,6 +99,8 @@ class ModalityReport:
     score_sum: float
     fisher: FisherInput
     applied: float | None = None  # proximal coefficient the client applied (fallback reports)
+    applied_grad_scale: float | None = None  # gradient scale it applied (None: unscaled, 1)
+    applied_noise_scale: float = 0.0  # noise switch it applied
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,9 @@ class StepReport:
     fisher: tuple[FisherInput, ...]
     fallback: Fallback = Fallback.NONE
     applied: tuple[float, ...] | None = None  # proximal coefficients applied on fallback
+    # gradient scales and noise switches applied on a 'last' fallback; () = none (1 and 0)
+    applied_grad_scale: tuple[float, ...] = ()
+    applied_noise_scale: tuple[float, ...] = ()
     digest: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from .model import (
     EpochSummary,
     Fallback,
     FisherTerms,
+    ModalityReport,
     RawReport,
     SessionConfig,
     SessionKey,
@@ -49,6 +50,22 @@ class EpochOutcome:
     next_epoch: int
     next_window: tuple[Window, ...]
     duplicate: bool
+
+
+def applied_scales(entries: Iterable[ModalityReport]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The gradient scales and noise switches a fallback applied, in modality order; each is ()
+    when it is neutral everywhere (scale 1, noise 0), as a profile that never scales records."""
+    entries = list(entries)
+    scales = tuple(1.0 if e.applied_grad_scale is None else e.applied_grad_scale for e in entries)
+    noise = tuple(e.applied_noise_scale for e in entries)
+    return (scales if any(k != 1.0 for k in scales) else ()), (noise if any(n != 0.0 for n in noise) else ())
+
+
+def same_applied(rep: StepReport, prior: StepRecord) -> bool:
+    """A repeated fallback report applied exactly what the recorded one did."""
+    return (rep.applied, rep.applied_grad_scale, rep.applied_noise_scale) == (
+        prior.proximal, prior.grad_scale, prior.noise_scale
+    )
 
 
 class Session:
@@ -182,6 +199,7 @@ class Session:
             raise InvalidArgument(f"missing modalities {missing}")
         entries = slots  # all set now
         applied: Optional[tuple[float, ...]] = None
+        scales: tuple[tuple[float, ...], tuple[float, ...]] = ((), ())
         if raw.fallback == Fallback.NONE:
             if any(e.applied is not None for e in entries):  # type: ignore[union-attr]
                 raise InvalidArgument("'applied' factors are only accepted with a fallback")
@@ -189,10 +207,13 @@ class Session:
             applied = tuple(0.0 for _ in entries)
             if any(e.applied not in (None, 0.0) for e in entries):  # type: ignore[union-attr]
                 raise InvalidArgument("a neutral fallback applies zero coefficients")
+            if applied_scales(entries) != ((), ()):  # type: ignore[arg-type]
+                raise InvalidArgument("a neutral fallback applies no gradient scale (1) and no noise (0)")
         else:
             if any(e.applied is None for e in entries):  # type: ignore[union-attr]
                 raise InvalidArgument("a 'last' fallback must send the applied factors")
             applied = tuple(e.applied for e in entries)  # type: ignore[union-attr,misc]
+            scales = applied_scales(entries)  # type: ignore[arg-type]
         return StepReport(
             key=raw.key,
             rank=raw.rank,
@@ -203,6 +224,8 @@ class Session:
             fisher=tuple(e.fisher for e in entries),  # type: ignore[union-attr]
             fallback=raw.fallback,
             applied=applied,
+            applied_grad_scale=scales[0],
+            applied_noise_scale=scales[1],
         )
 
     def _stored_answer(
@@ -244,7 +267,8 @@ class Session:
 
     def _record(self, rep: StepReport, windows: tuple[Window, ...]) -> StepRecord:
         if rep.applied is not None:
-            factors = StepFactors(rep.applied)  # what the client applied on its own
+            # what the client applied on its own
+            factors = StepFactors(rep.applied, rep.applied_grad_scale, rep.applied_noise_scale)
         else:
             factors = self.policy.factors(windows, rep.epoch, rep.count, rep.score_sums)
         proximal = factors.proximal
@@ -279,7 +303,7 @@ class Session:
                 f"step {rep.step} of {self.key} was already reported with different statistics"
             )
         window = self._window_of(prior.epoch)
-        if rep.fallback == Fallback.NONE or (rep.fallback == prior.fallback and rep.applied == prior.proximal):
+        if rep.fallback == Fallback.NONE or (rep.fallback == prior.fallback and same_applied(rep, prior)):
             # the stored answer wins: a late rank applies what the others applied
             return StepOutcome(prior, window, duplicate=True)
         if prior.fallback != Fallback.NONE:

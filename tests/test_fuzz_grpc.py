@@ -512,9 +512,9 @@ def stat(g: Gen, name: str, count: int, fallback: int) -> pb.ModalityStats:
         e.applied.proximal = g.choice([0.0, -0.0])
     elif fallback == 2:
         e.applied.proximal = g.nonneg()
-        if g.chance(0.25):  # ignored by the server: must not matter
-            e.applied.grad_scale = g.any_float()
-            e.applied.noise_scale = g.any_float()
+        if g.chance(0.25):  # the scales and noise a 'last' fallback applied: recorded as sent
+            e.applied.grad_scale = g.pick([(2, lambda: g.choice([1.0, 0.0, -0.0])), (3, g.unit), (1, g.nonneg)])
+            e.applied.noise_scale = g.pick([(3, lambda: g.choice([0.0, 1.0])), (1, g.nonneg)])
     return e
 
 

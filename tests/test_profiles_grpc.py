@@ -163,3 +163,29 @@ def test_ogm_ge_factors_are_answered_stored_and_survive_a_restart(tmp_path: Path
             assert getattr(after, field) == getattr(before, field)
         again = stub.Report(pb.ReportRequest(job_id=job, epoch=0, step=0, count=64, stats=stats(30.0, 20.0)), timeout=10)
         assert again.duplicate and again.step == answers[0]  # the stored scales, not recomputed
+
+
+def test_a_last_fallback_records_the_scales_and_noise_it_applied(stub: pb_grpc.RegulatorStub) -> None:
+    """A client that ran an ogm-ge step without an answer, on its last factors, reports what it
+    applied; the history records those scales, not the neutral 1."""
+    job = "ogm-fallback"
+    stub.OpenSession(open_req(job, pb.Profile(ogm_ge=pb.OgmGeProfile())), timeout=10)
+    stub.Report(pb.ReportRequest(job_id=job, epoch=0, step=0, count=64, stats=stats(30.0, 20.0)), timeout=10)
+
+    def fallback(step: int, mode: int, **applied: float) -> pb.ReportRequest:
+        s = stats(30.0, 20.0)
+        s[0].applied.CopyFrom(pb.Factors(**applied))
+        s[1].applied.CopyFrom(pb.Factors(noise_scale=applied.get("noise_scale", 0.0)))
+        return pb.ReportRequest(job_id=job, epoch=0, step=step, count=64, stats=s, fallback=mode)
+
+    last = fallback(1, pb.FALLBACK_LAST, grad_scale=0.4, noise_scale=1.0)
+    first = stub.Report(last, timeout=10)
+    assert [(m.factors.grad_scale, m.factors.noise_scale) for m in first.step.modalities] == [(0.4, 1.0), (1.0, 1.0)]
+    again = stub.Report(last, timeout=10)
+    assert again.duplicate and again.step == first.step
+    err = refused(stub, fallback(2, pb.FALLBACK_NEUTRAL, grad_scale=0.5), "Report")
+    assert "a neutral fallback applies no gradient scale" in err.details()
+    err = refused(stub, fallback(2, pb.FALLBACK_LAST, grad_scale=-0.5), "Report")
+    assert "applied.grad_scale of 'a' must be >= 0" in err.details()
+    steps = stub.GetSession(pb.GetSessionRequest(job_id=job, include_steps=True), timeout=10).steps
+    assert [s.step for s in steps] == [0, 1]  # the refused reports left nothing behind
