@@ -160,8 +160,8 @@ class StepRecord:
     def scales(self) -> tuple[float, ...]:
         return self.grad_scale or tuple(1.0 for _ in self.proximal)
 
-    def slowed(self) -> tuple[bool, ...]:
-        """Per modality: regulated at this step (a proximal term, or a gradient scale below 1)."""
+    def regulated(self) -> tuple[bool, ...]:
+        """Per modality: regulated at this step (a proximal term, or a gradient scale other than 1)."""
         return tuple(p != 0.0 or g != 1.0 for p, g in zip(self.proximal, self.scales()))
 
 
@@ -200,7 +200,7 @@ class EpochSummary:
             steps=self.steps + 1,
             fallback_steps=self.fallback_steps + (rec.fallback != Fallback.NONE),
             fisher=tuple(a + b for a, b in zip(self.fisher, rec.fishers)),
-            regulated_steps=tuple(n + slowed for n, slowed in zip(self.regulated_steps, rec.slowed())),
+            regulated_steps=tuple(n + r for n, r in zip(self.regulated_steps, rec.regulated())),
             proximal_sum=tuple(a + p for a, p in zip(self.proximal_sum, rec.proximal)),
             proximal_max=tuple(max(a, p) for a, p in zip(self.proximal_max, rec.proximal)),
             score_mean_sum=tuple(a + s / rec.count for a, s in zip(self.score_mean_sum, rec.score_sums)),

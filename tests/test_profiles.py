@@ -154,7 +154,7 @@ def test_store_codec_reads_the_layout_of_existing_sessions() -> None:
         assert codec.dumps(codec.profile_to_dict(profile)) == text  # and is written back identically
     # an old step record (no scales) reads as unscaled
     rec = codec.step_from_json(0, 3, '{"count":4,"score_sums":[1.0,2.0],"fishers":[0.1,0.2],"proximal":[0.0,1.5],"fallback":0,"digest":"00"}')
-    assert rec.grad_scale == () and rec.scales() == (1.0, 1.0) and rec.slowed() == (False, True)
+    assert rec.grad_scale == () and rec.scales() == (1.0, 1.0) and rec.regulated() == (False, True)
     # ogm-ge round trips, with its unbounded end epoch
     ogm = BUILTIN_PROFILES.get("ogm-ge").resolve({"alpha": 0.5}, ("a", "b"))
     assert codec.profile_to_dict(ogm) == {"name": "ogm-ge", "alpha": 0.5, "start_epoch": 0, "end_epoch": None, "noise": True}

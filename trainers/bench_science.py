@@ -149,8 +149,8 @@ def format_tables(blocks: list[dict[str, Any]]) -> str:
     steps = max((e["steps"] for b in blocks for e in b["profiles"].values()), default=0)
     lines.append(
         "\nΔ X: X minus none, paired by seed, in points, and the seeds where X is higher. win/slow: mean "
-        "epochs with the view's window open / mean steps the view was slowed (a proximal term, or an "
-        f"ogm-ge gradient scale below 1){f'; {steps} steps per run' if steps else ''}"
+        "epochs with the view's window open / mean steps that regulated the view (a proximal term, or "
+        f"a gradient scale other than 1){f'; {steps} steps per run' if steps else ''}"
     )
     return "\n".join(lines)
 
