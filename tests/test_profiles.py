@@ -201,3 +201,40 @@ def test_cli_flags_are_derived_from_the_registry() -> None:
     with pytest.raises(ProfileError, match="--alpha does not apply to profile 'official'"):
         chosen_profile(args, BUILTIN_PROFILES)
     assert isinstance(args, argparse.Namespace)
+
+
+def test_registry_refuses_ambiguous_or_broken_declarations(tmp_path: object) -> None:
+    from regulator_service.policy import ProfileRegistry
+    from regulator_service.policy.registry import import_plugin, plugin_specs
+
+    paper = BUILTIN_PROFILES.get("paper")
+    with pytest.raises(ProfileError, match="profile 'paper' is declared twice"):
+        ProfileRegistry([paper, paper])
+    with pytest.raises(ProfileError, match="needs exactly one of oneof"):
+        ProfileRegistry([dataclasses.replace(paper, oneof=None)])
+    with pytest.raises(ProfileError, match="default profile 'gentle' is not registered"):
+        ProfileRegistry([paper], default="gentle")
+    with pytest.raises(ProfileError, match="declares no INFOREG_PROFILES"):
+        plugin_specs(argparse, "argparse")
+    with pytest.raises(ProfileError, match="must give its message, not a oneof member"):
+        plugin_specs(type("M", (), {"INFOREG_PROFILES": [paper]}), "m")
+    with pytest.raises(ProfileError, match="plugin file ./nowhere.py does not exist"):
+        import_plugin("./nowhere.py")
+
+
+def test_serve_plugin_flag_is_repeatable_and_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from regulator_service.serve import add_arguments, plugin_list
+
+    def parse(argv: list[str], env: str | None) -> list[str]:
+        if env is None:
+            monkeypatch.delenv("REGULATOR_PLUGIN", raising=False)
+        else:
+            monkeypatch.setenv("REGULATOR_PLUGIN", env)
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)  # REGULATOR_<FLAG> defaults are read here
+        return plugin_list(parser.parse_args(argv).plugin)
+
+    assert parse([], None) == []
+    assert parse(["--plugin", "a", "--plugin", "b.c"], None) == ["a", "b.c"]
+    assert parse([], "a, ./b.py") == ["a", "./b.py"]
+    assert parse(["--plugin", "c"], "a,b") == ["a", "b", "c"]

@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from regulator_client.profiles import PROFILE_NAMES
+
 from .serverproc import ServerProcess
 
 
@@ -100,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainers.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--state-dir", default=".regulator", help="server state directory (default .regulator)")
     p.add_argument("--target", default=None, help="use this running regulator instead of starting one")
-    p.add_argument("--profiles", nargs="+", default=["none", "official", "paper"])
+    p.add_argument("--profiles", nargs="+", default=["none", "official", "paper"], choices=PROFILE_NAMES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--views", nargs="+", default=["fac", "zer"], help="strong view first, weak view last")
     p.add_argument("--epochs", type=int, default=50)
