@@ -8,7 +8,7 @@ server was started with (``regulator serve --plugin my_profiles``).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Union
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
@@ -99,12 +99,3 @@ def profile_name(profile: pb.Profile, registry: ProfileRegistry = BUILTIN_PROFIL
 def profile_params(profile: pb.Profile, registry: ProfileRegistry = BUILTIN_PROFILES) -> dict[str, Any]:
     """The parameters set in a (resolved) profile, for logs and results files."""
     return profile_wire.profile_values(profile, registry)
-
-
-def describe_profiles(registry: ProfileRegistry = BUILTIN_PROFILES) -> Mapping[str, str]:
-    """name -> one line with its parameters and defaults (help texts)."""
-    out = {}
-    for spec in registry:
-        params = ", ".join(f"{p.name}={p.default!r}" for p in spec.parameters())
-        out[spec.name] = f"{spec.summary}" + (f" [{params}]" if params else "")
-    return out

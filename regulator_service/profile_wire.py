@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
 
-from google.protobuf import any_pb2, message_factory
+from google.protobuf import any_pb2, message_factory, unknown_fields
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
@@ -125,8 +125,6 @@ def profile_to_proto(profile: SessionProfile) -> pb.Profile:
 
 
 def _unknown_fields(msg: Message) -> list[int]:
-    from google.protobuf import unknown_fields
-
     return sorted({f.field_number for f in unknown_fields.UnknownFieldSet(msg)})
 
 

@@ -13,6 +13,7 @@ which only ``regulator_service.profile_wire`` looks inside.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass
@@ -87,8 +88,10 @@ class ParamInfo:
 _KINDS = (float, int, bool, str)
 
 
+@functools.lru_cache(maxsize=None)
 def parameters_of(params_type: type) -> tuple[ParamInfo, ...]:
-    """The parameters a Params dataclass declares, in declaration order."""
+    """The parameters a Params dataclass declares, in declaration order (a pure function of the
+    class, so cached: it runs for every profile a session answers with)."""
     hints = typing.get_type_hints(params_type)
     out = []
     for f in dataclasses.fields(params_type):
