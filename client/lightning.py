@@ -29,11 +29,19 @@ to be applied. A step whose closure ran no backward (``training_step`` returned 
 reported. Under 16-bit mixed precision the gradients are already unscaled in that hook.
 
 Lightning lifecycle -> hook: ``on_fit_start`` builds the ``InfoRegHook`` (the model is on its
-device by then) and opens the session; ``on_train_epoch_start`` snapshots the anchors;
-``on_train_epoch_end`` ends the epoch; ``on_fit_end`` (or ``on_exception``) closes. Rank and
-world size come from the trainer; under DDP every rank must use the same ``job_id`` (pass it,
-or set ``REGULATOR_JOB_ID``). One optimizer over the encoders is assumed; a resumed fit starts
-its steps from 0 again, so give it a new ``attempt``.
+device by then); ``on_train_start`` opens the session (after Lightning restored a checkpoint);
+``on_train_epoch_start`` snapshots the anchors; ``on_train_epoch_end`` ends the epoch;
+``on_fit_end`` (or ``on_exception``) closes. Rank and world size come from the trainer; under DDP
+every rank must use the same ``job_id`` (pass it, or set ``REGULATOR_JOB_ID``). One optimizer over
+the encoders is assumed.
+
+**Checkpoints.** The callback's ``state_dict`` (the hook's: job, attempt, next epoch and step) is
+saved in every Lightning checkpoint, so ``trainer.fit(module, ckpt_path=...)`` continues the job:
+the session resumes at the checkpoint's epoch and step as the job's next attempt, which inherits
+the closed epochs before it - the coefficients are those of an uninterrupted fit
+(``tests/test_lightning.py``). Give the resumed callback the same ``job_id``. A checkpoint taken
+inside an epoch (``every_n_train_steps``) resumes inside it: the regulator's record of that
+epoch then covers only the steps after the resume, and its anchors are the resumed weights.
 """
 
 from __future__ import annotations
@@ -100,6 +108,7 @@ class InfoRegCallback(pl.Callback):
         self.log_metrics = log_metrics
         self.hook: Optional[InfoRegHook] = None
         self.last_epoch_end: Optional[pb.EndEpochResponse] = None  # the regulator's answer to the last epoch
+        self._resume: Optional[dict[str, Any]] = None  # a checkpoint's state, applied at train start
         self._scores: Optional[Tensor] = None  # score sums of the micro-batches since the last step
         self._count = 0
 
@@ -111,10 +120,27 @@ class InfoRegCallback(pl.Callback):
         self.hook = InfoRegHook(
             self.client, encoders, rank=trainer.global_rank, world_size=trainer.world_size, **self.hook_options
         )
-        self.hook.open()
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Opens the session; a restored checkpoint (``load_state_dict`` ran by now, whatever the
+        strategy) resumes it where the checkpoint stands."""
+        hook = self._require_hook()
+        if self._resume is not None:
+            state, self._resume = dict(self._resume), None
+            if state.get("in_epoch") and trainer.current_epoch == state.get("epoch", 0) + 1:
+                # saved after the epoch's last step but before its end (ModelCheckpoint after
+                # validation): Lightning resumes with the next epoch, and so does the session
+                state.update(epoch=trainer.current_epoch, in_epoch=False)
+            hook.load_state_dict(state)
+        if hook.epoch != trainer.current_epoch:
+            raise RuntimeError(
+                f"InfoRegCallback: the trainer starts at epoch {trainer.current_epoch} but the regulator's session "
+                f"at epoch {hook.epoch}; resume from a checkpoint that holds this callback's state"
+            )
+        hook.open()
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._require_hook().on_epoch_start()
+        self._require_hook().on_epoch_start(trainer.current_epoch)
         self._scores, self._count = None, 0
 
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -163,6 +189,18 @@ class InfoRegCallback(pl.Callback):
             self.hook.close()
         except Exception:  # the regulator may be the reason we are here
             log.warning("InfoRegCallback: closing the session after %r failed", exception, exc_info=True)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The hook's position (job, attempt, next epoch and step), saved in Lightning checkpoints."""
+        if self.hook is not None:
+            return self.hook.state_dict()
+        return dict(self._resume or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Kept until ``on_train_start``, which resumes the session from it."""
+        self._resume = dict(state_dict) if state_dict else None
 
     # -- helpers --------------------------------------------------------------------------------
 

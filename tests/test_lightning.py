@@ -123,3 +123,79 @@ def test_example_cli_in_process(capsys) -> None:
     assert lightning_digits.main(["--in-process", "--epochs", "1", "--profile", "official"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("official (lightning): fused ") and "epoch   1/1" in err
+
+
+class Crash(pl.Callback):
+    """Simulates a crash at a given epoch and batch (after the previous epoch's checkpoint)."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise RuntimeError("simulated crash")
+
+
+def epochs_of(client: RegulatorClient, job: str) -> list[tuple]:
+    """Every epoch record of the job's latest attempt (inherited ones included), as plain values."""
+    return [
+        (e.epoch, e.closed, e.steps, tuple((m.modality, m.fisher_trace, m.window.open, m.regulated_steps, m.mean_proximal) for m in e.modalities))
+        for e in client.get_session(job).epochs
+    ]
+
+
+def test_fit_resumed_from_a_checkpoint_continues_the_session_like_an_uninterrupted_fit(server, data: DigitsSplit, tmp_path) -> None:
+    """Fit 4 epochs; crash in epoch 2 (5 steps in), resume from the epoch-1 checkpoint with
+    ``ckpt_path``: the resumed attempt starts at epoch 2, step 50, inherits epochs 0-1, and every
+    step's statistics and coefficients equal the uninterrupted fit's, bit for bit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cfg = TrainConfig(profile="official", epochs=4, threads=1)
+    train_set = torch.utils.data.TensorDataset(*(torch.from_numpy(data.x_train[v]) for v in cfg.views), torch.from_numpy(data.y_train))
+    quiet = dict(enable_progress_bar=False, enable_model_summary=False, logger=False, accelerator="cpu", devices=1, max_epochs=4)
+
+    def callback(client: RegulatorClient, job: str) -> InfoRegCallback:
+        return InfoRegCallback(client, lambda m: m.model.encoders, job_id=job, profile="official", keep_history=True)
+
+    with RegulatorClient.connect(server.target, timeout=10.0) as client:
+        full = callback(client, "uninterrupted")
+        pl.Trainer(callbacks=[full], enable_checkpointing=False, **quiet).fit(lightning_digits.DigitsModule(cfg, data.dims, train_set))
+
+        ckpts = tmp_path / "ckpt"
+        saver = ModelCheckpoint(dirpath=ckpts, save_last=True, every_n_epochs=1, save_on_train_epoch_end=True)
+        first = callback(client, "resumed")
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            pl.Trainer(callbacks=[first, Crash(epoch=2, batch=5), saver], **quiet).fit(lightning_digits.DigitsModule(cfg, data.dims, train_set))
+        crashed = steps_of(client, "resumed")  # attempt 0: epochs 0-1 and 5 steps of epoch 2
+        assert [s[1] for s in crashed] == list(range(55))
+        saved = torch.load(ckpts / "last.ckpt", weights_only=True)
+        assert saved["epoch"] == 1 and saved["callbacks"]  # the checkpoint of the end of epoch 1 holds the callback's state
+
+        second = callback(client, "resumed")
+        pl.Trainer(callbacks=[second, ModelCheckpoint(dirpath=ckpts, save_last=True, every_n_epochs=1, save_on_train_epoch_end=True)], **quiet).fit(
+            lightning_digits.DigitsModule(cfg, data.dims, train_set), ckpt_path=ckpts / "last.ckpt"
+        )
+        info = client.get_session("resumed").session
+        assert info.attempt == 1 and info.state == pb.SESSION_STATE_CLOSED
+        resumed = steps_of(client, "resumed")  # attempt 1: from epoch 2, step 50
+        uninterrupted = steps_of(client, "uninterrupted")
+        assert [s[1] for s in resumed] == list(range(50, 100))
+        assert crashed[:50] == uninterrupted[:50]
+        assert resumed == uninterrupted[50:]
+        assert epochs_of(client, "resumed") == epochs_of(client, "uninterrupted")
+    assert [r.step for r in second.history] == list(range(50, 100))
+    assert sum(r.proximal["fac"] > 0 for r in second.history) > 0  # the resumed part is regulated
+
+
+def test_resuming_with_another_job_id_fails_clearly(data: DigitsSplit, tmp_path) -> None:
+    cfg = TrainConfig(profile="official", epochs=1, threads=1)
+    train_set = torch.utils.data.TensorDataset(*(torch.from_numpy(data.x_train[v]) for v in cfg.views), torch.from_numpy(data.y_train))
+    client = RegulatorClient.in_process()
+    quiet = dict(enable_progress_bar=False, enable_model_summary=False, logger=False, accelerator="cpu", devices=1, limit_train_batches=2)
+    pl.Trainer(max_epochs=1, default_root_dir=tmp_path, callbacks=[InfoRegCallback(client, lambda m: m.model.encoders, job_id="a", profile="official")], **quiet).fit(
+        lightning_digits.DigitsModule(cfg, data.dims, train_set)
+    )
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    other = InfoRegCallback(client, lambda m: m.model.encoders, job_id="b", profile="official")
+    with pytest.raises(ValueError, match="belongs to job 'a'"):
+        pl.Trainer(max_epochs=2, default_root_dir=tmp_path, callbacks=[other], **quiet).fit(lightning_digits.DigitsModule(cfg, data.dims, train_set), ckpt_path=ckpt)
