@@ -175,7 +175,8 @@ def test_missing_file_unknown_label_and_bad_wav_are_named(cremad: Path, tmp_path
     wav.unlink()
     msg = cli_error(capsys, run_cli(root, "--workers", "0"))
     assert str(wav) in msg and "missing" in msg and "row 3 of" in msg
-    assert av_cli.main(run_cli(root, "--workers", "0", "--skip-missing", "--max-steps-per-epoch", "1")) == 0  # the released loader's behaviour, opt-in
+    kept = load_data(Layout.resolve("cremad", root), fps=1, image_size=32, skip_missing=True)  # the released loader's behaviour, opt-in
+    assert len(kept.train) == 11 and name not in [c.name for c in kept.train.clips]
 
     wav.write_bytes(b"RIFF\x00\x00\x00\x00not a wav at all")
     msg = cli_error(capsys, run_cli(root, "--workers", "0"))
@@ -215,15 +216,21 @@ def test_a_corrupt_frame_is_named(cremad: Path, tmp_path: Path, capsys: pytest.C
 
 
 @pytest.mark.e2e
-def test_one_epoch_through_a_real_regulator(server, cremad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_one_epoch_through_a_real_regulator(server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Plumbing, kept small: 4 training clips in batches of 2, 32x32 frames (the 257x188
+    spectrogram is what costs: a ResNet-18 step on it takes seconds on 2 CPU cores)."""
+    generate(tmp_path / "data", train_per_class=1, test_per_class=1, seed=5)
+    for split, keep in (("train", 4), ("test", 2)):  # 4 training clips, 2 test clips
+        csv = tmp_path / "data" / f"{split}.csv"
+        csv.write_text("".join(line + "\n" for line in csv.read_text().splitlines()[:keep]))
     out = tmp_path / "result.json"
-    argv = run_cli(cremad, "--workers", "1", "--job-id", "av-e2e", "--out", str(out), "--threads", "2")
+    argv = run_cli(tmp_path / "data", "--workers", "1", "--job-id", "av-e2e", "--out", str(out), "--batch-size", "2")
     argv.remove("--in-process")
     assert av_cli.main([*argv, "--target", server.target]) == 0
     result = json.loads(out.read_text())
     assert set(result["unimodal_acc"]) == {"audio", "visual"}
     assert set(result["window_open_epochs"]) == {"audio", "visual"}
-    assert 0.0 <= result["fused_acc"] <= 1.0 and result["steps"] == 3  # 12 clips, batch 4
+    assert 0.0 <= result["fused_acc"] <= 1.0 and result["steps"] == 2  # 4 clips, batch 2
     assert result["config"]["profile"] == "official" and result["config"]["profile_params"] == {"reference_modality": "audio"}
     err = capsys.readouterr().err
     assert "epoch   1/1" in err and "audio:Tr=" in err and "next window" in err
@@ -231,7 +238,7 @@ def test_one_epoch_through_a_real_regulator(server, cremad: Path, tmp_path: Path
         detail = client.get_session("av-e2e", include_steps=True)
     assert list(detail.session.modalities) == ["audio", "visual"]
     steps = list(detail.steps)
-    assert [s.step for s in steps] == [0, 1, 2] and [s.count for s in steps] == [4, 4, 4]
+    assert [s.step for s in steps] == [0, 1] and [s.count for s in steps] == [2, 2]
     # official opens every window at epoch 0 and regulates whichever modality scores higher
     assert all(any(m.factors.proximal > 0 for m in s.modalities) for s in steps)
     assert result["window_open_epochs"] == {"audio": 1, "visual": 1}
@@ -248,3 +255,20 @@ def test_fixture_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     for name, label in rows:
         assert label in name and (tmp_path / "fx" / "AudioWAV" / f"{name}.wav").is_file()
         assert 2 <= len(list((tmp_path / "fx" / "Image-01-FPS" / name).glob("*.jpg"))) <= 3
+
+
+@pytest.mark.e2e
+def test_gpu_check_runs_the_trainer_step_plain_and_regulated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The GPU script's smoke mode on the CPU (bf16 autocast): one plain and one regulated step."""
+    from trainers.av import gpu_check
+
+    out = tmp_path / "gpu.json"
+    argv = ["--device", "cpu", "--batch-size", "1", "--image-size", "32", "--steps", "1", "--warmup", "0", "--amp", "bf16", "--out", str(out)]
+    assert gpu_check.main(argv) == 0
+    result = json.loads(out.read_text())["results"][0]
+    assert result["amp"] == "bf16" and len(result["steps"]) == 1
+    step = result["steps"][0]
+    assert step["ratio"] > 0 and set(step["proximal"]) == {"audio", "visual"} and not step["skipped"]
+    assert step["loss_plain"] == step["loss_hook"]  # the first step: same weights, anchors = weights
+    assert result["hook_timings"]["steps"] == 1
+    assert "hook/plain (median)" in capsys.readouterr().out

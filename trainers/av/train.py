@@ -4,10 +4,12 @@ Defaults are the released InfoReg code's: SGD lr 0.002, momentum 0.9, weight dec
 parameter, StepLR(30, 0.1), batch 64, 50 epochs, loss ``CE(fused) + CE(audio) + CE(visual)``
 (its three backward calls, as one), profile ``official`` with ``reference_modality audio``.
 
-One optimizer step (``train_step``, shared with the GPU check) in the order mixed precision needs:
-autocast forward -> ``scaler.scale(loss).backward()`` -> ``scaler.unscale_(opt)`` -> the hook
-(statistics and the proximal term on unscaled gradients) -> ``scaler.step`` -> ``scaler.update``.
-Without ``--amp fp16`` the scaler is disabled and each of its calls is a no-op.
+One optimizer step (``train_step``, shared with the GPU check), in the order mixed precision
+needs: autocast forward -> ``hook.after_forward`` (the scores leave while backward runs) ->
+``scaler.scale(loss).backward()`` -> ``hook.after_backward()`` (the hook, built with
+``grad_scaler``/``optimizer``, unscales the gradients first and neither reports nor regulates a
+step the scaler will skip) -> ``scaler.step`` -> ``scaler.update``. Without ``--amp fp16`` the
+scaler is disabled and each of its calls is a no-op; bf16 needs no scaler.
 """
 
 from __future__ import annotations
@@ -124,12 +126,13 @@ def train_step(
     with precision.autocast():
         fused, uni = model(audio, visual)
         loss = loss_fn(fused, uni, y, unimodal_loss)
+    if hook is not None:
+        hook.after_forward(logits=uni, labels=y)
     scaler = precision.scaler
     scaler.scale(loss).backward()
-    scaler.unscale_(opt)  # the hook must see (and regulate) unscaled gradients
     proximal: dict[str, float] = {}
     if hook is not None:
-        proximal = hook.after_backward(logits=uni, labels=y).proximal
+        proximal = hook.after_backward().proximal
     scale = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(opt)
     scaler.update()
@@ -164,11 +167,14 @@ def loaders(cfg: AVConfig, data: AVData, device: torch.device) -> tuple[DataLoad
     return DataLoader(data.train, shuffle=True, generator=g, **common), DataLoader(data.test, shuffle=False, **common)
 
 
-def hook_for(cfg: AVConfig, client: RegulatorClient, model: AVClassifier, job_id: str) -> InfoRegHook:
+def hook_for(cfg: AVConfig, client: RegulatorClient, model: AVClassifier, job_id: str,
+             opt: torch.optim.Optimizer, precision: "Precision") -> InfoRegHook:
+    fp16 = precision.scaler.is_enabled()
     return InfoRegHook(
         client, model.encoders(), job_id=job_id, rank=0, world_size=1, profile=cfg.profile,
         profile_params=cfg.profile_params, record=cfg.record, on_unavailable=cfg.on_unavailable,
         call_timeout=cfg.call_timeout, wait_timeout=cfg.wait_timeout,
+        grad_scaler=precision.scaler if fp16 else None, optimizer=opt if fp16 else None,
     )
 
 
@@ -181,6 +187,8 @@ def train(cfg: AVConfig, client: RegulatorClient, data: Optional[AVData] = None,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
+    if cfg.amp == "fp16" and device.type == "cpu":
+        log("warning: fp16 autocast on the CPU is very slow (no fp16 convolution kernels); use --amp bf16 there")
     data = data or load_data(cfg.layout(), cfg.fps, cfg.image_size, skip_missing=cfg.skip_missing)
     log(describe(data))
     torch.manual_seed(cfg.seed)
@@ -189,7 +197,7 @@ def train(cfg: AVConfig, client: RegulatorClient, data: Optional[AVData] = None,
     precision = Precision(cfg.amp, device)
     train_loader, test_loader = loaders(cfg, data, device)
     job_id = cfg.job_id or f"av-{cfg.dataset}-{cfg.profile}-s{cfg.seed}-{uuid.uuid4().hex[:8]}"
-    hook = hook_for(cfg, client, model, job_id)
+    hook = hook_for(cfg, client, model, job_id, opt, precision)
     history: list[dict[str, Any]] = []
     steps = skipped = 0
     t0 = time.perf_counter()
