@@ -10,10 +10,10 @@ from inforeg.regulator.v1 import regulator_pb2 as pb
 
 from typing import Optional
 
-from . import convert
+from . import convert, history
 from .errors import InvalidArgument
 from .manager import SessionManager
-from .model import Limits
+from .model import Limits, SessionView
 from .policy import BUILTIN_PROFILES, ProfileRegistry
 from .observer import SessionObserver
 from .storage import MemoryStore, StateStore
@@ -26,7 +26,7 @@ class RegulatorAPI:
 
     def open_session(self, req: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
         config = convert.config_from_request(req, self.manager.limits, self.profiles)
-        view, created = self.manager.open(config)
+        view, created = self.manager.open(config, next_attempt=req.next_attempt)
         return pb.OpenSessionResponse(session=convert.session_info(view), created=created)
 
     def report(self, req: pb.ReportRequest) -> pb.ReportResponse:
@@ -41,9 +41,8 @@ class RegulatorAPI:
 
     def end_epoch(self, req: pb.EndEpochRequest) -> pb.EndEpochResponse:
         key = convert.session_key(req.job_id, req.attempt)
-        if req.epoch < 0:
-            raise InvalidArgument(f"epoch must be >= 0, got {req.epoch}")
-        config, outcome = self.manager.end_epoch(key, req.epoch)
+        measured = convert.measured_from_proto(req.measured) if req.HasField("measured") else None
+        config, outcome = self.manager.end_epoch(key, convert.epoch_number(req.epoch), measured)
         mods = config.modalities
         return pb.EndEpochResponse(
             closed=convert.epoch_record(mods, outcome.closed),
@@ -53,16 +52,58 @@ class RegulatorAPI:
         )
 
     def get_session(self, req: pb.GetSessionRequest) -> pb.GetSessionResponse:
+        return pb.GetSessionResponse.FromString(self.get_session_bytes(req))
+
+    def get_session_bytes(self, req: pb.GetSessionRequest) -> bytes:
+        """A serialized ``GetSessionResponse``, assembled from its fields: steps come as cached
+        wire bytes (``history.py``), so a page costs no message building under the GIL, and no
+        session lock is held while it is put together.
+
+        Paging: ``page_size`` 0 (an older client) or above the maximum is the maximum
+        (``history.MAX_PAGE_STEPS``, and never more than ``history.MAX_PAGE_BYTES``); the token
+        names the attempt, so all pages come from one session; epochs come on the first page."""
         job = convert.job_id(req.job_id)
-        attempt = req.attempt if req.HasField("attempt") else None
-        detail = self.manager.get(job, attempt, include_steps=req.include_steps)
-        return convert.session_detail(detail)
+        attempt: Optional[int] = req.attempt if req.HasField("attempt") else None
+        if req.page_size < 0:
+            raise InvalidArgument(f"page_size must be >= 0, got {req.page_size}")
+        start = 0
+        if req.page_token:
+            if not req.include_steps:
+                raise InvalidArgument("page_token pages through steps: set include_steps")
+            token_attempt, start = history.parse_token(req.page_token)
+            if attempt is not None and attempt != token_attempt:
+                raise InvalidArgument(
+                    f"page_token belongs to attempt {token_attempt}, not to the requested attempt {attempt}"
+                )
+            attempt = token_attempt
+        snap = self.manager.snapshot(job, attempt)
+        mods = snap.view.config.modalities
+        parts = [history.field_bytes(1, convert.session_info(snap.view).SerializeToString())]
+        if not req.page_token:
+            *closed, current = snap.epochs
+            encode_epoch = lambda e: convert.epoch_record(mods, e).SerializeToString()  # noqa: E731
+            parts.append(self.manager.pages.closed_epochs(snap.key, closed, encode_epoch))
+            parts.append(history.field_bytes(2, encode_epoch(current)))
+        if req.include_steps:
+            size = min(req.page_size or history.MAX_PAGE_STEPS, history.MAX_PAGE_STEPS)
+            page = self.manager.history_page(
+                snap, start, size, lambda r: convert.step_record(mods, r).SerializeToString()
+            )
+            parts.append(page.data)
+            if page.next_step is not None:
+                token = history.make_token(snap.key.attempt, page.next_step)
+                parts.append(history.field_bytes(4, token.encode()))
+        if snap.steps_pruned_ms:
+            parts.append(history.varint_field(5, snap.steps_pruned_ms))
+        return b"".join(parts)
 
     def list_sessions(self, req: pb.ListSessionsRequest) -> pb.ListSessionsResponse:
         if req.limit < 0:
             raise InvalidArgument(f"limit must be >= 0, got {req.limit}")
         views = self.manager.list(include_inactive=req.include_inactive, limit=req.limit)
-        return pb.ListSessionsResponse(sessions=[convert.session_info(v) for v in views])
+        return pb.ListSessionsResponse(
+            sessions=[convert.session_info(v) if isinstance(v, SessionView) else convert.quarantined_info(v) for v in views]
+        )
 
     def close_session(self, req: pb.CloseSessionRequest) -> pb.CloseSessionResponse:
         key = convert.session_key(req.job_id, req.attempt)

@@ -65,6 +65,12 @@ class Internal(RegulatorError):
     code = grpc.StatusCode.INTERNAL
 
 
+class DataLoss(RegulatorError):
+    """Stored records of the session cannot be decoded: it is quarantined, its rows untouched."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 ERRORS_BY_CODE: dict[grpc.StatusCode, type[RegulatorError]] = {
     cls.code: cls
     for cls in (
@@ -77,6 +83,7 @@ ERRORS_BY_CODE: dict[grpc.StatusCode, type[RegulatorError]] = {
         Unauthenticated,
         DeadlineExceeded,
         Internal,
+        DataLoss,
     )
 }
 

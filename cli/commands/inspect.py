@@ -1,6 +1,7 @@
 """``regulator sessions | show | export``: read a running regulator's sessions, for people and scripts.
 
-Every command is one or a few ``ListSessions``/``GetSession`` calls through ``RegulatorClient``;
+Every command is a few ``ListSessions``/``GetSession`` calls through ``RegulatorClient`` (a long
+history comes page by page: ``export`` writes each page as it arrives);
 the server's errors (NOT_FOUND, UNAVAILABLE, ...) reach ``regulator``'s ``main`` as
 ``RegulatorError`` and become ``regulator <cmd>: <CODE>: <message>`` with exit code 1.
 
@@ -14,15 +15,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import datetime as dt
 import functools
-import itertools
 import json
 import math
 import os
 import sys
 import threading
-from typing import IO, Any, Callable, Iterator, Optional, Sequence
+import time
+from typing import IO, Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_client import DeadlineExceeded, RegulatorClient, Unavailable
@@ -30,9 +32,9 @@ from regulator_client.profiles import profile_name, profile_params
 from regulator_client.cli_args import add_connection_flags, connect_from_args
 from regulator_client.transport import default_target
 
-SLOW_FETCH_S = 1.0  # a GetSession slower than this gets a note on stderr
-# GetSession with every step is one message: ~70 bytes per step and modality pair, so a long job
-# passes gRPC's 4 MiB default; the client lifts the limit (the server sends without one).
+SLOW_FETCH_S = 1.0  # a fetch slower than this gets progress notes on stderr
+# GetSession pages are at most 2 MiB (the server's cap), far below gRPC's 4 MiB default; the
+# limit is lifted anyway for servers older than paging, which answered every step at once.
 MAX_RECEIVE_BYTES = 1 << 30
 
 # derived from the wire contract, so a new state or fallback mode is never printed as '?'
@@ -70,19 +72,76 @@ def connect(args: argparse.Namespace) -> Iterator[RegulatorClient]:
             raise DeadlineExceeded(f"{exc.message} (after {args.timeout:g}s; a long history may need a larger --timeout)") from exc
 
 
+class Progress:
+    """Notes on stderr while a long history is fetched: one once it takes a while, then at most
+    one a second with the steps fetched so far."""
+
+    def __init__(self, args: argparse.Namespace, what: str) -> None:
+        self._args, self._what = args, what
+        self._t0 = time.monotonic()
+        self._last = 0.0
+        self._timer = threading.Timer(SLOW_FETCH_S, self._note)
+        self._timer.daemon = True
+
+    def _note(self) -> None:
+        print(f"regulator: fetching the {self._what} of job {self._args.job!r} from {resolve_target(self._args)} ...",
+              file=sys.stderr, flush=True)
+        self._last = time.monotonic()
+
+    def page(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._t0 > SLOW_FETCH_S and now - self._last >= 1.0 and done < total:
+            print(f"regulator: {done:,} of {total:,} steps fetched ...", file=sys.stderr, flush=True)
+            self._last = now
+
+    def __enter__(self) -> "Progress":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
 def fetch_session(client: RegulatorClient, args: argparse.Namespace, include_steps: bool) -> pb.GetSessionResponse:
-    """``GetSession``, with a note on stderr if it takes a while (a long job's every step)."""
-    what = "full history" if include_steps else "history"
-    note = threading.Timer(
-        SLOW_FETCH_S,
-        lambda: print(f"regulator: fetching the {what} of job {args.job!r} from {resolve_target(args)} ...", file=sys.stderr, flush=True),
+    """``GetSession``, every page of it with ``include_steps``, with progress notes on stderr."""
+    with Progress(args, "full history" if include_steps else "history") as progress:
+        return client.get_session(args.job, args.attempt, include_steps=include_steps, on_page=progress.page)
+
+
+@dataclasses.dataclass
+class History:
+    """A session's header and epochs, and its steps as they arrive page by page."""
+
+    session: pb.SessionInfo
+    epochs: Sequence[pb.EpochRecord]
+    steps: Iterable[pb.StepRecord]
+    steps_pruned_unix_ms: int = 0
+
+
+@contextlib.contextmanager
+def stream_history(client: RegulatorClient, args: argparse.Namespace, include_steps: bool) -> Iterator[History]:
+    """The session's pages fetched while they are consumed (``export`` writes each page as it
+    comes: memory holds one page, whatever the history's length)."""
+    with Progress(args, "full history" if include_steps else "history") as progress:
+        pages = client.session_pages(args.job, args.attempt, include_steps=include_steps)
+        first = next(pages)
+
+        def steps() -> Iterator[pb.StepRecord]:
+            done = len(first.steps)
+            yield from first.steps
+            for page in pages:
+                done += len(page.steps)
+                progress.page(done, first.session.steps)
+                yield from page.steps
+
+        yield History(first.session, first.epochs, steps(), first.steps_pruned_unix_ms)
+
+
+def pruned_note(s: pb.SessionInfo, pruned_ms: int) -> str:
+    return (
+        f"the step records of job {s.job_id!r} (attempt {s.attempt}) were pruned on {fmt_time(pruned_ms)} "
+        "(the server's --step-retention); its epochs are kept"
     )
-    note.daemon = True
-    note.start()
-    try:
-        return client.get_session(args.job, args.attempt, include_steps=include_steps)
-    finally:
-        note.cancel()
 
 
 def pipe_safe(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -121,6 +180,7 @@ def session_dict(s: pb.SessionInfo) -> dict[str, Any]:
         "last_step": s.last_step,
         "window": {w.modality: {"open": w.open, "growth": finite(w.growth)} for w in s.window},
         "created_unix_ms": s.created_unix_ms,
+        **({"state_reason": s.state_reason} if s.state_reason else {}),
     }
 
 
@@ -168,14 +228,19 @@ def trace_header(s: pb.SessionInfo) -> dict[str, Any]:
     return head
 
 
-def trace_lines(detail: pb.GetSessionResponse) -> Iterator[dict[str, Any]]:
-    """``session``, then each epoch's steps followed by its ``epoch_end`` once closed."""
-    yield trace_header(detail.session)
-    by_epoch = {epoch: list(group) for epoch, group in itertools.groupby(detail.steps, key=lambda s: s.epoch)}
-    for e in detail.epochs:  # every epoch from 0 to the open one
-        yield from (step_dict(s) for s in by_epoch.get(e.epoch, ()))
-        if e.closed:
-            yield {"type": "epoch_end", "epoch": e.epoch}
+def trace_lines(session: pb.SessionInfo, epochs: Sequence[pb.EpochRecord], steps: Iterable[pb.StepRecord]) -> Iterator[dict[str, Any]]:
+    """``session``, then each epoch's steps followed by its ``epoch_end`` once closed (steps
+    arrive in step order, so epochs in order too: the lines stream as the pages come)."""
+    yield trace_header(session)
+    closed = [e.epoch for e in epochs if e.closed]
+    i = 0
+    for s in steps:
+        while i < len(closed) and closed[i] < s.epoch:
+            yield {"type": "epoch_end", "epoch": closed[i]}
+            i += 1
+        yield step_dict(s)
+    for epoch in closed[i:]:
+        yield {"type": "epoch_end", "epoch": epoch}
 
 
 def latest_coefficients(detail: pb.GetSessionResponse) -> tuple[Optional[int], dict[str, float]]:
@@ -243,6 +308,9 @@ def run_sessions(args: argparse.Namespace) -> int:
         infos = client.list_sessions(include_inactive=args.all)
         rows = []
         for s in infos:
+            if s.state == pb.SESSION_STATE_CORRUPT:  # quarantined: its history does not decode
+                rows.append((s, None, {}))
+                continue
             detail = client.get_session(s.job_id, s.attempt)
             coef_epoch, coefs = latest_coefficients(detail)
             rows.append((s, coef_epoch, coefs))
@@ -270,6 +338,9 @@ def run_sessions(args: argparse.Namespace) -> int:
         for s, ce, c in rows
     ]
     print(table(("JOB", "ATTEMPT", "STATE", "PROFILE", "EPOCH", "STEPS", "WINDOW", "MEAN BETA (LATEST EPOCH)"), body, "lrllrrll"))
+    for s, _, _ in rows:
+        if s.state_reason:
+            print(f"{s.job_id} attempt {s.attempt} is {STATE_NAMES.get(s.state, '?')}: {s.state_reason}")
     return 0
 
 
@@ -332,10 +403,13 @@ def steps_table(steps: Sequence[pb.StepRecord], modalities: Sequence[str]) -> st
 def run_show(args: argparse.Namespace) -> int:
     with connect(args) as client:
         detail = fetch_session(client, args, include_steps=args.steps)
+    pruned = detail.steps_pruned_unix_ms
     if args.json:
         obj: dict[str, Any] = {"session": session_dict(detail.session), "epochs": [epoch_dict(e) for e in detail.epochs]}
         if args.steps:
             obj["steps"] = [step_dict(s) for s in detail.steps]
+        if pruned:
+            obj["steps_pruned_unix_ms"] = pruned
         print_json(obj, sys.stdout)
         return 0
     print(session_header(detail.session))
@@ -343,7 +417,10 @@ def run_show(args: argparse.Namespace) -> int:
     print(epochs_table(detail.epochs) if detail.epochs else "no epochs yet")
     if args.steps:
         print()
-        print(steps_table(detail.steps, detail.session.modalities) if detail.steps else "no steps yet")
+        if pruned:
+            print(pruned_note(detail.session, pruned))
+        else:
+            print(steps_table(detail.steps, detail.session.modalities) if detail.steps else "no steps yet")
     return 0
 
 
@@ -359,27 +436,29 @@ def cell(v: Any) -> Any:
     return "" if v is None else int(v) if isinstance(v, bool) else v
 
 
-def write_csv(detail: pb.GetSessionResponse, what: str, out: IO[str]) -> int:
+def write_csv(h: History, what: str, out: IO[str]) -> int:
     """The rows of the JSON shapes, one column per modality and field (``fac_fisher``, ...)."""
-    mods = list(detail.session.modalities)
+    mods = list(h.session.modalities)
     w = csv.writer(out, lineterminator="\n")  # floats print as repr: full float64 precision
     if what == "steps":
         w.writerow(["epoch", "step", "count", "fallback", *[f"{m}_{f}" for m in mods for f in STEP_FIELDS]])
-        for d in map(step_dict, detail.steps):
+        n = 0
+        for d in map(step_dict, h.steps):
             w.writerow([d["epoch"], d["step"], d["count"], cell(d["fallback"]), *[d[f][m] for m in mods for f in STEP_FIELDS]])
-        return len(detail.steps)
+            n += 1
+        return n
     w.writerow(["epoch", "closed", "steps", "fallback_steps", *[f"{m}_{f}" for m in mods for f in EPOCH_FIELDS]])
-    for d in map(epoch_dict, detail.epochs):
+    for d in map(epoch_dict, h.epochs):
         per = d["modalities"]
         w.writerow([d["epoch"], cell(d["closed"]), d["steps"], d["fallback_steps"], *[cell(per[m][f]) for m in mods for f in EPOCH_FIELDS]])
-    return len(detail.epochs)
+    return len(h.epochs)
 
 
-def write_jsonl(detail: pb.GetSessionResponse, what: str, out: IO[str]) -> int:
+def write_jsonl(h: History, what: str, out: IO[str]) -> int:
     if what == "steps":
-        lines: Iterator[dict[str, Any]] = trace_lines(detail)
+        lines: Iterator[dict[str, Any]] = trace_lines(h.session, h.epochs, h.steps)
     else:
-        lines = ({"type": "epoch", **epoch_dict(e)} for e in detail.epochs)
+        lines = ({"type": "epoch", **epoch_dict(e)} for e in h.epochs)
     n = 0
     for obj in lines:
         out.write(json.dumps(obj, allow_nan=False) + "\n")
@@ -389,19 +468,28 @@ def write_jsonl(detail: pb.GetSessionResponse, what: str, out: IO[str]) -> int:
 
 @pipe_safe
 def run_export(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        detail = fetch_session(client, args, include_steps=args.what == "steps")
     write = write_csv if args.format == "csv" else write_jsonl
-    if args.output == "-":
-        write(detail, args.what, sys.stdout)
-        return 0
-    try:
-        with open(args.output, "w", encoding="utf-8", newline="") as out:
-            n = write(detail, args.what, out)
-    except OSError as exc:
-        print(f"regulator export: {args.output}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    s = detail.session
+    steps = args.what == "steps"
+    with connect(args) as client, stream_history(client, args, include_steps=steps) as h:
+        if steps and h.steps_pruned_unix_ms:
+            print(f"regulator export: {pruned_note(h.session, h.steps_pruned_unix_ms)}: "
+                  "only `--what epochs` can be exported", file=sys.stderr)
+            return 1
+        if args.output == "-":
+            write(h, args.what, sys.stdout)
+            return 0
+        tmp = f"{args.output}.partial"  # the file appears only once every page is written
+        try:
+            with open(tmp, "w", encoding="utf-8", newline="") as out:
+                n = write(h, args.what, out)
+            os.replace(tmp, args.output)
+        except OSError as exc:
+            print(f"regulator export: {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    s = h.session
     print(f"exported {n} {args.what} of job {s.job_id!r} (attempt {s.attempt}) to {args.output}", file=sys.stderr)
     return 0
 

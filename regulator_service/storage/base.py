@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 from ..model import EpochSummary, SessionConfig, SessionKey, SessionStatus, StepRecord
 from ..policy import Window
@@ -17,6 +17,48 @@ from ..policy import Window
 
 class StoreError(Exception):
     """The store cannot be used (corrupt file, unknown schema version, I/O failure)."""
+
+
+class StoreTimeout(StoreError):
+    """A call did not complete in time and was withdrawn: nothing was changed."""
+
+
+class StoreInDoubt(StoreError):
+    """A write did not complete in time while the store was executing it (a hung disk): it may
+    still commit. ``on_resolved(fn)`` calls ``fn()`` once its outcome is known, so that the
+    caller can re-read what was really stored."""
+
+    def __init__(self, message: str, on_resolved: "Callable[[Callable[[], None]], None]") -> None:
+        super().__init__(message)
+        self.on_resolved = on_resolved
+
+
+class CorruptRecord(StoreError):
+    """A stored record of one session cannot be decoded; the session is quarantined, its rows
+    are left as they are, and every other session is served."""
+
+    def __init__(self, key: SessionKey, reason: str) -> None:
+        super().__init__(f"session {key} has a record that cannot be decoded: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class StateDirLocked(StoreError):
+    """Another regulator (``pid`` if known) serves this state directory."""
+
+    def __init__(self, message: str, pid: Optional[int]) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A session whose stored records cannot be decoded: what is known of it without decoding."""
+
+    key: SessionKey
+    reason: str
+    created_ms: int = 0
+    last_active_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -33,6 +75,7 @@ class StoredSession:
     open_steps: tuple[StepRecord, ...]  # steps of the open epoch, in step order
     step_count: int
     last_step: int  # -1 before the first step
+    steps_pruned_ms: int = 0  # > 0: its step records were pruned then (retention); epochs kept
 
 
 class StateStore(ABC):
@@ -58,7 +101,11 @@ class StateStore(ABC):
     def set_status(self, key: SessionKey, status: SessionStatus, at_ms: int) -> None: ...
 
     @abstractmethod
-    def append_step(self, key: SessionKey, record: StepRecord, at_ms: int) -> None: ...
+    def append_step(
+        self, key: SessionKey, record: StepRecord, at_ms: int, filled: Optional[StepRecord] = None
+    ) -> None:
+        """Records a new step; ``filled`` (an earlier step whose deferred Fisher values arrived
+        with this report) overwrites that step's record in the same transaction."""
 
     @abstractmethod
     def replace_step(self, key: SessionKey, record: StepRecord, at_ms: int) -> None:
@@ -72,8 +119,10 @@ class StateStore(ABC):
         next_epoch: int,
         next_window: tuple[Window, ...],
         at_ms: int,
+        filled: Optional[StepRecord] = None,
     ) -> None:
-        """Stores a closed epoch and opens the next one, atomically."""
+        """Stores a closed epoch and opens the next one, atomically, with ``filled`` (the last
+        step, whose deferred Fisher values arrived with the EndEpoch) overwriting its record."""
 
     @abstractmethod
     def get_step(self, key: SessionKey, step: int) -> Optional[StepRecord]: ...
@@ -87,12 +136,19 @@ class StateStore(ABC):
         """The recorded steps of one epoch, in step order."""
 
     @abstractmethod
-    def load(self, open_only: bool = True) -> list[StoredSession]:
-        """Sessions to restore at start-up (only the open ones by default: the rest stays on
-        disk and is loaded on demand)."""
+    def step_range(self, key: SessionKey, first: int, last: int, limit: int) -> list[StepRecord]:
+        """Up to ``limit`` recorded steps numbered ``first`` to ``last`` (inclusive), in step
+        order: one page of history."""
 
     @abstractmethod
-    def load_session(self, key: SessionKey) -> Optional[StoredSession]: ...
+    def load(self, open_only: bool = True) -> list[Union[StoredSession, Quarantined]]:
+        """Sessions to restore at start-up (only the open ones by default: the rest stays on
+        disk and is loaded on demand). Each session is decoded on its own: one whose records
+        cannot be decoded comes back ``Quarantined`` and the others load."""
+
+    @abstractmethod
+    def load_session(self, key: SessionKey) -> Optional[StoredSession]:
+        """One session (``CorruptRecord`` if it cannot be decoded)."""
 
     @abstractmethod
     def latest_attempt(self, job_id: str) -> Optional[int]: ...
@@ -100,6 +156,24 @@ class StateStore(ABC):
     @abstractmethod
     def inactive_keys(self, limit: int) -> list[SessionKey]:
         """Up to ``limit`` sessions that are not open, newest first."""
+
+    def prune_steps(
+        self, ended_before_ms: int, now_ms: int, max_rows: int, skip: frozenset[SessionKey] = frozenset()
+    ) -> list[SessionKey]:
+        """Deletes up to ``max_rows`` step records of sessions that ended (closed, superseded,
+        expired) before ``ended_before_ms``, keeping their epochs and windows, never touching
+        the sessions in ``skip``; returns the sessions whose steps are now all gone (marked
+        pruned at ``now_ms``). The default keeps everything."""
+        return []
+
+    def health(self) -> Optional[str]:
+        """Why writes fail right now (disk full, locked, file removed), or None when healthy."""
+        return None
+
+    def probe(self) -> Optional[str]:
+        """Tries a small write when unhealthy, so that recovery is noticed without traffic;
+        returns ``health()`` afterwards."""
+        return self.health()
 
     def close(self) -> None:
         """Flushes and releases resources."""

@@ -45,6 +45,7 @@ def config_to_json(c: SessionConfig) -> str:
             "modalities": list(c.modalities),
             "profile": profile_to_dict(c.profile),
             "resume_epoch": c.resume_epoch,
+            **({"open_token": c.open_token} if c.open_token else {}),
         }
     )
 
@@ -58,6 +59,7 @@ def config_from_json(s: str, profiles: ProfileRegistry = BUILTIN_PROFILES) -> Se
         modalities=tuple(d["modalities"]),
         profile=profile_from_dict(d["profile"], profiles),
         resume_epoch=int(d.get("resume_epoch", 0)),
+        open_token=str(d.get("open_token", "")),
     )
 
 
@@ -100,19 +102,27 @@ def epoch_from_json(s: str) -> EpochSummary:
     )
 
 
+def _floats(xs: tuple[float, ...]) -> str:
+    """A JSON array of floats, spelled as ``json.dumps`` spells them (``repr``; NaN and
+    Infinity as its extension), without its per-call overhead: one per answered step."""
+    text = ",".join(map(repr, xs))
+    if "n" in text:  # 'nan' or 'inf': never part of a finite float's repr
+        text = ",".join(dumps(x) for x in xs)
+    return text
+
+
 def step_to_json(r: StepRecord) -> str:
-    return dumps(
-        {
-            "count": r.count,
-            "score_sums": list(r.score_sums),
-            "fishers": list(r.fishers),
-            "proximal": list(r.proximal),
-            "fallback": int(r.fallback),
-            "digest": r.digest.hex(),
-            # only profiles that scale gradients or add noise write these (older records lack them)
-            **({"grad_scale": list(r.grad_scale)} if r.grad_scale else {}),
-            **({"noise_scale": list(r.noise_scale)} if r.noise_scale else {}),
-        }
+    """The step record's JSON, byte for byte what ``dumps`` of the equivalent dict gives (keys
+    in this order; grad_scale/noise_scale only for profiles that scale gradients or add noise,
+    so older records lack them)."""
+    extra = ""
+    if r.grad_scale:
+        extra += f',"grad_scale":[{_floats(r.grad_scale)}]'
+    if r.noise_scale:
+        extra += f',"noise_scale":[{_floats(r.noise_scale)}]'
+    return (
+        f'{{"count":{int(r.count)},"score_sums":[{_floats(r.score_sums)}],"fishers":[{_floats(r.fishers)}],'
+        f'"proximal":[{_floats(r.proximal)}],"fallback":{int(r.fallback)},"digest":"{r.digest.hex()}"{extra}}}'
     )
 
 

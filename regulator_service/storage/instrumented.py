@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Callable, Iterator, Optional, TypeVar, Union
 
 from ..model import EpochSummary, SessionConfig, SessionKey, SessionStatus, StepRecord
 from ..policy import Window
-from .base import StateStore, StoredSession
+from .base import Quarantined, StateStore, StoredSession
 
 T = TypeVar("T")
 Timer = Callable[[str, Callable[[], T]], T]
@@ -32,8 +32,10 @@ class InstrumentedStore(StateStore):
     def set_status(self, key: SessionKey, status: SessionStatus, at_ms: int) -> None:
         self._timed("set_status", lambda: self.inner.set_status(key, status, at_ms))
 
-    def append_step(self, key: SessionKey, record: StepRecord, at_ms: int) -> None:
-        self._timed("append_step", lambda: self.inner.append_step(key, record, at_ms))
+    def append_step(
+        self, key: SessionKey, record: StepRecord, at_ms: int, filled: Optional[StepRecord] = None
+    ) -> None:
+        self._timed("append_step", lambda: self.inner.append_step(key, record, at_ms, filled))
 
     def replace_step(self, key: SessionKey, record: StepRecord, at_ms: int) -> None:
         self._timed("replace_step", lambda: self.inner.replace_step(key, record, at_ms))
@@ -45,8 +47,11 @@ class InstrumentedStore(StateStore):
         next_epoch: int,
         next_window: tuple[Window, ...],
         at_ms: int,
+        filled: Optional[StepRecord] = None,
     ) -> None:
-        self._timed("close_epoch", lambda: self.inner.close_epoch(key, closed, next_epoch, next_window, at_ms))
+        self._timed(
+            "close_epoch", lambda: self.inner.close_epoch(key, closed, next_epoch, next_window, at_ms, filled)
+        )
 
     def get_step(self, key: SessionKey, step: int) -> Optional[StepRecord]:
         return self.inner.get_step(key, step)
@@ -57,7 +62,10 @@ class InstrumentedStore(StateStore):
     def epoch_steps(self, key: SessionKey, epoch: int) -> list[StepRecord]:
         return self.inner.epoch_steps(key, epoch)
 
-    def load(self, open_only: bool = True) -> list[StoredSession]:
+    def step_range(self, key: SessionKey, first: int, last: int, limit: int) -> list[StepRecord]:
+        return self.inner.step_range(key, first, last, limit)
+
+    def load(self, open_only: bool = True) -> list[Union[StoredSession, Quarantined]]:
         return self.inner.load(open_only)
 
     def load_session(self, key: SessionKey) -> Optional[StoredSession]:
@@ -68,6 +76,17 @@ class InstrumentedStore(StateStore):
 
     def inactive_keys(self, limit: int) -> list[SessionKey]:
         return self.inner.inactive_keys(limit)
+
+    def prune_steps(
+        self, ended_before_ms: int, now_ms: int, max_rows: int, skip: frozenset[SessionKey] = frozenset()
+    ) -> list[SessionKey]:
+        return self._timed("prune_steps", lambda: self.inner.prune_steps(ended_before_ms, now_ms, max_rows, skip))  # type: ignore[call-arg]
+
+    def health(self) -> Optional[str]:
+        return self.inner.health()
+
+    def probe(self) -> Optional[str]:
+        return self.inner.probe()
 
     def close(self) -> None:
         self.inner.close()

@@ -4,13 +4,14 @@ not the process."""
 
 from __future__ import annotations
 
+import bisect
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 from ..model import EpochSummary, SessionConfig, SessionKey, SessionStatus, StepRecord
 from ..policy import Window
-from .base import StateStore, StoredSession
+from .base import Quarantined, StateStore, StoredSession
 
 
 @dataclass
@@ -23,6 +24,10 @@ class _Row:
     open_window: tuple[Window, ...]
     epochs: list[EpochSummary] = field(default_factory=list)
     steps: dict[int, StepRecord] = field(default_factory=dict)  # insertion = step order
+    order: list[int] = field(default_factory=list)  # the step numbers, ascending (for ranges)
+    step_count: int = 0
+    last_step: int = -1
+    pruned_ms: int = 0
 
 
 def _of_epoch(row: _Row, epoch: int) -> list[StepRecord]:
@@ -54,18 +59,30 @@ class MemoryStore(StateStore):
             self._rows[key].status = status
             self._rows[key].last_active_ms = at_ms
 
-    def append_step(self, key: SessionKey, record: StepRecord, at_ms: int) -> None:
+    def append_step(
+        self, key: SessionKey, record: StepRecord, at_ms: int, filled: Optional[StepRecord] = None
+    ) -> None:
         with self._lock:
-            self._rows[key].steps[record.step] = record
-            self._rows[key].last_active_ms = at_ms
+            row = self._rows[key]
+            if filled is not None:
+                self._replace(row, key, filled)
+            row.steps[record.step] = record
+            row.order.append(record.step)
+            row.step_count += 1
+            row.last_step = record.step
+            row.last_active_ms = at_ms
 
     def replace_step(self, key: SessionKey, record: StepRecord, at_ms: int) -> None:
         with self._lock:
             row = self._rows[key]
-            if record.step not in row.steps:
-                raise KeyError(f"step {record.step} of {key} is not recorded")
-            row.steps[record.step] = record
+            self._replace(row, key, record)
             row.last_active_ms = at_ms
+
+    @staticmethod
+    def _replace(row: "_Row", key: SessionKey, record: StepRecord) -> None:
+        if record.step not in row.steps:
+            raise KeyError(f"step {record.step} of {key} is not recorded")
+        row.steps[record.step] = record
 
     def close_epoch(
         self,
@@ -74,9 +91,12 @@ class MemoryStore(StateStore):
         next_epoch: int,
         next_window: tuple[Window, ...],
         at_ms: int,
+        filled: Optional[StepRecord] = None,
     ) -> None:
         with self._lock:
             row = self._rows[key]
+            if filled is not None:
+                self._replace(row, key, filled)
             row.last_active_ms = at_ms
             row.epochs.append(closed)
             row.open_epoch = next_epoch
@@ -92,6 +112,36 @@ class MemoryStore(StateStore):
             records = list(self._rows[key].steps.values())
         return iter(records)
 
+    def step_range(self, key: SessionKey, first: int, last: int, limit: int) -> list[StepRecord]:
+        with self._lock:
+            row = self._rows.get(key)
+            if row is None:
+                return []
+            i = bisect.bisect_left(row.order, first)
+            j = min(bisect.bisect_right(row.order, last), i + limit)
+            return [row.steps[s] for s in row.order[i:j]]
+
+    def prune_steps(
+        self, ended_before_ms: int, now_ms: int, max_rows: int, skip: frozenset[SessionKey] = frozenset()
+    ) -> list[SessionKey]:
+        pruned = []
+        with self._lock:
+            for key, row in self._rows.items():
+                if max_rows <= 0:
+                    break
+                if (key in skip or row.status == SessionStatus.OPEN or row.pruned_ms
+                        or row.last_active_ms >= ended_before_ms):
+                    continue
+                drop = row.order[:max_rows]
+                for s in drop:
+                    del row.steps[s]
+                del row.order[: len(drop)]
+                max_rows -= len(drop)
+                if not row.order:
+                    row.pruned_ms = now_ms
+                    pruned.append(key)
+        return pruned
+
     @staticmethod
     def _stored(row: _Row) -> StoredSession:
         return StoredSession(
@@ -103,15 +153,16 @@ class MemoryStore(StateStore):
             open_epoch=row.open_epoch,
             open_window=row.open_window,
             open_steps=tuple(_of_epoch(row, row.open_epoch)),
-            step_count=len(row.steps),
-            last_step=max(row.steps, default=-1),
+            step_count=row.step_count,
+            last_step=row.last_step,
+            steps_pruned_ms=row.pruned_ms,
         )
 
     def epoch_steps(self, key: SessionKey, epoch: int) -> list[StepRecord]:
         with self._lock:
             return _of_epoch(self._rows[key], epoch)
 
-    def load(self, open_only: bool = True) -> list[StoredSession]:
+    def load(self, open_only: bool = True) -> list[Union[StoredSession, Quarantined]]:
         with self._lock:
             return [
                 self._stored(row)

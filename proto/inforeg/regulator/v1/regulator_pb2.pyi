@@ -339,16 +339,18 @@ class GetSessionRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., include_steps: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class GetSessionResponse(_message.Message):
-    __slots__ = ("session", "epochs", "steps", "next_page_token")
+    __slots__ = ("session", "epochs", "steps", "next_page_token", "steps_pruned_unix_ms")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PRUNED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     session: SessionInfo
     epochs: _containers.RepeatedCompositeFieldContainer[EpochRecord]
     steps: _containers.RepeatedCompositeFieldContainer[StepRecord]
     next_page_token: str
-    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., epochs: _Optional[_Iterable[_Union[EpochRecord, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    steps_pruned_unix_ms: int
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., epochs: _Optional[_Iterable[_Union[EpochRecord, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., steps_pruned_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
     __slots__ = ("include_inactive", "limit")

@@ -1,0 +1,348 @@
+"""Server load: Report QPS and latency of the regulator against the grpcio floor, in one run.
+
+    python -m bench.server_load                       # echo floor, SQLite and memory store at 1/4/16 in flight
+    python -m bench.server_load --duration 10 --rounds 3 --json results/server_load.json
+
+Three servers take the same closed-loop load from the same load generator: a trivial grpcio
+server that answers every Regulator RPC with a canned message (the floor: what any grpcio
+server pays per call), ``regulator serve`` with its SQLite store, and ``regulator serve
+--in-memory``. Each client has its own channel (its own connection) and its own session and
+sends Reports with realistic statistics (two modalities, ``official`` profile) and an EndEpoch
+every 100 steps; ``in flight`` is the number of such clients. The server runs on one CPU and the
+load generator on the others (``taskset`` where available, else ``sched_setaffinity``), so the
+floor is one core's worth of grpcio. Servers alternate within each round (A B C A B C) so that
+machine noise hits all of them alike; the summary is the median over rounds.
+
+``run(...) -> dict`` is the entry point for ``make bench``; ``main()`` prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+SERVERS = ("echo", "sqlite", "memory")
+MODALITIES = ("audio", "visual")
+END_EVERY = 100  # an EndEpoch every this many steps, as a 100-step epoch would
+
+
+# -- placement ---------------------------------------------------------------------------------
+
+
+def placement() -> tuple[list[int], list[int]]:
+    """(server CPUs, load CPUs): the first CPU for the server, the rest for the load; all of
+    them for both on a single-CPU machine."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return cpus, cpus
+    return cpus[:1], cpus[1:]
+
+
+def pinned(cmd: list[str], cpus: Sequence[int]) -> dict[str, Any]:
+    """Popen arguments that run ``cmd`` on ``cpus``: taskset when installed, else the child
+    pins itself with sched_setaffinity before exec."""
+    if shutil.which("taskset"):
+        return {"args": ["taskset", "-c", ",".join(map(str, cpus)), *cmd]}
+    return {"args": cmd, "preexec_fn": lambda: os.sched_setaffinity(0, set(cpus))}
+
+
+# -- the floor: a trivial grpcio server ----------------------------------------------------------
+
+
+def canned_responses() -> dict[str, Any]:
+    """Realistic answers of each Regulator RPC, built once."""
+    from inforeg.regulator.v1 import regulator_pb2 as pb
+
+    windows = [pb.ModalityWindow(modality=m, open=True, growth=0.07) for m in MODALITIES]
+    step = pb.StepRecord(
+        epoch=3, step=312, count=64,
+        modalities=[
+            pb.ModalityStep(modality=m, score_sum=40.5, fisher=1.25e-4, factors=pb.Factors(proximal=0.33))
+            for m in MODALITIES
+        ],
+    )
+    info = pb.SessionInfo(job_id="echo", modalities=list(MODALITIES), state=pb.SESSION_STATE_OPEN, window=windows)
+    return {
+        "OpenSession": pb.OpenSessionResponse(session=info, created=True),
+        "Report": pb.ReportResponse(step=step, window=windows),
+        "EndEpoch": pb.EndEpochResponse(next_epoch=4, next_window=windows),
+    }
+
+
+def serve_echo(ready_file: str, workers: int = 16) -> None:
+    """The floor: deserializes each request as the regulator would and answers a canned message."""
+    import grpc
+
+    from inforeg.regulator.v1 import regulator_pb2 as pb
+
+    service = pb.DESCRIPTOR.services_by_name["Regulator"]
+    canned = canned_responses()
+    handlers = {}
+    for method in service.methods:
+        if method.name not in canned:
+            continue
+        request_type = getattr(pb, method.input_type.name)
+        answer = canned[method.name]
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            lambda request, context, answer=answer: answer,
+            request_deserializer=request_type.FromString,
+            response_serializer=type(answer).SerializeToString,
+        )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    tmp = Path(ready_file + ".tmp")
+    tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
+    tmp.replace(ready_file)
+    server.wait_for_termination()
+
+
+# -- the load generator -------------------------------------------------------------------------
+
+
+def _client(target: str, index: int, run_id: str, start: threading.Barrier, window: list[float],
+            stop: threading.Event, out: list[Any]) -> None:
+    try:
+        out[index] = _client_loop(target, index, run_id, start, window, stop)
+    except BaseException as exc:  # noqa: BLE001 - reported by load()
+        out[index] = exc
+        start.abort()
+        stop.set()
+
+
+def _client_loop(target: str, index: int, run_id: str, start: threading.Barrier, window: list[float],
+                 stop: threading.Event) -> list[float]:
+    import grpc
+
+    from inforeg.regulator.v1 import regulator_pb2 as pb
+    from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
+
+    rng = random.Random(index)
+    job = f"load-{run_id}-{index}"
+    latencies: list[float] = []
+    with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        stub = pb_grpc.RegulatorStub(channel)
+        stub.OpenSession(
+            pb.OpenSessionRequest(job_id=job, modalities=list(MODALITIES), profile=pb.Profile(official=pb.OfficialProfile())),
+            timeout=30, wait_for_ready=True,
+        )
+        start.wait()
+        step = 0
+        while not stop.is_set():
+            epoch = step // END_EVERY
+            req = pb.ReportRequest(
+                job_id=job, epoch=epoch, step=step, count=64,
+                stats=[
+                    pb.ModalityStats(modality=m, score_sum=64 * rng.uniform(0.2, 0.95), fisher=abs(rng.gauss(0, 1e-4)))
+                    for m in MODALITIES
+                ],
+            )
+            t0 = time.perf_counter()
+            stub.Report(req, timeout=30)
+            t1 = time.perf_counter()
+            if window[0] <= t0 and t1 <= window[1]:
+                latencies.append(t1 - t0)
+            step += 1
+            if step % END_EVERY == 0:
+                stub.EndEpoch(pb.EndEpochRequest(job_id=job, epoch=epoch), timeout=30)
+    return latencies
+
+
+def load(target: str, clients: int, duration_s: float, warmup_s: float) -> dict[str, Any]:
+    """Closed-loop load: ``clients`` threads, each its own channel and session; Report latency
+    and QPS inside the measurement window (after ``warmup_s``)."""
+    run_id = f"{os.getpid()}-{time.time_ns()}"
+    start = threading.Barrier(clients + 1, timeout=120)
+    stop = threading.Event()
+    window = [float("inf"), float("inf")]
+    out: list[Any] = [None] * clients
+    threads = [
+        threading.Thread(target=_client, args=(target, i, run_id, start, window, stop, out), daemon=True)
+        for i in range(clients)
+    ]
+    for t in threads:
+        t.start()
+    start.wait()
+    now = time.perf_counter()
+    window[0], window[1] = now + warmup_s, now + warmup_s + duration_s
+    time.sleep(warmup_s + duration_s)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    failed = [x for x in out if isinstance(x, BaseException)]
+    if failed:
+        raise RuntimeError(f"a load client failed: {failed[0]!r}") from failed[0]
+    lat = sorted(x for per in out if per for x in per)
+    if not lat:
+        raise RuntimeError(f"no Report completed inside the window against {target}")
+    return {
+        "in_flight": clients,
+        "reports": len(lat),
+        "qps": len(lat) / duration_s,
+        "p50_ms": 1000 * lat[len(lat) // 2],
+        "p90_ms": 1000 * lat[int(len(lat) * 0.9)],
+        "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+    }
+
+
+# -- servers -------------------------------------------------------------------------------------
+
+
+class Server:
+    """A server process (echo floor or ``regulator serve``) on the server CPUs."""
+
+    def __init__(self, kind: str, cpus: Sequence[int], workdir: Path, extra: Sequence[str] = ()) -> None:
+        self.kind = kind
+        ready = workdir / f"{kind}-{time.time_ns()}.json"
+        if kind == "echo":
+            cmd = [sys.executable, "-m", "bench.server_load", "--serve-echo", str(ready)]
+        else:
+            cmd = [sys.executable, "-m", "regulator_cli", "serve", "--port", "0", "--metrics-port", "-1",
+                   "--ready-file", str(ready), *extra]
+            cmd += ["--in-memory"] if kind == "memory" else ["--state-dir", str(workdir / f"state-{time.time_ns()}")]
+        self.log = open(workdir / f"{kind}.log", "ab")
+        self.proc = subprocess.Popen(**pinned(cmd, cpus), stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{kind} server did not start: {' '.join(cmd)} (log {self.log.name})")
+            time.sleep(0.05)
+        self.target = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def measure(server: Server, clients: int, duration_s: float, warmup_s: float, cpus: Sequence[int]) -> dict[str, Any]:
+    """Runs the load generator in its own process on the load CPUs."""
+    cmd = [sys.executable, "-m", "bench.server_load", "--load", server.target, "--clients", str(clients),
+           "--duration", str(duration_s), "--warmup", str(warmup_s)]
+    done = subprocess.run(**pinned(cmd, cpus), capture_output=True, text=True, timeout=duration_s + warmup_s + 120)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed against {server.kind}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(
+    concurrency: Sequence[int] = (1, 4, 16),
+    duration_s: float = 5.0,
+    warmup_s: float = 1.0,
+    rounds: int = 1,
+    servers: Sequence[str] = SERVERS,
+    server_args: Sequence[str] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The server-load table: per server and in-flight count, Report QPS, p50/p90/p99 (ms) and
+    the ratios to the echo floor measured in the same run (medians over ``rounds``)."""
+    server_cpus, load_cpus = placement()
+    samples: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-server-load-") as tmp:
+        for r in range(rounds):
+            for kind in servers:
+                server = Server(kind, server_cpus, Path(tmp), server_args if kind != "echo" else ())
+                try:
+                    for n in concurrency:
+                        res = measure(server, n, duration_s, warmup_s, load_cpus)
+                        samples.setdefault((kind, n), []).append(res)
+                        if progress:
+                            print(f"  round {r + 1}/{rounds} {kind:>6} x{n:<3} {res['qps']:8.0f} QPS  "
+                                  f"p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms", file=sys.stderr, flush=True)
+                finally:
+                    server.stop()
+    rows = []
+    for (kind, n), runs in samples.items():
+        rows.append({
+            "server": kind,
+            "in_flight": n,
+            "qps": statistics.median(x["qps"] for x in runs),
+            "p50_ms": statistics.median(x["p50_ms"] for x in runs),
+            "p90_ms": statistics.median(x["p90_ms"] for x in runs),
+            "p99_ms": statistics.median(x["p99_ms"] for x in runs),
+            "qps_all": [x["qps"] for x in runs],
+        })
+    floor = {row["in_flight"]: row for row in rows if row["server"] == "echo"}
+    for row in rows:
+        base = floor.get(row["in_flight"])
+        if base is not None:
+            row["qps_vs_floor"] = row["qps"] / base["qps"]
+            row["p99_vs_floor"] = row["p99_ms"] / base["p99_ms"]
+    return {
+        "benchmark": "server_load",
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
+        "server_cpus": server_cpus,
+        "load_cpus": load_cpus,
+        "duration_s": duration_s,
+        "warmup_s": warmup_s,
+        "rounds": rounds,
+        "rows": rows,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"server load ({result['date']}, {result['machine']}; server on CPU {result['server_cpus']}, "
+        f"load on {result['load_cpus']}; {result['duration_s']:g} s per cell, median of {result['rounds']} round(s))",
+        f"{'server':<16}{'in flight':>10}{'QPS':>9}{'x floor':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99 x floor':>13}",
+    ]
+    names = {"echo": "grpcio floor", "sqlite": "regulator SQLite", "memory": "regulator memory"}
+    for row in sorted(result["rows"], key=lambda r: (SERVERS.index(r["server"]), r["in_flight"])):
+        lines.append(
+            f"{names[row['server']]:<16}{row['in_flight']:>10}{row['qps']:>9.0f}{row.get('qps_vs_floor', float('nan')):>9.2f}"
+            f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row.get('p99_vs_floor', float('nan')):>13.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.server_load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="in-flight counts")
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    p.add_argument("--json", default=None, help="also write the result here")
+    # internal: the processes the benchmark starts
+    p.add_argument("--serve-echo", metavar="READY_FILE", help=argparse.SUPPRESS)
+    p.add_argument("--load", metavar="TARGET", help=argparse.SUPPRESS)
+    p.add_argument("--clients", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_echo:
+        serve_echo(args.serve_echo)
+        return 0
+    if args.load:
+        print(json.dumps(load(args.load, args.clients, args.duration, args.warmup)))
+        return 0
+    result = run(args.concurrency, args.duration, args.warmup, args.rounds, args.servers)
+    print(table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
