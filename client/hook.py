@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -35,7 +36,7 @@ from regulator_service.model import regulated_fisher
 
 from .client import RegulatorClient, modality_stats
 from .delivery import Delivery, DeliveryStats
-from .identity import JobIdentity
+from .identity import AttemptLike, JobIdentity, agree_on_attempt
 from .profiles import ProfileLike, make_profile, profile_name
 from .stats import FISHER_MODULES, EncoderProbe, score_sums
 from .trace import TraceWriter
@@ -84,7 +85,9 @@ class InfoRegHook:
         client: a ``RegulatorClient`` (remote or in-process).
         encoders: modality name -> encoder module, in the order the session declares them.
         job_id, attempt, rank, world_size: identity; defaults come from torch.distributed and
-            the torchrun environment (see ``JobIdentity.resolve``).
+            the environment (see ``JobIdentity.resolve``). ``attempt="next"`` (the default
+            outside torchrun, or ``REGULATOR_ATTEMPT=next``): the regulator assigns the attempt
+            after the job's latest, so a retried process continues the job.
         profile: ``"paper"`` (default), ``"official"``, ``"none"`` or a ``pb.Profile``;
             ``profile_params`` are its parameters (e.g. ``reference_modality="audio"``).
         record: path of a statistics trace to write (replayable by ``regulator replay``).
@@ -108,7 +111,7 @@ class InfoRegHook:
         encoders: Mapping[str, nn.Module],
         *,
         job_id: Optional[str] = None,
-        attempt: Optional[int] = None,
+        attempt: AttemptLike = None,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         profile: ProfileLike = "paper",
@@ -172,28 +175,40 @@ class InfoRegHook:
 
     def open(self) -> pb.SessionInfo:
         """Opens (or rejoins) the session of this job and attempt. Whatever the mode, this waits
-        for the regulator (up to ``wait_timeout``): a job does not start unregulated."""
+        for the regulator (up to ``wait_timeout``): a job does not start unregulated. With attempt
+        ``"next"`` the regulator assigns it first (the leader asks, see ``agree_on_attempt``)."""
+        if self.identity.next_attempt:
+            token = uuid.uuid4().hex  # one per process start: a retried request gets the same attempt
+            assigned = agree_on_attempt(
+                lambda: self._open_session(next_attempt=True, open_token=token).attempt,
+                distributed=self._distributed(), process_group=self.process_group, device=self.probe.device,
+            )
+            self.identity = self.identity.assigned(assigned)
+        ident = self.identity
+        session = self._open_session(attempt=ident.attempt)
+        self._state.session = session
+        if self.record_path is not None and self._trace is None and ident.rank == 0:
+            ref = None
+            if profile_name(session.profile) == "official":
+                ref = session.profile.official.reference_modality
+            self._trace = TraceWriter(self.record_path, self.modalities, ref)
+        return session
+
+    def _open_session(self, **fields: Any) -> pb.SessionInfo:
         ident = self.identity
         req = pb.OpenSessionRequest(
             job_id=ident.job_id,
-            attempt=ident.attempt,
             world_size=ident.world_size,
             modalities=list(self.modalities),
             profile=self.profile,
             resume_epoch=self.start_epoch,
+            **fields,
         )
         transport = self.client.transport
-        resp = self.delivery.waiting(
+        return self.delivery.waiting(
             lambda timeout: transport.open_session(req, timeout=timeout, wait_for_ready=True),
             getattr(transport, "timeout", self.delivery.call_timeout),
-        )
-        self._state.session = resp.session
-        if self.record_path is not None and self._trace is None and ident.rank == 0:
-            ref = None
-            if profile_name(resp.session.profile) == "official":
-                ref = resp.session.profile.official.reference_modality
-            self._trace = TraceWriter(self.record_path, self.modalities, ref)
-        return resp.session
+        ).session
 
     def on_epoch_start(self, epoch: Optional[int] = None) -> None:
         """Snapshots the encoders' weights as this epoch's proximal anchors."""

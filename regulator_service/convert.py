@@ -32,6 +32,7 @@ from .policy import BUILTIN_PROFILES, MAX_STRENGTH, ProfileError, ProfileRegistr
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,199}")
 MODALITY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+OPEN_TOKEN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 def _finite(name: str, x: float, *, nonneg: bool = False) -> float:
@@ -110,7 +111,21 @@ def config_from_request(
         modalities=modalities,
         profile=profile_from_proto(req.profile if req.HasField("profile") else None, modalities, profiles),
         resume_epoch=_at_least("resume_epoch", req.resume_epoch, 0),
+        open_token=_open_token(req),
     )
+
+
+def _open_token(req: pb.OpenSessionRequest) -> str:
+    """The opener's token; only with ``next_attempt``, whose ``attempt`` the server assigns."""
+    if not req.next_attempt:
+        if req.open_token:
+            raise InvalidArgument("open_token is only meaningful with next_attempt")
+        return ""
+    if req.attempt != 0:
+        raise InvalidArgument(f"attempt must be 0 with next_attempt (the server assigns it), got {req.attempt}")
+    if req.open_token and not OPEN_TOKEN.fullmatch(req.open_token):
+        raise InvalidArgument(f"open_token {shown(req.open_token)} is invalid: 1-128 characters of [A-Za-z0-9_.:-]")
+    return req.open_token
 
 
 def _modality_report(s: pb.ModalityStats, fallback: Fallback) -> ModalityReport:

@@ -46,6 +46,9 @@ class SessionConfig:
     modalities: tuple[str, ...]
     profile: SessionProfile
     resume_epoch: int = 0  # > 0: inherits the previous attempt's closed epochs before this one
+    # OpenSession(next_attempt) opener id: a retried request gets the attempt it created. Not
+    # part of the configuration's identity (equality), so a rejoin with another token matches.
+    open_token: str = field(default="", compare=False)
 
     @property
     def key(self) -> SessionKey:

@@ -30,6 +30,7 @@ from regulator_client.cli_args import add_connection_flags, connect_from_args
 from regulator_client.hook import InfoRegHook
 from regulator_client.profiles import PROFILE_NAMES, parse_profile_params
 
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .digits_data import DigitsSplit, load_split
 from .digits_model import ConcatFusionNet
 
@@ -56,6 +57,13 @@ class TrainConfig:
     call_timeout: float = 10.0
     wait_timeout: float = 300.0
     save_weights: Optional[str] = None  # torch.save(state_dict) here at the end
+    checkpoint: Optional[str] = None  # saved after every epoch, resumed from when it exists
+
+    def resume_settings(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed (not the epoch count: a job may grow)."""
+        keep = ("views", "profile", "profile_params", "seed", "batch_size", "lr", "momentum",
+                "weight_decay", "lr_step", "lr_gamma", "unimodal_loss")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k in keep}
 
     def optimizer(self, params: Any) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.StepLR]:
         """The optimizer and schedule every digits trainer uses (plain, hook, DDP, Lightning)."""
@@ -104,7 +112,6 @@ def hook_options(cfg: TrainConfig, job_id: str) -> dict[str, Any]:
     """The InfoRegHook keywords a TrainConfig decides (shared with the Lightning trainer)."""
     return dict(
         job_id=job_id,
-        attempt=0,
         profile=cfg.profile,
         profile_params=cfg.profile_params,
         record=cfg.record,
@@ -144,14 +151,24 @@ def train(
     torch.manual_seed(cfg.seed)
     model = ConcatFusionNet(data.dims).to(device)
     opt, sched = cfg.optimizer(model.parameters())
-    job_id = cfg.job_id or f"digits-{cfg.profile}-s{cfg.seed}-{uuid.uuid4().hex[:8]}"
+    resume = load_checkpoint(cfg.checkpoint, cfg.resume_settings()) if cfg.checkpoint else None
+    if resume is not None:
+        if cfg.job_id and cfg.job_id != resume.job_id:
+            raise ValueError(f"{cfg.checkpoint} belongs to job {resume.job_id!r}, not {cfg.job_id!r}")
+        model.load_state_dict(resume.model)
+        opt.load_state_dict(resume.optimizer)
+        sched.load_state_dict(resume.scheduler)
+        print(f"resuming job {resume.job_id} at epoch {resume.epoch} (step {resume.step}) from {cfg.checkpoint}", file=sys.stderr)
+    job_id = cfg.job_id or (resume.job_id if resume else f"digits-{cfg.profile}-s{cfg.seed}-{uuid.uuid4().hex[:8]}")
+    start_epoch, start_step = (resume.epoch, resume.step) if resume else (0, 0)
     hook = InfoRegHook(
-        client, {v: model.encoders[v] for v in cfg.views}, rank=0, world_size=1, keep_history=True, **hook_options(cfg, job_id)
+        client, {v: model.encoders[v] for v in cfg.views}, rank=0, world_size=1, keep_history=True,
+        start_epoch=start_epoch, start_step=start_step, **hook_options(cfg, job_id),
     )
     n = len(y_tr)
     t0 = time.perf_counter()
     with hook:
-        for epoch in range(cfg.epochs):
+        for epoch in range(start_epoch, cfg.epochs):
             hook.on_epoch_start(epoch)
             order = epoch_order(n, cfg.seed, epoch).to(device)
             for start in range(0, n, cfg.batch_size):
@@ -168,12 +185,18 @@ def train(
             end = hook.on_epoch_end()
             if log is not None and end is not None:
                 log(epoch, end)
+            if cfg.checkpoint and end is not None:  # only epochs the regulator has closed
+                save_checkpoint(cfg.checkpoint, Checkpoint(
+                    job_id, epoch + 1, hook.step, cfg.resume_settings(), model.state_dict(), opt.state_dict(), sched.state_dict()
+                ))
         detail = client.get_session(job_id)
     wall = time.perf_counter() - t0
     if cfg.save_weights:
         torch.save(model.state_dict(), cfg.save_weights)
     return {
         "job_id": job_id,
+        "attempt": hook.identity.attempt,
+        "resumed_at_epoch": start_epoch,
         "config": asdict(cfg),
         **evaluate(model, xs_te, y_te),
         **session_summary(detail),
@@ -287,8 +310,12 @@ def write_result(result: dict[str, Any], out: Optional[str], label: str) -> None
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainers.digits", description=__doc__.split("\n\n")[0])
     add_training_flags(p)
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="save a checkpoint here after every epoch, and resume from it when it exists "
+                        "(a retried process continues the job as the regulator's next attempt)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
+    cfg.checkpoint = args.checkpoint
     with client_from_args(p, args) as client:
         result = train(cfg, client, log=print_epoch(cfg.epochs))
     write_result(result, args.out, cfg.profile)

@@ -89,9 +89,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.coef_log:
         Path(args.coef_log).mkdir(parents=True, exist_ok=True)
         log_file = open(Path(args.coef_log) / f"rank{rank}.jsonl", "w", encoding="utf-8")
-    tag = f"[rank {rank}/{world} job {hook.identity.job_id} attempt {hook.identity.attempt}]"
     t0 = time.perf_counter()
     with hook:
+        tag = f"[rank {rank}/{world} job {hook.identity.job_id} attempt {hook.identity.attempt}]"  # as opened
         for epoch in range(args.epochs):
             sampler.set_epoch(epoch)
             hook.on_epoch_start(epoch)
