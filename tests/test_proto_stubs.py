@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,32 @@ from .conftest import ROOT
 PROTO_DIR = ROOT / "proto"
 PROTO = "inforeg/regulator/v1/regulator.proto"
 GENERATED = ["regulator_pb2.py", "regulator_pb2.pyi", "regulator_pb2_grpc.py"]
+
+
+def test_generator_is_the_pinned_one() -> None:
+    """The stubs' generator sets the grpcio/protobuf floors of every training environment (the
+    stubs refuse older runtimes), so it is pinned in the dev extra and the floors follow it."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (tools,) = [Requirement(r) for r in project["optional-dependencies"]["dev"] if Requirement(r).name == "grpcio-tools"]
+    (pin,) = [str(s.version) for s in tools.specifier if s.operator == "=="]
+    assert version("grpcio-tools") == pin, (
+        f"grpcio-tools {version('grpcio-tools')} is installed, the dev extra pins {pin} (it sets the stubs' floors): "
+        f"`make proto` installs it and regenerates"
+    )
+    core = {Requirement(r).name: Requirement(r) for r in project["dependencies"]}
+    generated = (PROTO_DIR / "inforeg/regulator/v1/regulator_pb2_grpc.py").read_text()
+    grpc_floor = re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", generated).group(1)  # type: ignore[union-attr]
+    assert grpc_floor == pin
+    gencode = re.search(r"# Protobuf Python Version: ([\d.]+)", (PROTO_DIR / "inforeg/regulator/v1/regulator_pb2.py").read_text()).group(1)  # type: ignore[union-attr]
+    for name, floor in (("grpcio", grpc_floor), ("protobuf", gencode)):
+        lowest = min((Version(s.version) for s in core[name].specifier if s.operator == ">="), default=None)
+        assert lowest == Version(floor), f"pyproject's {core[name]} should start at what the stubs demand: {floor}"
 
 
 def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:

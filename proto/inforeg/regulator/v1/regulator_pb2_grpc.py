@@ -5,7 +5,7 @@ import warnings
 
 from inforeg.regulator.v1 import regulator_pb2 as inforeg_dot_regulator_dot_v1_dot_regulator__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.82.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
