@@ -1,15 +1,20 @@
 """deploy/: the Kubernetes manifests, the Prometheus files and the Dockerfile, checked offline.
 
 - every kustomization renders (`kubectl kustomize`), and every rendered core document passes
-  `kubernetes-validate -k 1.29.0 --strict`; the prometheus-operator CRDs (PodMonitor,
-  ServiceMonitor) are not in its schemas and are checked here by hand;
+  `kubernetes-validate -k 1.29.0 --strict`; the CRDs (prometheus-operator's PodMonitor,
+  ServiceMonitor, PrometheusRule; cert-manager's Issuer, Certificate) are not in its schemas and
+  are checked here by hand;
 - the manifests agree with the server's real command line: the container args and the
   REGULATOR_* settings parse with ``regulator_cli.main.build_parser``, the probes use the
   configured health port, the Service/PodMonitor/ServiceMonitor the configured metrics port;
+  the trainers' args parse with the trainers' (and torchrun's) own parsers;
+- the NetworkPolicies admit what the pods need and nothing else, by label and port name;
 - yamllint over deploy/; promtool on the scrape config, the alert rules and their unit tests,
-  and on every dashboard query (as recording rules: promtool parses PromQL);
-- the Dockerfile, parsed statically (no Docker engine here), and its HEALTHCHECK command run
-  against a real `regulator serve` started with the image's CMD.
+  and on every dashboard query (as recording rules: promtool parses PromQL); the generated
+  PrometheusRule and dashboard ConfigMap are what deploy/generate.py writes;
+- the Dockerfile, parsed statically (no Docker engine here), its HEALTHCHECK command run
+  against a real `regulator serve` started with the image's CMD, and the wheel it installs built
+  from exactly what it copies.
 """
 
 from __future__ import annotations
@@ -48,16 +53,27 @@ K8S_VERSION = "1.29.0"
 SCRAPE_JOB = "inforeg-regulator"  # the job label every scrape path sets (alerts and dashboard filter on it)
 TOKEN_SECRET = "inforeg-regulator-token"
 ENV_PREFIX = "REGULATOR_"
-# prometheus-operator CRDs: not in kubernetes-validate's schemas.
-CRDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
-
+# CRDs of prometheus-operator and cert-manager: not in kubernetes-validate's schemas.
+CRDS = {
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("cert-manager.io/v1", "Issuer"),
+    ("cert-manager.io/v1", "Certificate"),
+}
+CENTRAL = {"ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "ServiceMonitor", "NetworkPolicy", "PriorityClass"}
 KUSTOMIZATIONS = {
-    "overlays/sidecar": {"ServiceAccount", "ConfigMap", "Job", "PodMonitor"},
-    "overlays/central": {"ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "ServiceMonitor"},
-    "overlays/central-mtls": {"ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "ServiceMonitor"},
-    "examples/central-trainer": {"Job"},
+    "overlays/sidecar": {"ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "Job", "PodMonitor", "NetworkPolicy"},
+    "overlays/central": CENTRAL,
+    "overlays/central-mtls": CENTRAL,
+    "examples/central-trainer": {"PersistentVolumeClaim", "Job"},
+    "examples/multi-pod-ddp": {"Service", "Job", "NetworkPolicy"},
+    "examples/cert-manager": {"Issuer", "Certificate"},
+    "monitoring": {"PrometheusRule", "ConfigMap"},
 }
 REGULATOR_OVERLAYS = ("overlays/sidecar", "overlays/central", "overlays/central-mtls")
+MONITORING_NAMESPACE = "monitoring"  # where Prometheus and Grafana run (k8s/monitoring, the NetworkPolicies)
+CLIENT_LABEL = "inforeg.io/regulator-client"  # trainer pods the central regulator admits
 
 
 # -- tools ------------------------------------------------------------------------------------
@@ -95,10 +111,31 @@ _RENDERED: dict[str, list[dict[str, Any]]] = {}
 
 def rendered(kustomization: str) -> list[dict[str, Any]]:
     if kustomization not in _RENDERED:
-        proc = run([kubectl(), "kustomize", str(K8S / kustomization)])
-        assert proc.returncode == 0, f"kubectl kustomize {kustomization} failed:\n{proc.stderr}"
-        _RENDERED[kustomization] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+        _RENDERED[kustomization] = kustomize(K8S / kustomization)
     return _RENDERED[kustomization]
+
+
+def kustomize(path: Path, *flags: str) -> list[dict[str, Any]]:
+    proc = run([kubectl(), "kustomize", *flags, str(path)])
+    assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def validate_strict(docs: list[dict[str, Any]], tmp_path: Path) -> None:
+    """kubernetes-validate --strict on every core document (CRDs are checked by hand)."""
+    validator = venv_tool("kubernetes-validate", "kubernetes-validate")
+    files = []
+    for i, d in enumerate(docs):
+        if (d["apiVersion"], d["kind"]) in CRDS:
+            continue
+        f = tmp_path / f"{i:02d}-{d['kind']}-{d['metadata']['name']}.yaml"
+        f.write_text(yaml.safe_dump(d))
+        files.append(str(f))
+    if not files:
+        return
+    proc = run([validator, "-k", K8S_VERSION, "--strict", *files])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("passed for resource") == len(files), proc.stdout
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: Optional[str] = None) -> dict[str, Any]:
@@ -216,19 +253,9 @@ def test_kustomize_renders(kustomization: str) -> None:
 
 @pytest.mark.parametrize("kustomization", sorted(KUSTOMIZATIONS))
 def test_kubernetes_validate_strict(kustomization: str, tmp_path: Path) -> None:
-    """Core documents against the 1.29 schemas, unknown fields rejected; CRDs: see test_operator_monitors."""
-    validator = venv_tool("kubernetes-validate", "kubernetes-validate")
-    files = []
-    for i, d in enumerate(rendered(kustomization)):
-        if (d["apiVersion"], d["kind"]) in CRDS:
-            continue
-        f = tmp_path / f"{i:02d}-{d['kind']}-{d['metadata']['name']}.yaml"
-        f.write_text(yaml.safe_dump(d))
-        files.append(str(f))
-    assert files
-    proc = run([validator, "-k", K8S_VERSION, "--strict", *files])
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("passed for resource") == len(files), proc.stdout
+    """Core documents against the 1.29 schemas, unknown fields rejected; CRDs: see
+    test_operator_monitors, test_cert_manager_example, test_generated_monitoring_objects."""
+    validate_strict(rendered(kustomization), tmp_path)
 
 
 def test_kubernetes_validate_is_strict(tmp_path: Path) -> None:
@@ -254,7 +281,23 @@ def _check_endpoint(ep: dict[str, Any], allowed: set[str]) -> None:
     assert {"action": "replace", "targetLabel": "job", "replacement": SCRAPE_JOB} in ep["relabelings"], ep
 
 
-ENDPOINT_FIELDS = {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings", "metricRelabelings", "honorLabels"}
+ENDPOINT_FIELDS = {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings", "metricRelabelings", "honorLabels", "authorization"}
+
+
+def mounted_secret_key(spec: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, str]:
+    """(Secret name, key) of the file ``path`` inside ``container``, from its mounts and volumes."""
+    (mount,) = [m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    inside = path[len(mount["mountPath"].rstrip("/")) + 1:]
+    items = {i["path"]: i["key"] for i in volume["secret"].get("items", [])}
+    return volume["secret"]["secretName"], items.get(inside, inside)
+
+
+def check_metrics_authorization(ep: dict[str, Any], spec: dict[str, Any], reg: dict[str, Any], args: Any) -> None:
+    """/metrics requires a token (issue 8.8), and the monitor sends the one the regulator reads."""
+    assert args.metrics_token_file, "the regulator's /metrics must require a bearer token (--metrics-token-file)"
+    secret, key = mounted_secret_key(spec, reg, args.metrics_token_file)
+    assert ep.get("authorization") == {"type": "Bearer", "credentials": {"name": secret, "key": key}}, ep
 
 
 def test_operator_monitors() -> None:
@@ -270,6 +313,7 @@ def test_operator_monitors() -> None:
     _check_endpoint(ep, ENDPOINT_FIELDS)
     args = serve_args(reg.get("args", []), container_env(docs, reg))
     assert port_number(reg["ports"], ep["port"]) == args.metrics_port
+    check_metrics_authorization(ep, spec, reg, args)
 
     # Central: the ServiceMonitor selects the Service, whose metrics port leads to the container's.
     for overlay in ("overlays/central", "overlays/central-mtls"):
@@ -285,6 +329,7 @@ def test_operator_monitors() -> None:
         args = serve_args(reg.get("args", []), container_env(docs, reg))
         (sport,) = [p for p in svc["spec"]["ports"] if p["name"] == ep["port"]]
         assert port_number(reg["ports"], sport["targetPort"]) == args.metrics_port
+        check_metrics_authorization(ep, spec, reg, args)
 
 
 # -- the manifests against the server's real flags ---------------------------------------------
@@ -316,8 +361,10 @@ def test_manifests_match_server_flags(overlay: str) -> None:
             explicit = serve_args([flag, value], {})
             assert getattr(args, dest) == getattr(explicit, dest), f"{key}={value} does not act like {flag} {value}"
 
-    # Listening: the kubelet dials the pod IP, so gRPC, health and metrics listen on every address.
-    assert args.host == "0.0.0.0" and (args.metrics_host or args.host) == "0.0.0.0"
+    # Listening: the kubelet and Prometheus dial the pod IP, so health and metrics listen on every
+    # address; gRPC too centrally, on loopback only in a sidecar (the trainer is in the same pod).
+    assert (args.health_host or args.host) == "0.0.0.0" and (args.metrics_host or args.host) == "0.0.0.0"
+    assert args.host == ("127.0.0.1" if overlay == "overlays/sidecar" else "0.0.0.0")
     assert args.health_port > 0 and args.metrics_port > 0 and args.port > 0
     assert len({args.port, args.health_port, args.metrics_port}) == 3
     assert port_number(reg["ports"], "grpc") == args.port
@@ -391,6 +438,17 @@ def _check_sidecar(docs: list[dict[str, Any]], job: dict[str, Any], spec: dict[s
     (trainer,) = spec["containers"]
     env = _check_trainer(spec, trainer, args.token_file)
     assert env["REGULATOR_TARGET"]["value"] == f"127.0.0.1:{args.port}"
+    # The sidecar's history dies with the pod; the trainer's statistics trace (--record) goes to a
+    # volume that does not (tests/test_sidecar.py: the trace gives the history back).
+    record = [a.split("=", 1)[1] for a in trainer["args"] if a.startswith("--record=")]
+    assert record, "the sidecar's trainer must --record its statistics trace"
+    vol = volume(spec, mount_for(trainer, record[0])["name"])
+    assert "persistentVolumeClaim" in vol, f"--record {record[0]} must be on a volume that outlives the pod: {vol}"
+    find(docs, "PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"])
+    # Only Prometheus may connect (the metrics port); the RPCs are on loopback anyway.
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    (netpol,) = [p for p in docs if p["kind"] == "NetworkPolicy" and _labels_match(p["spec"]["podSelector"]["matchLabels"], pod_labels)]
+    assert _ingress(netpol, reg) == {("metrics", ("namespace", MONITORING_NAMESPACE))}
 
 
 def _check_central(docs: list[dict[str, Any]], deploy: dict[str, Any], spec: dict[str, Any], args: Any, state_vol: dict[str, Any], mtls: bool) -> None:
@@ -410,8 +468,41 @@ def _check_central(docs: list[dict[str, Any]], deploy: dict[str, Any], spec: dic
     assert ports["metrics"]["port"] == args.metrics_port and ports["grpc"]["port"] == args.port
     if mtls:
         assert args.tls_cert and args.tls_key and args.tls_client_ca, "the mTLS overlay must set all three TLS flags"
+        # Mounted as a directory, never with subPath: the kubelet updates the files when
+        # cert-manager renews the Secret, and the regulator reloads them.
+        assert "subPath" not in mount_for(reg, args.tls_cert) and "subPath" not in mount_for(reg, args.token_file)
     else:
         assert not (args.tls_cert or args.tls_key or args.tls_client_ca)
+    # gRPC only from the trainers (by label), metrics only from the monitoring namespace.
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    (netpol,) = [p for p in docs if p["kind"] == "NetworkPolicy" and _labels_match(p["spec"]["podSelector"]["matchLabels"], pod_labels)]
+    assert _ingress(netpol, reg) == {("grpc", ("pods", f"{CLIENT_LABEL}=true")), ("metrics", ("namespace", MONITORING_NAMESPACE))}
+    # Its PriorityClass exists, ranks above the default (0) and is nobody's default.
+    pc = find(docs, "PriorityClass", spec["priorityClassName"])
+    assert pc["value"] > 0 and pc.get("globalDefault") is False
+    assert not any(d["kind"] == "PodDisruptionBudget" for d in docs), "see components/drain-guard and deploy/README.md"
+
+
+def _ingress(netpol: dict[str, Any], container: dict[str, Any]) -> set[tuple[str, tuple[str, str]]]:
+    """A NetworkPolicy's ingress as {(container port name, (peer kind, peer))}: every port must be
+    a named port of ``container`` and every peer a plain label selector."""
+    assert netpol["spec"]["policyTypes"] == ["Ingress"]
+    names = {p["name"] for p in container["ports"]}
+    out = set()
+    for rule in netpol["spec"]["ingress"]:
+        assert rule["ports"], f"a rule without ports admits every port: {rule}"
+        for port in rule["ports"]:
+            assert port["port"] in names and port.get("protocol", "TCP") == "TCP", port
+            for peer in rule["from"]:
+                assert len(peer) == 1, f"one selector per peer, not an intersection: {peer}"
+                if "namespaceSelector" in peer:
+                    (label, value), = peer["namespaceSelector"]["matchLabels"].items()
+                    assert label == "kubernetes.io/metadata.name", label
+                    out.add((port["port"], ("namespace", value)))
+                else:
+                    (label, value), = peer["podSelector"]["matchLabels"].items()
+                    out.add((port["port"], ("pods", f"{label}={value}")))
+    return out
 
 
 def test_central_trainer_example_targets_the_service() -> None:
@@ -428,22 +519,144 @@ def test_central_trainer_example_targets_the_service() -> None:
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     grpc_port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
     assert env["REGULATOR_TARGET"]["value"] == f"{svc['metadata']['name']}.$(POD_NAMESPACE).svc:{grpc_port}"
+    _check_central_client(central, job)
+    # A retried pod continues: the regulator numbers the attempts, the checkpoint outlives the pod.
+    assert env["REGULATOR_ATTEMPT"]["value"] == "next"
+    assert job["spec"]["backoffLimit"] >= 1
+    (ckpt,) = [a.split("=", 1)[1] for a in trainer["args"] if a.startswith("--checkpoint=")]
+    vol = volume(spec, mount_for(trainer, ckpt)["name"])
+    assert "persistentVolumeClaim" in vol, f"--checkpoint {ckpt} must be on a volume that outlives the pod: {vol}"
+    find(rendered("examples/central-trainer"), "PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"])
+
+
+def _check_central_client(central: list[dict[str, Any]], job: dict[str, Any]) -> None:
+    """The trainer pods carry the label the central regulator's NetworkPolicy admits on gRPC."""
+    (netpol,) = [d for d in central if d["kind"] == "NetworkPolicy"]
+    (grpc_rule,) = [r for r in netpol["spec"]["ingress"] if [p["port"] for p in r["ports"]] == ["grpc"]]
+    (peer,) = grpc_rule["from"]
+    assert _labels_match(peer["podSelector"]["matchLabels"], job["spec"]["template"]["metadata"]["labels"])
+
+
+def _flags_of(module: str) -> set[str]:
+    """The --flags `python -m <module> --help` lists."""
+    proc = run([sys.executable, "-m", module, "--help"], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return set(re.findall(r"--[a-z][a-z0-9-]*", proc.stdout))
 
 
 def test_trainer_args_are_digits_flags() -> None:
     """The example trainers' flags exist in `python -m trainers.digits`."""
     pytest.importorskip("torch", reason="the trainer CLI needs torch")
-    from trainers import digits
-
-    out = io.StringIO()
-    with redirect_stdout(out), pytest.raises(SystemExit):
-        digits.main(["--help"])
-    known = set(re.findall(r"--[a-z][a-z0-9-]*", out.getvalue()))
+    known = _flags_of("trainers.digits")
     for docs in (rendered("overlays/sidecar"), rendered("examples/central-trainer")):
         trainer = next(c for c in pod_spec(find(docs, "Job"))["containers"] if c["name"] == "trainer")
         assert trainer["command"] == ["python", "-m", "trainers.digits"]
         missing = set(flags_in(trainer["args"])) - known
         assert not missing, f"trainers.digits has no {missing}"
+
+
+def test_multi_pod_ddp_example() -> None:
+    """Indexed Job (2 pods x 1 rank) + headless Service + torchrun c10d, against the central
+    regulator: torchrun's own parser reads the args, and every name they use resolves."""
+    pytest.importorskip("torch", reason="torchrun's parser comes with torch")
+    from torch.distributed.run import get_args_parser
+
+    docs = rendered("examples/multi-pod-ddp")
+    job, svc = find(docs, "Job"), find(docs, "Service")
+    spec = pod_spec(job)
+    (trainer,) = spec["containers"]
+    assert trainer["command"] == ["torchrun"]
+    env = {v["name"]: v for v in trainer["env"]}
+    for ref in re.findall(r"\$\((\w+)\)", " ".join(trainer["args"])):
+        assert ref in env, f"args use $({ref}), which is not in the env"
+    assert env["REGULATOR_JOB_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+    assert env["REGULATOR_ATTEMPT"]["value"] == "next", "a replaced pod's torchrun counts restarts from 0 again"
+    substituted = [a.replace("$(REGULATOR_JOB_ID)", job["metadata"]["name"]).replace("$(REGULATOR_TARGET)", "t:1") for a in trainer["args"]]
+    args = get_args_parser().parse_args(substituted)
+
+    # One pod per node of the rendezvous, all at once, each with a stable name.
+    assert job["spec"]["completionMode"] == "Indexed"
+    nodes = int(args.nnodes)
+    assert nodes == job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    assert int(args.nproc_per_node) == trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert args.rdzv_backend == "c10d" and args.rdzv_id == job["metadata"]["name"]
+    # The endpoint is pod 0 through the headless Service, on the port the pods expose.
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert spec["subdomain"] == svc["metadata"]["name"]
+    assert _labels_match(svc["spec"]["selector"], job["spec"]["template"]["metadata"]["labels"])
+    host, port = args.rdzv_endpoint.rsplit(":", 1)
+    assert host == f"{job['metadata']['name']}-0.{svc['metadata']['name']}", "pod 0's hostname.subdomain"
+    (svc_port,) = svc["spec"]["ports"]
+    assert int(port) == svc_port["port"] == port_number(trainer["ports"], svc_port["targetPort"])
+    # The ranks may reach each other (rendezvous, then gloo/NCCL on ports they pick).
+    (netpol,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert _labels_match(netpol["spec"]["podSelector"]["matchLabels"], labels)
+    (rule,) = netpol["spec"]["ingress"]
+    assert "ports" not in rule and _labels_match(rule["from"][0]["podSelector"]["matchLabels"], labels)
+
+    # Its ranks report to the central regulator, which admits them.
+    central = rendered("overlays/central")
+    (_, _, reg), = regulator_pods(central)
+    reg_args = serve_args(reg.get("args", []), container_env(central, reg))
+    central_svc = find(central, "Service")
+    assert env["REGULATOR_TARGET"]["value"] == f"{central_svc['metadata']['name']}.$(POD_NAMESPACE).svc:{reg_args.port}"
+    assert env["REGULATOR_TOKEN_FILE"]["value"] == reg_args.token_file
+    assert_secret_file(spec, trainer, reg_args.token_file, TOKEN_SECRET)
+    _check_central_client(central, job)
+    # The training script's own flags.
+    script = args.training_script_args
+    assert args.module and args.training_script == "trainers.digits_ddp"
+    missing = set(flags_in(script)) - _flags_of("trainers.digits_ddp")
+    assert not missing, f"trainers.digits_ddp has no {missing}"
+
+
+def test_drain_guard_component(tmp_path: Path) -> None:
+    """components/drain-guard on top of overlays/central: a PDB that selects the one regulator pod
+    and allows no voluntary eviction of it (opt-in: see deploy/README.md, Disruptions)."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(K8S / "overlays" / "central", tmp_path)],
+        "components": [os.path.relpath(K8S / "components" / "drain-guard", tmp_path)],
+    }))
+    docs = kustomize(tmp_path, "--load-restrictor", "LoadRestrictionsNone")
+    pdb, deploy = find(docs, "PodDisruptionBudget"), find(docs, "Deployment")
+    assert _labels_match(pdb["spec"]["selector"]["matchLabels"], deploy["spec"]["template"]["metadata"]["labels"])
+    assert deploy["spec"]["replicas"] == 1 and pdb["spec"]["maxUnavailable"] == 0
+    validate_strict(docs, tmp_path)
+
+
+def test_cert_manager_example() -> None:
+    """The Certificates write the Secrets the mTLS overlay mounts (server) and trainers use
+    (client), for the names trainers dial, from a CA chain that resolves within the example."""
+    docs = rendered("examples/cert-manager")
+    issuers = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Issuer"}
+    certs = {d["spec"]["secretName"]: d for d in docs if d["kind"] == "Certificate"}
+    for cert in certs.values():
+        ref = cert["spec"]["issuerRef"]
+        assert ref["kind"] == "Issuer" and ref["group"] == "cert-manager.io" and ref["name"] in issuers, ref
+    (ca_issuer,) = [i for i in issuers.values() if "ca" in i["spec"]]
+    ca_cert = certs[ca_issuer["spec"]["ca"]["secretName"]]
+    assert ca_cert["spec"]["isCA"] is True and "selfSigned" in issuers[ca_cert["spec"]["issuerRef"]["name"]]["spec"]
+
+    mtls = rendered("overlays/central-mtls")
+    (_, spec, reg), = regulator_pods(mtls)
+    args = serve_args(reg.get("args", []), container_env(mtls, reg))
+    tls_secret = volume(spec, mount_for(reg, args.tls_cert)["name"])["secret"]["secretName"]
+    server = certs[tls_secret]
+    assert server["spec"]["issuerRef"]["name"] == ca_issuer["metadata"]["name"]
+    assert "server auth" in server["spec"]["usages"]
+    svc = find(mtls, "Service")["metadata"]["name"]
+    names = server["spec"]["dnsNames"]
+    assert svc in names and any(re.fullmatch(rf"{re.escape(svc)}\.[a-z0-9-]+\.svc", n) for n in names), names
+    # The files the server reads are the keys cert-manager writes; ca.crt is the client CA.
+    for path in (args.tls_cert, args.tls_key, args.tls_client_ca):
+        assert PurePosixPath(path).name in {"tls.crt", "tls.key", "ca.crt"}
+    (client,) = [c for s, c in certs.items() if s not in (tls_secret, ca_issuer["spec"]["ca"]["secretName"])]
+    assert "client auth" in client["spec"]["usages"] and client["spec"]["issuerRef"]["name"] == ca_issuer["metadata"]["name"]
+    for cert in (server, client):
+        assert cert["spec"]["privateKey"]["rotationPolicy"] == "Always"
+        hours = lambda v: float(v.rstrip("h"))  # noqa: E731
+        assert hours(cert["spec"]["renewBefore"]) < hours(cert["spec"]["duration"])
 
 
 # -- yamllint, promtool ------------------------------------------------------------------------
@@ -455,9 +668,14 @@ def test_yamllint() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_promtool_check_config_and_rules() -> None:
+def test_promtool_check_config_and_rules(tmp_path: Path) -> None:
     tool = promtool()
-    proc = run([tool, "check", "config", str(PROM / "prometheus.yml")])
+    # promtool insists that the scrape config's credentials_file exists: a copy next to a dummy
+    for name in ("prometheus.yml", "alerts.yml"):
+        shutil.copyfile(PROM / name, tmp_path / name)
+    job = yaml.safe_load((PROM / "prometheus.yml").read_text())["scrape_configs"][0]
+    (tmp_path / job["authorization"]["credentials_file"]).write_text("scrape-token-0123456789")
+    proc = run([tool, "check", "config", str(tmp_path / "prometheus.yml")])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = run([tool, "check", "rules", str(PROM / "alerts.yml")])
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -468,7 +686,28 @@ def test_promtool_check_config_and_rules() -> None:
         "InfoRegStateStoreWriteFailures",
         "InfoRegStateStoreUnhealthy",
         "InfoRegMetricJobCapReached",
+        "InfoRegTrainerFallbackSteps",
+        "InfoRegReportLatencyHigh",
     }
+
+
+RUNBOOK_BASE = "https://github.com/inforeg/inforeg-regulator/blob/main/deploy/README.md"
+
+
+def markdown_anchors(text: str) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings (lower case, punctuation dropped, - for spaces)."""
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-") for m in re.finditer(r"^#+ (.+)$", text, re.M)}
+
+
+def test_every_alert_links_its_runbook() -> None:
+    """runbook_url: a section of deploy/README.md named after the alert, which says what to do."""
+    anchors = markdown_anchors((DEPLOY / "README.md").read_text())
+    assert "runbooks" in anchors
+    for group in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]:
+        for rule in group["rules"]:
+            url = rule["annotations"]["runbook_url"]
+            assert url == f"{RUNBOOK_BASE}#{rule['alert'].lower()}", url
+            assert rule["alert"].lower() in anchors, f"deploy/README.md has no runbook section {rule['alert']}"
 
 
 def test_promtool_alert_unit_tests() -> None:
@@ -480,8 +719,10 @@ def test_promtool_alert_unit_tests() -> None:
     assert tested == alerts, f"alerts without a unit test: {alerts - tested}"
 
 
-# Grafana's variables, replaced by values of the right kind so that the queries are plain PromQL.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$instance": ".*", "$job": ".*", "$modality": ".*"}
+# Grafana's variables, replaced by values of the right kind so that the queries are plain PromQL
+# (longest first: $job_id before $job).
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$namespace": ".*", "$instance": ".*",
+                     "$modality": ".*", "$job_id": ".*", "$job": ".*", "$pod": ".*"}
 
 
 def grafana_dashboard() -> dict[str, Any]:
@@ -494,14 +735,25 @@ def test_grafana_dashboard_structure() -> None:
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     ds = variables["datasource"]
     assert ds["type"] == "datasource" and ds["query"] == "prometheus"
+    # The scrape target (no scrape job is hard-coded: a `job` variable), then the training job by
+    # what it is (`job_id`), then its modalities; each narrows the next.
+    assert [v for v in variables if v != "datasource"] == ["job", "namespace", "pod", "instance", "job_id", "modality"]
+    target = r'job=~"\$job", namespace=~"\$namespace", pod=~"\$pod", instance=~"\$instance"'
     for name, query in (
-        ("job", r"label_values\(inforeg_regulator_epoch(\{.*\})?, job_id\)"),
-        ("modality", r'label_values\(inforeg_regulator_window_open\{.*job_id=~"\$job".*\}, modality\)'),
+        ("job", r"label_values\(inforeg_regulator_build_info, job\)"),
+        ("namespace", r'label_values\(inforeg_regulator_build_info\{job=~"\$job"\}, namespace\)'),
+        ("pod", r'label_values\(inforeg_regulator_build_info\{job=~"\$job", namespace=~"\$namespace"\}, pod\)'),
+        ("instance", r'label_values\(inforeg_regulator_build_info\{job=~"\$job", namespace=~"\$namespace", pod=~"\$pod"\}, instance\)'),
+        ("job_id", rf"label_values\(inforeg_regulator_epoch\{{{target}\}}, job_id\)"),
+        ("modality", rf'label_values\(inforeg_regulator_window_open\{{{target}, job_id=~"\$job_id"\}}, modality\)'),
     ):
         var = variables[name]
         assert var["type"] == "query" and var["multi"] is True and var["includeAll"] is True, name
+        # All = .*, which also matches a label that is absent (plain Prometheus has no namespace or pod).
+        assert var["allValue"] == ".*", name
         assert re.fullmatch(query, var["query"]["query"]) and var["definition"] == var["query"]["query"], var["query"]
         assert var["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    target_filter = 'job=~"$job", namespace=~"$namespace", pod=~"$pod", instance=~"$instance"'
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)), "duplicate panel ids"
     kinds = {}
@@ -515,8 +767,11 @@ def test_grafana_dashboard_structure() -> None:
         assert {"h", "w", "x", "y"} <= set(p["gridPos"]) and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
         for t in p["targets"]:
             kinds.setdefault(p["type"], []).append(t["expr"])
-            if "$job" in t["expr"] or "$modality" in t["expr"]:
-                assert re.search(r'job_id=~"\$job"', t["expr"]), f"{p['title']}: $job must filter job_id with =~"
+            assert 'job="' not in t["expr"], f"{p['title']}: a hard-coded job label"
+            for selector in re.findall(r"\w+\{[^}]*\}", t["expr"]):
+                assert target_filter in selector, f"{p['title']}: {selector} does not filter on the target variables"
+            if "$job_id" in t["expr"] or "$modality" in t["expr"]:
+                assert re.search(r'job_id=~"\$job_id"', t["expr"]), f"{p['title']}: $job_id must filter job_id with =~"
     # The panels the brief names: window state timeline, Fisher trace on a log scale, gRPC RED.
     assert any("inforeg_regulator_window_open" in e for e in kinds["state-timeline"])
     fisher = next(p for p in dash["panels"] if any("inforeg_regulator_fisher_trace" in t["expr"] for t in p.get("targets", [])))
@@ -532,6 +787,38 @@ def test_grafana_provisioning() -> None:
     assert ds["type"] == "prometheus" and ds["url"].startswith("http")
     (provider,) = yaml.safe_load((prov / "dashboards" / "inforeg.yaml").read_text())["providers"]
     assert provider["type"] == "file" and provider["options"]["path"].startswith("/")
+
+
+def test_generated_monitoring_objects() -> None:
+    """The PrometheusRule and the dashboard ConfigMap are what deploy/generate.py makes of the
+    tested files (so they cannot drift), in the shape kube-prometheus-stack picks up."""
+    proc = run([sys.executable, str(DEPLOY / "generate.py"), "--check"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    docs = rendered("monitoring")
+    rule, cm = find(docs, "PrometheusRule"), find(docs, "ConfigMap")
+    assert rule["spec"]["groups"] == yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]
+    assert rule["metadata"]["labels"]["release"], "kube-prometheus-stack's ruleSelector matches its release label"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"  # the Grafana sidecar's default label
+    (name, text), = cm["data"].items()
+    assert name.endswith(".json") and json.loads(text) == grafana_dashboard()
+    assert {d["metadata"]["namespace"] for d in docs} == {MONITORING_NAMESPACE}
+
+
+def test_generator_check_fails_on_drift(tmp_path: Path) -> None:
+    """Control: --check notices an edited output and names it; a rerun repairs it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deploy_generate", DEPLOY / "generate.py")
+    gen = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(gen)  # type: ignore[union-attr]
+    gen.OUT = tmp_path
+    assert gen.main([]) == 0 and gen.main(["--check"]) == 0
+    stale = tmp_path / "prometheusrule.yaml"
+    stale.write_text(stale.read_text().replace("for: 2m", "for: 3m"))
+    err = io.StringIO()
+    with redirect_stderr(err):
+        assert gen.main(["--check"]) == 1
+    assert "prometheusrule.yaml" in err.getvalue()
 
 
 def test_dashboard_promql_parses(tmp_path: Path) -> None:
@@ -561,6 +848,8 @@ def test_prometheus_scrape_config_matches_server_defaults() -> None:
     (static,) = job["static_configs"]
     image = serve_args(dockerfile_cmd(), {})
     assert [t.rsplit(":", 1)[1] for t in static["targets"]] == [str(image.metrics_port)]
+    # the bearer token a regulator started with --metrics-token-file asks for (issue 8.8)
+    assert job["authorization"]["type"] == "Bearer" and job["authorization"]["credentials_file"]
 
 
 # -- Dockerfile ---------------------------------------------------------------------------------
@@ -619,7 +908,8 @@ def test_dockerfile_static() -> None:
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for k, a in ins if k == "ARG" and "=" in a}
     froms = [a.split()[0] for k, a in ins if k == "FROM"]
     images = [args.get(f.strip("${}"), f) if f.startswith("$") else f for f in froms]
-    assert images and all(re.fullmatch(r"python:3\.11-slim(-\w+)?", i) for i in images), images
+    # Pinned by digest: a rebuild gets the same base, whatever the tag points at by then.
+    assert images and all(re.fullmatch(r"python:3\.11-slim(-\w+)?@sha256:[0-9a-f]{64}", i) for i in images), images
     final = final_stage(ins)
     kinds = [k for k, _ in final]
 
@@ -630,9 +920,21 @@ def test_dockerfile_static() -> None:
     assert user.isdigit() and int(user) != 0, f"USER {users[-1]} should be a numeric non-root uid"
     assert kinds.index("USER") < kinds.index("ENTRYPOINT")
 
-    # The project is pip-installed without extras: no torch in the server image.
-    assert any(k == "RUN" and re.search(r"pip install\s+\.(\s|$)", a) for k, a in ins), "no `pip install .`"
+    # The locked dependencies, hash-checked, into a venv without pip; then the project's own
+    # wheel without dependencies, so that nothing unlocked gets in; no extras, no torch.
+    build = "\n".join(a for k, a in ins[: len(ins) - len(final)] if k == "RUN")
+    assert re.search(r"python -m venv --without-pip (\S+)", build), "the runtime venv must not get a pip"
+    installs = re.findall(r"pip --python \S+ install ([^&]+)", build)
+    assert installs and all("--no-deps" in i for i in installs), installs
+    assert any("--require-hashes -r deploy/requirements.lock" in i for i in installs), installs
+    assert re.search(r"pip wheel --no-deps", build)
     assert not any("torch" in a or ".[" in a for k, a in ins if k == "RUN"), "the server image needs no torch"
+    # The running image has no package installer: the base image's pip and setuptools are removed,
+    # and nothing is installed in the final stage.
+    final_runs = " ".join(a for k, a in final if k == "RUN")
+    assert re.search(r"pip uninstall --yes --no-input pip setuptools", final_runs)
+    assert "pip install" not in final_runs
+    assert [a for k, a in final if k == "COPY"] == ["--from=build /opt/regulator /opt/regulator"]
 
     (entrypoint,) = [a for k, a in final if k == "ENTRYPOINT"]
     assert exec_form(entrypoint) == ["regulator", "serve"]
@@ -662,23 +964,80 @@ def test_image_and_manifests_agree_on_ports(overlay: str) -> None:
     )
 
 
-def test_dockerfile_copies_what_pip_install_needs() -> None:
-    """Every package directory of pyproject.toml is copied and not excluded by the .dockerignore."""
-    ins = dockerfile_instructions(DOCKERFILE.read_text())
+def dockerfile_copies() -> set[str]:
+    """The repository paths the build stage COPYs."""
     copied = set()
-    for k, a in ins:
+    for k, a in dockerfile_instructions(DOCKERFILE.read_text()):
         if k == "COPY" and "--from=" not in a:
-            copied.update(PurePosixPath(p).parts[0] for p in a.split()[:-1])
+            copied.update(p.rstrip("/") for p in a.split()[:-1])
+    return copied
+
+
+def test_dockerfile_copies_what_pip_install_needs() -> None:
+    """Every package directory of pyproject.toml and the lock are copied and not excluded by the
+    .dockerignore; trainers/ is not (it is not part of the wheel)."""
+    copied = dockerfile_copies()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     dirs = {PurePosixPath(d).parts[0] for d in project["tool"]["setuptools"]["package-dir"].values()}
-    needed = dirs | {"pyproject.toml", project["project"]["readme"]}
+    needed = dirs | {"pyproject.toml", project["project"]["readme"], "deploy/requirements.lock"}
     assert needed <= copied, f"not copied: {needed - copied}"
+    assert "trainers" not in copied and "trainers" not in dirs
     for name in copied:
         assert (ROOT / name).exists(), f"COPY {name}: no such path"
     ignore = [l.strip() for l in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
     assert ignore[0] == "*", "the .dockerignore should exclude everything first, then re-include"
     reincluded = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert needed <= reincluded, f"excluded from the build context: {needed - reincluded}"
+
+
+def test_requirements_lock_pins_the_core_dependencies() -> None:
+    """deploy/requirements.lock (`make lock`): every core dependency of pyproject.toml and nothing
+    from the extras, each at one exact version that satisfies pyproject's range, with hashes."""
+    from packaging.requirements import Requirement
+
+    lock = (DEPLOY / "requirements.lock").read_text()
+    assert "--index-url" not in lock and "--find-links" not in lock, "no machine-specific sources"
+    entries = re.findall(r"^([A-Za-z0-9_.-]+)==([^\s\\]+) \\\n((?:\s+--hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", lock, re.M)
+    pinned = {re.sub(r"[-_.]+", "-", name).lower(): version for name, version, _ in entries}
+    requirement_lines = [l for l in lock.splitlines() if re.match(r"^[A-Za-z0-9]", l)]
+    assert len(requirement_lines) == len(entries), "every requirement is pinned with ==, with hashes"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for dep in map(Requirement, project["dependencies"]):
+        name = re.sub(r"[-_.]+", "-", dep.name).lower()
+        assert name in pinned, f"{dep.name} is not in the lock"
+        assert dep.specifier.contains(pinned[name]), f"locked {name}=={pinned[name]} is outside pyproject's {dep}"
+    extras = {re.sub(r"[-_.]+", "-", Requirement(r).name).lower() for reqs in project["optional-dependencies"].values() for r in reqs}
+    core = {re.sub(r"[-_.]+", "-", Requirement(r).name).lower() for r in project["dependencies"]}
+    assert not (set(pinned) & (extras - core)), f"extras in the server's lock: {set(pinned) & (extras - core)}"
+    assert "numpy" not in pinned and "numpy" not in core, "the server never imports numpy"
+
+
+def test_wheel_from_the_image_sources_has_only_the_service_packages(tmp_path: Path) -> None:
+    """Builds the wheel from exactly what the Dockerfile copies: it has the four packages (no
+    top-level `trainers` to collide in users' environments) and requires no numpy."""
+    import zipfile
+
+    src = tmp_path / "src"
+    for rel in dockerfile_copies():
+        target = src / rel
+        if (ROOT / rel).is_dir():
+            shutil.copytree(ROOT / rel, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / rel, target)
+    proc = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                "-w", str(tmp_path / "dist"), str(src)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"inforeg", "regulator_client", "regulator_cli", "regulator_service"}, top
+    requires = [l.split(":", 1)[1].strip() for l in metadata.splitlines() if l.startswith("Requires-Dist:")]
+    core = [r for r in requires if "extra ==" not in r]
+    assert core and not any(r.startswith("numpy") for r in core), core
+    assert any(r.startswith("numpy") and 'extra == "trainers"' in r for r in requires), requires
 
 
 def _healthcheck(hc: list[str], port: int) -> int:

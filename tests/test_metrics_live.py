@@ -49,7 +49,8 @@ DIGITS_EPOCHS = 3
 PER_JOB = ("fisher_trace", "window_open", "window_growth", "score", "proximal_coefficient")
 # Series that exist for any scrape target without the target exporting them.
 SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_series_added", "scrape_samples_post_metric_relabeling"}
-TARGET_LABELS = {"job", "instance"}
+# Added by Prometheus from the scrape target (namespace and pod by Kubernetes service discovery).
+TARGET_LABELS = {"job", "instance", "namespace", "pod"}
 
 
 # -- scraping -----------------------------------------------------------------------------------
