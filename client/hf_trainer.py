@@ -125,8 +125,17 @@ class InfoRegTrainerMixin:
         model = self.model  # type: ignore[attr-defined]  # the unwrapped model, on its device
         enc = self.inforeg_encoders
         encoders = enc if isinstance(enc, (Mapping, nn.Module)) else enc(model)
+        amp: dict[str, Any] = {}
+        scaler = getattr(self.accelerator, "scaler", None)  # type: ignore[attr-defined]  # fp16 only
+        if scaler is not None and scaler.is_enabled() and "grad_scaler" not in self.inforeg_options:
+            from accelerate.optimizer import AcceleratedOptimizer
+
+            opt = self.optimizer  # type: ignore[attr-defined]
+            while isinstance(opt, AcceleratedOptimizer):  # the scaler keys its state by the torch optimizer
+                opt = opt.optimizer
+            amp = dict(grad_scaler=scaler, optimizer=opt)  # steps the scaler will skip are not reported
         self.inforeg_hook = InfoRegHook(
-            self.inforeg_client, encoders, rank=args.process_index, world_size=args.world_size, **self.inforeg_options
+            self.inforeg_client, encoders, rank=args.process_index, world_size=args.world_size, **amp, **self.inforeg_options
         )
         self._inforeg_scores = MicroBatchScores(self.inforeg_hook)
         self.inforeg_hook.open()

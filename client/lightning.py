@@ -26,7 +26,10 @@ So the callback only collects each micro-batch's scores in ``on_after_backward``
 ``on_before_optimizer_step``, once per optimizer step: the report covers every sample of the
 accumulated gradient, and the Fisher terms and the proximal term see the gradient that is about
 to be applied. A step whose closure ran no backward (``training_step`` returned ``None``) is not
-reported. Under 16-bit mixed precision the gradients are already unscaled in that hook.
+reported. Under ``precision="16-mixed"`` the gradients are already unscaled in that hook, and
+the callback hands the trainer's ``GradScaler`` to the hook, which leaves out (neither regulates,
+reports nor counts) a step the scaler will skip for inf/NaN gradients; ``"bf16-mixed"`` needs no
+scaler.
 
 Lightning lifecycle -> hook: ``on_fit_start`` builds the ``InfoRegHook`` (the model is on its
 device by then); ``on_train_start`` opens the session (after Lightning restored a checkpoint);
@@ -117,8 +120,14 @@ class InfoRegCallback(pl.Callback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         enc = self.encoders  # an nn.ModuleDict is a mapping too, but also callable
         encoders = enc if isinstance(enc, (Mapping, nn.Module)) else enc(pl_module)
+        amp: dict[str, Any] = {}
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # precision="16-mixed" only
+        if scaler is not None and "grad_scaler" not in self.hook_options and trainer.optimizers:
+            # Lightning unscales before on_before_optimizer_step; with the scaler the hook also
+            # leaves out the steps the scaler will skip (inf/NaN gradients)
+            amp = dict(grad_scaler=scaler, optimizer=trainer.optimizers[0])
         self.hook = InfoRegHook(
-            self.client, encoders, rank=trainer.global_rank, world_size=trainer.world_size, **self.hook_options
+            self.client, encoders, rank=trainer.global_rank, world_size=trainer.world_size, **amp, **self.hook_options
         )
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
