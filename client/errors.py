@@ -10,6 +10,7 @@ import grpc
 
 from regulator_service.errors import (
     AlreadyExists,
+    DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
@@ -23,21 +24,41 @@ from regulator_service.errors import (
 )
 
 
+# What grpcio's server answers when ``maximum_concurrent_rpcs`` (``serve --max-concurrent-rpcs``)
+# sheds a call before any handler ran: the only RESOURCE_EXHAUSTED that is about load, not quota.
+SHED_DETAILS = "Concurrent RPC limit exceeded!"
+
+
+class Overloaded(Unavailable, ResourceExhausted):
+    """The server shed the call (RESOURCE_EXHAUSTED from its concurrency limit) without running
+    it: nothing happened, and the same call may be retried after a backoff. It is an
+    ``Unavailable``, so every delivery mode treats it like a server that is briefly down; real
+    quotas (too many sessions, modalities or bytes) stay plain ``ResourceExhausted`` and are
+    never retried."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def from_rpc_error(exc: grpc.RpcError) -> RegulatorError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    err = error_for_code(code, details or code.name)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details == SHED_DETAILS:
+        err: RegulatorError = Overloaded(f"the regulator is overloaded and shed the call ({details})")
+    else:
+        err = error_for_code(code, details or code.name)
     err.__cause__ = exc
     return err
 
 
 __all__ = [
     "AlreadyExists",
+    "DataLoss",
     "DeadlineExceeded",
     "FailedPrecondition",
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "Overloaded",
     "RegulatorError",
     "ResourceExhausted",
     "Unauthenticated",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Protocol, Sequence
@@ -18,9 +20,9 @@ import grpc
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 
-from regulator_service.security import TokenSource, token_from_env
+from regulator_service.security import FileWatch, TokenSource, token_from_env
 
-from .errors import from_rpc_error
+from .errors import Overloaded, from_rpc_error
 
 if TYPE_CHECKING:
     from regulator_service.api import RegulatorAPI
@@ -29,6 +31,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Regulator"].full_name
 
 # Every Regulator RPC is idempotent by contract (per-step answers are stored), so UNAVAILABLE
 # may be retried on all of them. Retries only work inside a methodConfig with a name list.
+# RESOURCE_EXHAUSTED is not in the list: it is also a real quota (too many sessions), and a shed
+# call is retried by ``GrpcTransport`` itself, which can tell the two apart (``Overloaded``).
 DEFAULT_SERVICE_CONFIG = {
     "methodConfig": [
         {
@@ -75,6 +79,9 @@ class TlsConfig:
             raise ValueError("a client certificate and its key go together")
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
+    def paths(self) -> tuple[Path, ...]:
+        return tuple(Path(p) for p in (self.ca, self.cert, self.key) if p)
+
 
 def default_target(env: Optional[dict[str, str]] = None) -> str:
     env = dict(os.environ) if env is None else env
@@ -88,7 +95,16 @@ class GrpcTransport:
     DataLoader worker, say) never touches its parent's channel (grpc/grpc#32992) and opens its
     own on first use. The bearer token defaults to ``REGULATOR_TOKEN`` or the file named by
     ``REGULATOR_TOKEN_FILE``; ``unix:/path`` targets reach a sidecar's socket.
+
+    A call the server sheds under load (``Overloaded``) is retried with exponential backoff and
+    jitter until the call's own deadline, so a burst costs time, never an error; if the deadline
+    passes first, ``Overloaded`` (an ``Unavailable``) reaches the caller, whose delivery mode
+    decides (wait, neutral, last). TLS files (CA, client certificate and key) are checked every
+    ``tls_recheck_s`` seconds; when they changed (a renewed certificate), the next call opens a
+    channel with the new credentials.
     """
+
+    SHED_BACKOFF_S = (0.05, 1.0)  # first and largest pause between retries of a shed call
 
     def __init__(
         self,
@@ -101,6 +117,7 @@ class GrpcTransport:
         max_reconnect_backoff_ms: int = 2000,
         service_config: Optional[dict] = None,
         options: Sequence[tuple[str, object]] = (),
+        tls_recheck_s: float = 5.0,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
@@ -125,6 +142,12 @@ class GrpcTransport:
         self._pid: Optional[int] = None
         self._channel: Optional[grpc.Channel] = None
         self._stub: Optional[pb_grpc.RegulatorStub] = None
+        self._tls_watch = FileWatch(tls.paths(), tls_recheck_s) if tls is not None else None
+        # The channel replaced after a certificate change; closed at the next change or close(),
+        # so that calls still running on it (other threads) finish.
+        self._retired: Optional[grpc.Channel] = None
+        self.channels_opened = 0
+        self.shed_retries = 0  # calls the server shed and this transport retried
 
     def _metadata(self) -> Optional[tuple[tuple[str, str], ...]]:
         if self._tokens is None:
@@ -134,9 +157,14 @@ class GrpcTransport:
     def _get_stub(self) -> pb_grpc.RegulatorStub:
         pid = os.getpid()
         stub = self._stub
-        if stub is not None and self._pid == pid:
+        renewed = self._tls_watch is not None and stub is not None and self._tls_watch.changed()
+        if stub is not None and self._pid == pid and not renewed:
             return stub
         with self._lock:
+            if renewed and self._pid == pid and self._channel is not None:
+                if self._retired is not None:
+                    self._retired.close()
+                self._retired, self._stub = self._channel, None
             if self._stub is None or self._pid != pid:
                 # An inherited channel belongs to the parent: drop it without closing it.
                 if self.tls is not None:
@@ -145,19 +173,33 @@ class GrpcTransport:
                     self._channel = grpc.insecure_channel(self.target, options=self._options)
                 self._stub = pb_grpc.RegulatorStub(self._channel)
                 self._pid = pid
+                self.channels_opened += 1
             return self._stub
 
     def _call(self, method: str, req, timeout: Optional[float] = None, wait_for_ready: Optional[bool] = None):  # type: ignore[no-untyped-def]
-        fn = getattr(self._get_stub(), method)
-        try:
-            return fn(
-                req,
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata(),
-                wait_for_ready=self.wait_for_ready if wait_for_ready is None else wait_for_ready,
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        budget = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        pause = self.SHED_BACKOFF_S[0]
+        while True:
+            fn = getattr(self._get_stub(), method)
+            try:
+                return fn(
+                    req,
+                    timeout=max(deadline - time.monotonic(), 0.001),
+                    metadata=self._metadata(),
+                    wait_for_ready=self.wait_for_ready if wait_for_ready is None else wait_for_ready,
+                )
+            except grpc.RpcError as exc:
+                err = from_rpc_error(exc)
+            if not isinstance(err, Overloaded):
+                raise err from None
+            # Shed before it ran: retry after a jittered pause, within this call's deadline.
+            sleep = random.uniform(pause / 2, pause)
+            if time.monotonic() + sleep >= deadline:
+                raise err from None
+            time.sleep(sleep)
+            pause = min(pause * 2, self.SHED_BACKOFF_S[1])
+            self.shed_retries += 1
 
     def open_session(self, req: pb.OpenSessionRequest, **call: object) -> pb.OpenSessionResponse:
         return self._call("OpenSession", req, **call)  # type: ignore[arg-type]
@@ -179,9 +221,11 @@ class GrpcTransport:
 
     def close(self) -> None:
         with self._lock:
-            if self._channel is not None and self._pid == os.getpid():
-                self._channel.close()
-            self._channel = self._stub = None
+            if self._pid == os.getpid():
+                for channel in (self._channel, self._retired):
+                    if channel is not None:
+                        channel.close()
+            self._channel = self._stub = self._retired = None
             self._pid = None
 
 

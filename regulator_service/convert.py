@@ -35,12 +35,25 @@ MODALITY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 OPEN_TOKEN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
+# Step, epoch and attempt numbers stay below 2^53: every JSON reader (float64) reads them exactly.
+MAX_INDEX = (1 << 53) - 1
+
+
 def _finite(name: str, x: float, *, nonneg: bool = False) -> float:
+    """``x`` if finite (and >= 0 with ``nonneg``), with -0.0 normalised to 0.0 so that equal
+    statistics have one stored form and one digest."""
     if not math.isfinite(x):
         raise InvalidArgument(f"{name} must be finite, got {x}")
     if nonneg and x < 0.0:
         raise InvalidArgument(f"{name} must be >= 0, got {x}")
-    return float(x)
+    return float(x) + 0.0  # -0.0 + 0.0 == +0.0 in IEEE 754
+
+
+def _index(name: str, x: int, low: int = 0) -> int:
+    """A step, epoch, attempt or count: an integer in [low, 2^53)."""
+    if not low <= x <= MAX_INDEX:
+        raise InvalidArgument(f"{name} must be in [{low}, 2^53 - 1], got {x}")
+    return int(x)
 
 
 def _at_least(name: str, x: int, low: int) -> int:
@@ -58,8 +71,12 @@ def job_id(value: str) -> str:
     return value
 
 
+def epoch_number(epoch: int) -> int:
+    return _index("epoch", epoch)
+
+
 def session_key(job: str, attempt: int) -> SessionKey:
-    return SessionKey(job_id(job), _at_least("attempt", attempt, 0))
+    return SessionKey(job_id(job), _index("attempt", attempt))
 
 
 # -- profiles ---------------------------------------------------------------------------------
@@ -110,7 +127,7 @@ def config_from_request(
         world_size=world_size,
         modalities=modalities,
         profile=profile_from_proto(req.profile if req.HasField("profile") else None, modalities, profiles),
-        resume_epoch=_at_least("resume_epoch", req.resume_epoch, 0),
+        resume_epoch=_index("resume_epoch", req.resume_epoch),
         open_token=_open_token(req),
     )
 
@@ -160,16 +177,17 @@ def _modality_report(s: pb.ModalityStats, fallback: Fallback) -> ModalityReport:
 
 
 def report_from_request(req: pb.ReportRequest) -> RawReport:
+    """Field-by-field validation of a Report (what needs the session is checked by it)."""
     try:
         fallback = Fallback(req.fallback)
     except ValueError:
         raise InvalidArgument(f"unknown fallback value {req.fallback}") from None
     return RawReport(
         key=session_key(req.job_id, req.attempt),
-        rank=_at_least("rank", req.rank, 0),
-        epoch=_at_least("epoch", req.epoch, 0),
-        step=_at_least("step", req.step, 0),
-        count=_at_least("count", req.count, 1),
+        rank=_index("rank", req.rank),
+        epoch=_index("epoch", req.epoch),
+        step=_index("step", req.step),
+        count=_index("count", req.count, 1),
         stats=tuple(_modality_report(s, fallback) for s in req.stats),
         fallback=fallback,
     )

@@ -5,13 +5,13 @@ INVALID_ARGUMENT, and an optional injected delay for fault tests."""
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from google.protobuf.message import DecodeError
 
 import grpc
 
-from .metrics import GrpcServerMetrics
+from .metrics import UNKNOWN_METHOD, GrpcServerMetrics
 
 
 def _counted(requests: Iterator[Any], inc: Callable[[], None]) -> Iterator[Any]:
@@ -44,9 +44,20 @@ def _code(context: grpc.ServicerContext, default: grpc.StatusCode) -> str:
     return GO_CODE_NAMES.get(code, str(code)) if isinstance(code, grpc.StatusCode) else str(code)
 
 
+def method_paths(services: Iterable[Any]) -> frozenset[str]:
+    """``/package.Service/Method`` of every method of the given service descriptors."""
+    return frozenset(f"/{s.full_name}/{m.name}" for s in services for m in s.methods)
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):
-    def __init__(self, metrics: GrpcServerMetrics) -> None:
+    """Outermost, so that refused calls (UNAUTHENTICATED, INVALID_ARGUMENT) are counted too.
+    That is safe because label values come only from ``known`` (the registered methods): any
+    other path, authenticated or not, is counted as ``unknown``/``unknown``, so the number of
+    series is fixed by the server, never by its callers."""
+
+    def __init__(self, metrics: GrpcServerMetrics, known: frozenset[str]) -> None:
         self._m = metrics
+        self._known = known
 
     def intercept_service(
         self,
@@ -56,7 +67,10 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        service, method = _split(details.method)
+        if details.method in self._known:
+            service, method = _split(details.method)
+        else:
+            service = method = UNKNOWN_METHOD
         behavior, factory = _handler_parts(handler)
         kind = _KINDS[(handler.request_streaming, handler.response_streaming)]
         labels = (kind, service, method)

@@ -12,9 +12,20 @@ import threading
 import time
 from typing import Callable, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from . import __version__
+from .memory_budget import PARTS as MEMORY_PARTS
+from .memory_budget import MemoryBudget
 from .model import EpochSummary, Fallback, SessionConfig, SessionKey, SessionStatus, StepRecord
 from .policy import Window, profile_name
 
@@ -114,6 +125,19 @@ class RegulatorMetrics:
         for op in ("create_session", "set_status", "append_step", "replace_step", "close_epoch"):
             self.store_write_failures.labels(op)
 
+    def track_memory(self, budget: "MemoryBudget") -> None:
+        """Gauges of the server's memory budget, read at scrape time."""
+        limit = Gauge(f"{PREFIX}_memory_budget_bytes", "The server's memory budget (--memory-budget).", registry=self.registry)
+        limit.set(budget.limit)
+        used = Gauge(
+            f"{PREFIX}_memory_used_bytes",
+            "Estimated bytes held against the memory budget, by part: sessions, answers (answer caches), history (encoded pages).",
+            ["part"],
+            registry=self.registry,
+        )
+        for part in MEMORY_PARTS:
+            used.labels(part).set_function(lambda part=part: budget.used(part))
+
     # -- store instrumentation ----------------------------------------------------------------
 
     def timed_write(self, operation: str, fn: Callable[[], T]) -> T:
@@ -208,8 +232,22 @@ class RegulatorMetrics:
                 pass
 
 
+def add_runtime_collectors(registry: CollectorRegistry) -> None:
+    """The standard ``process_*`` (memory, CPU, file descriptors), ``python_gc_*`` and
+    ``python_info`` series of the server process, on its own registry (not the global one)."""
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
+    PlatformCollector(registry=registry)
+
+
+UNKNOWN_METHOD = "unknown"
+
+
 class GrpcServerMetrics:
-    """The go-grpc-prometheus server metrics, fed by ``interceptors.MetricsInterceptor``."""
+    """The go-grpc-prometheus server metrics, fed by ``interceptors.MetricsInterceptor``.
+
+    ``grpc_service``/``grpc_method`` come from a fixed set (the methods the server registers,
+    else ``unknown``): a caller can never create series by calling made-up method names."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["grpc_type", "grpc_service", "grpc_method"]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import grpc
 
@@ -89,11 +91,19 @@ def _deny(message: str) -> grpc.RpcMethodHandler:
     def abort(request: object, context: grpc.ServicerContext) -> None:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
+    # No deserializer: an unauthenticated request body is never parsed.
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
+_MISSING = _deny("missing bearer token: send metadata 'authorization: Bearer <token>'")
+_INVALID = _deny("invalid bearer token")
+
+
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every RPC except health and reflection."""
+    """Requires ``authorization: Bearer <token>`` on every RPC except health and reflection.
+
+    A refused call gets one of two handlers built once: nothing is allocated per caller before
+    the token is checked, whatever method name the caller made up."""
 
     def __init__(self, tokens: TokenSource) -> None:
         self._tokens = tokens
@@ -112,11 +122,11 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
                 sent = value
                 break
         if sent is None:
-            return _deny("missing bearer token: send metadata 'authorization: Bearer <token>'")
+            return _MISSING
         scheme, _, token = sent.partition(" ")
         raw = token.strip().encode() if isinstance(token, str) else b""
         if scheme.lower() != "bearer" or not self._tokens.accepts(raw):
-            return _deny("invalid bearer token")
+            return _INVALID
         return continuation(details)
 
 
@@ -126,15 +136,139 @@ class TlsFiles:
     key: Path
     client_ca: Optional[Path] = None  # set: clients must present a certificate signed by it (mTLS)
 
-    def server_credentials(self) -> grpc.ServerCredentials:
+    def paths(self) -> tuple[Path, ...]:
+        return (self.cert, self.key) + ((self.client_ca,) if self.client_ca else ())
+
+    def read(self) -> tuple[bytes, bytes, Optional[bytes]]:
+        """(key, cert chain, client CA), checked to form a usable server identity."""
         try:
             key, cert = self.key.read_bytes(), self.cert.read_bytes()
             ca = self.client_ca.read_bytes() if self.client_ca else None
         except OSError as exc:
             raise ValueError(f"cannot read TLS files: {exc}") from exc
-        return grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+        check_server_identity(key, cert, ca)
+        return key, cert, ca
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials that pick up renewed files (cert-manager) without a restart."""
+        return ReloadingServerCredentials(self).credentials()
+
+
+def check_server_identity(key: bytes, cert: bytes, ca: Optional[bytes] = None) -> None:
+    """Raises ValueError unless ``cert`` is a PEM chain whose first certificate matches ``key``
+    (and ``ca`` parses). gRPC would accept a mismatched pair and fail every handshake later."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory(prefix="regulator-tls-") as tmp:
+        cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        cert_path.write_bytes(cert)
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(key)
+        try:
+            ctx.load_cert_chain(cert_path, key_path)
+        except ssl.SSLError as exc:
+            raise ValueError(f"the TLS certificate and key do not form a usable pair: {exc.reason or exc}") from None
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ValueError(f"the client CA bundle is not a PEM certificate: {exc}") from None
+
+
+class FileWatch:
+    """Tells whether files changed since the last look (inode, size, mtime; symlinks followed,
+    so a Kubernetes Secret volume's atomic ``..data`` swap counts), at most every ``recheck_s``."""
+
+    def __init__(self, paths: Sequence[Path], recheck_s: float = 0.0) -> None:
+        self._paths = tuple(paths)
+        self._recheck_s = recheck_s
+        self._checked = time.monotonic()
+        self._seen = self.signature()
+
+    def signature(self) -> tuple[tuple[int, int, int, int], ...]:
+        out = []
+        for p in self._paths:
+            try:
+                st = os.stat(p)
+                out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append((-1, -1, -1, -1))
+        return tuple(out)
+
+    def changed(self) -> bool:
+        """True once per change (the new state becomes the one seen)."""
+        now = time.monotonic()
+        if now - self._checked < self._recheck_s:
+            return False
+        self._checked = now
+        sig = self.signature()
+        if sig == self._seen:
+            return False
+        self._seen = sig
+        return True
+
+
+class ReloadingServerCredentials:
+    """Server TLS that follows its files: gRPC asks ``fetch`` before every new connection's
+    handshake; it answers a new configuration when the files changed and the new pair is usable.
+    A broken renewal is logged and the last good certificate keeps serving. Established
+    connections are never dropped."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self._files = files
+        self._watch = FileWatch(files.paths())
+        self._lock = threading.Lock()
+        self.reloads = 0
+        key, cert, ca = files.read()
+        self._initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, self.fetch, require_client_authentication=self._files.client_ca is not None
         )
+
+    def fetch(self) -> Optional[grpc.ServerCertificateConfiguration]:
+        with self._lock:
+            if not self._watch.changed():
+                return None
+            try:
+                key, cert, ca = self._files.read()
+            except Exception as exc:  # called from gRPC's handshake: never raise into it
+                log.error("TLS files %s changed but are unusable, keeping the previous certificate: %s", self._files.cert, exc)
+                return None
+            self.reloads += 1
+            log.info("TLS certificate reloaded from %s", self._files.cert)
+            return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+
+class ReloadingSSLContext:
+    """An ``ssl.SSLContext`` for an HTTPS listener (the metrics endpoint), rebuilt when its files
+    change; ``current()`` is asked once per accepted connection."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self._files = files
+        self._watch = FileWatch(files.paths())
+        self._lock = threading.Lock()
+        self._context = self._build()
+
+    def _build(self) -> ssl.SSLContext:
+        self._files.read()  # raises ValueError with a clear message when unusable
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self._files.cert, self._files.key)
+        if self._files.client_ca is not None:
+            ctx.load_verify_locations(cafile=str(self._files.client_ca))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def current(self) -> ssl.SSLContext:
+        with self._lock:
+            if self._watch.changed():
+                try:
+                    self._context = self._build()
+                    log.info("metrics TLS certificate reloaded from %s", self._files.cert)
+                except Exception as exc:  # keep serving with the last good pair
+                    log.error("metrics TLS files changed but are unusable, keeping the previous ones: %s", exc)
+            return self._context
 
 
 def token_from_env(env: Optional[dict[str, str]] = None) -> Optional[TokenSource]:

@@ -12,22 +12,26 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Mapping, Optional
 
 from prometheus_client import disable_created_metrics
 
+from .memory_budget import parse_bytes
 from .model import Limits
 from .profile_wire import load_registry
 from .security import TlsFiles, TokenSource
 from .server import RegulatorServer, ServerConfig
+from .storage import StoreError
 from .storage.sqlite import STATE_FILE
 
 log = logging.getLogger("regulator")
 ENV_PREFIX = "REGULATOR_"
 # A long-running server expires sessions idle for a day (library servers default to never).
 DEFAULT_SESSION_TTL_S = 86400.0
+DEFAULT_STEP_RETENTION_S = 30 * 86400.0  # a month of every step of ended jobs; epochs stay forever
 _LIMITS = Limits()
 _SERVER = ServerConfig()
 
@@ -48,7 +52,18 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one and prints it")
     s.add_argument("--metrics-host", default=None, help="metrics address (default: --host)")
     s.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port; 0 = free port, -1 = off")
+    s.add_argument(
+        "--metrics-token-file", default=None,
+        help="require 'Authorization: Bearer <token>' on /metrics, token read from this file (re-read when it changes)",
+    )
+    s.add_argument("--metrics-tls-cert", default=None, help="serve /metrics over HTTPS with this certificate chain (PEM, reloaded when it changes)")
+    s.add_argument("--metrics-tls-key", default=None, help="private key of --metrics-tls-cert (PEM)")
+    s.add_argument("--metrics-tls-client-ca", default=None, help="require scrapers to present a client certificate signed by this CA")
     s.add_argument("--health-port", type=int, default=-1, help="plaintext port serving only grpc.health.v1, for kubelet probes (-1 = off)")
+    s.add_argument(
+        "--health-host", default=None,
+        help="address of --health-port (default: --host); a sidecar serves RPCs on 127.0.0.1 and probes on 0.0.0.0",
+    )
     s.add_argument("--uds", default=None, help="also listen on this Unix domain socket path (plaintext)")
     s.add_argument("--state-dir", default=".regulator", help="directory of the SQLite state file")
     s.add_argument("--in-memory", action="store_true", help="keep state in memory only (lost on exit)")
@@ -61,8 +76,27 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-modalities", type=int, default=_LIMITS.max_modalities, help="modalities per session")
     s.add_argument("--max-message-bytes", type=int, default=_SERVER.max_receive_bytes, help="largest request accepted")
     s.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S, help="expire open sessions idle this many seconds (0 = never)")
+    s.add_argument(
+        "--memory-budget", type=parse_bytes, default=_LIMITS.memory_budget, metavar="BYTES",
+        help="bytes the session caches may hold (e.g. 256Mi, 1Gi); beyond it caches are evicted, then new "
+        f"sessions refused (default {_LIMITS.memory_budget >> 20}Mi; the process needs ~100 MB more)",
+    )
+    s.add_argument(
+        "--step-retention", type=float, default=DEFAULT_STEP_RETENTION_S, metavar="SECONDS",
+        help="prune the step records of sessions ended this long ago, keeping epochs and windows "
+        "(default 30 days; 0 = keep forever)",
+    )
+    s.add_argument(
+        "--store-timeout", type=float, default=_LIMITS.store_timeout_s, metavar="SECONDS",
+        help="a state store call that takes longer is answered UNAVAILABLE (a hung or locked disk)",
+    )
     s.add_argument("--metrics-max-jobs", type=int, default=_SERVER.metrics_max_jobs, help="jobs with per-job metric series")
     s.add_argument("--max-workers", type=int, default=_SERVER.max_workers, help="gRPC worker threads")
+    s.add_argument(
+        "--max-concurrent-rpcs", type=int, default=_SERVER.max_concurrent_rpcs,
+        help=f"RPCs admitted at once (running or queued); beyond it calls are shed with RESOURCE_EXHAUSTED, "
+        f"which clients retry with backoff (default {_SERVER.max_concurrent_rpcs}; 0 = unbounded)",
+    )
     s.add_argument(
         "--plugin", action=PluginAction, default=[], metavar="MODULE",
         help="load the profiles a module (or .py file) declares in INFOREG_PROFILES; repeatable "
@@ -70,6 +104,10 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--ready-file", default=None, help="write {port, metrics_port, health_port, pid} as JSON once serving")
     s.add_argument("--debug-delay", type=float, default=0.0, help="fault injection: delay every Regulator RPC by this many seconds")
+    s.add_argument(
+        "--debug-max-state-bytes", type=parse_bytes, default=None, metavar="BYTES",
+        help="fault injection: the state file stops growing at this size, as on a full disk",
+    )
     apply_env_defaults(s)
     s.set_defaults(func=run)
 
@@ -116,63 +154,96 @@ def plugin_list(value: object) -> list[str]:
     return list(value)  # type: ignore[call-overload]
 
 
+def _tls_files(cert: Optional[str], key: Optional[str], client_ca: Optional[str], flag: str) -> Optional[TlsFiles]:
+    if cert or key:
+        if not (cert and key):
+            raise ValueError(f"--{flag}-cert and --{flag}-key go together")
+        return TlsFiles(Path(cert), Path(key), Path(client_ca) if client_ca else None)
+    if client_ca:
+        raise ValueError(f"--{flag}-client-ca needs --{flag}-cert and --{flag}-key")
+    return None
+
+
 def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] = None) -> ServerConfig:
+    """The server's configuration; ValueError names the flag that is wrong."""
     env = os.environ if env is None else env
     token: Optional[TokenSource] = None
     if args.token_file:
         token = TokenSource(path=Path(args.token_file))
     elif env.get(ENV_PREFIX + "TOKEN"):
         token = TokenSource(token=env[ENV_PREFIX + "TOKEN"])
-    tls: Optional[TlsFiles] = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise SystemExit("regulator serve: --tls-cert and --tls-key go together")
-        tls = TlsFiles(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None)
-    elif args.tls_client_ca:
-        raise SystemExit("regulator serve: --tls-client-ca needs --tls-cert and --tls-key")
+    tls = _tls_files(args.tls_cert, args.tls_key, args.tls_client_ca, "tls")
+    metrics_tls = _tls_files(args.metrics_tls_cert, args.metrics_tls_key, args.metrics_tls_client_ca, "metrics-tls")
+    metrics_token = TokenSource(path=Path(args.metrics_token_file)) if args.metrics_token_file else None
+    if args.health_host and args.health_port < 0:
+        raise ValueError("--health-host needs --health-port")
+    if args.store_timeout <= 0:
+        raise ValueError(f"--store-timeout must be > 0, got {args.store_timeout}")
+    if args.step_retention < 0:
+        raise ValueError(f"--step-retention must be >= 0 (0 = keep forever), got {args.step_retention}")
+    if args.max_concurrent_rpcs < 0:
+        raise ValueError(f"--max-concurrent-rpcs must be >= 0, got {args.max_concurrent_rpcs}")
     return ServerConfig(
         host=args.host,
         port=args.port,
         metrics_host=args.metrics_host or args.host,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_token=metrics_token,
+        metrics_tls=metrics_tls,
         health_port=None if args.health_port < 0 else args.health_port,
+        health_host=args.health_host,
         uds=args.uds,
         state_dir=None if args.in_memory else Path(args.state_dir),
         grace_seconds=args.grace,
         max_workers=args.max_workers,
+        max_concurrent_rpcs=args.max_concurrent_rpcs or None,
         max_receive_bytes=args.max_message_bytes,
         limits=Limits(
             max_open_sessions=args.max_sessions,
             max_modalities=args.max_modalities,
             session_ttl_s=args.session_ttl,
+            memory_budget=args.memory_budget,
+            step_retention_s=args.step_retention,
+            store_timeout_s=args.store_timeout,
         ),
         metrics_max_jobs=args.metrics_max_jobs,
         profiles=load_registry(plugin_list(args.plugin)),
         token=token,
         tls=tls,
         debug_delay_s=args.debug_delay,
+        debug_max_state_bytes=args.debug_max_state_bytes,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     # This process owns its metrics: no `_created` twin for every counter and histogram series.
     disable_created_metrics()
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        raise SystemExit(f"regulator serve: {exc}") from None
-    server = RegulatorServer(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
-    server.start()
+    try:
+        config = config_from_args(args)
+        server = RegulatorServer(config).start()
+    except (OSError, ValueError, StoreError) as exc:
+        # An operator's mistake (a port taken, a missing file): one line, no traceback.
+        print(f"regulator serve: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # anything else at startup: still one line, the detail in the log
+        log.debug("startup failed", exc_info=True)
+        print(f"regulator serve: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
     state = "in memory" if config.state_dir is None else str(config.state_dir / STATE_FILE)
     if server.store_error:
         state += " UNUSABLE (answering UNAVAILABLE; see the log)"
-    metrics = f"http://{config.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else "off"
+    metrics = (
+        f"{server.metrics_scheme}://{config.metrics_host}:{server.metrics_port}/metrics"
+        + (", token required" if config.metrics_token else "")
+        if server.metrics_port
+        else "off"
+    )
     extras = "".join(
         [
-            f", health port {server.health_port}" if server.health_port else "",
+            f", health port {server.health_host}:{server.health_port}" if server.health_port else "",
             f", socket {config.uds}" if config.uds else "",
             ", TLS" + (" (mutual)" if config.tls and config.tls.client_ca else "") if config.tls else "",
             ", token required" if config.token else "",
@@ -184,7 +255,12 @@ def run(args: argparse.Namespace) -> int:
         tmp = Path(args.ready_file + ".tmp")
         tmp.write_text(
             json.dumps(
-                {"port": server.port, "metrics_port": server.metrics_port, "health_port": server.health_port, "pid": os.getpid()}
+                {
+                    "port": server.port,
+                    "metrics_port": server.metrics_port,
+                    "health_port": server.health_port,
+                    "pid": os.getpid(),
+                }
             )
         )
         tmp.replace(args.ready_file)

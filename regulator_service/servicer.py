@@ -64,8 +64,9 @@ class RegulatorServicer(pb_grpc.RegulatorServicer):
     def EndEpoch(self, request: pb.EndEpochRequest, context: grpc.ServicerContext) -> pb.EndEpochResponse:
         return self._call(self._api.end_epoch, request, context)
 
-    def GetSession(self, request: pb.GetSessionRequest, context: grpc.ServicerContext) -> pb.GetSessionResponse:
-        return self._call(self._api.get_session, request, context)
+    def GetSession(self, request: pb.GetSessionRequest, context: grpc.ServicerContext) -> bytes:
+        # already serialized (cached history pages); see wire_handlers.add_regulator_servicer
+        return self._call(self._api.get_session_bytes, request, context)
 
     def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.ServicerContext

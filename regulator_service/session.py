@@ -8,6 +8,7 @@ was.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -263,7 +264,32 @@ class Session:
                 f"{current.epoch} open (close epochs with EndEpoch, in order)"
             )
         record = self._record(rep, current.windows)
-        return StepOutcome(record, current.windows, duplicate=False, next_summary=current.add(record))
+        summary = current.add(record)
+        self._require_finite(rep, record, summary)
+        return StepOutcome(record, current.windows, duplicate=False, next_summary=summary)
+
+    def _require_finite(self, rep: StepReport, record: StepRecord, summary: EpochSummary) -> None:
+        """Finite inputs can still overflow float64 where they meet: the regulated Fisher value
+        (a term of g^2 + 2a gd + a^2 d^2 near 1e308 becomes inf, and the sum NaN or a clamped 0)
+        and the epoch's running sums (two steps of 1.7e308). Such a report is INVALID_ARGUMENT
+        and changes nothing, so no record, trace or window is ever non-finite."""
+        mods = self.config.modalities
+        for m, f, a, value in zip(mods, rep.fisher, record.proximal, record.fishers):
+            terms = (f.grad_sq, 2.0 * a * f.grad_delta, a * a * f.delta_sq) if isinstance(f, FisherTerms) and a else ()
+            if not math.isfinite(value) or not all(math.isfinite(t) for t in terms):
+                raise InvalidArgument(
+                    f"the regulated Fisher value of {shown(m)} at step {record.step} overflows float64 "
+                    f"with proximal coefficient {a:g}: report smaller fisher_terms"
+                )
+        sums = (("Fisher trace", summary.fisher), ("proximal coefficient sum", summary.proximal_sum),
+                ("score sum", summary.score_mean_sum))
+        for what, values in sums:
+            for m, v in zip(mods, values):
+                if not math.isfinite(v):
+                    raise InvalidArgument(
+                        f"step {record.step} would make epoch {summary.epoch}'s {what} of {shown(m)} "
+                        f"overflow float64 ({v})"
+                    )
 
     def _record(self, rep: StepReport, windows: tuple[Window, ...]) -> StepRecord:
         if rep.applied is not None:
@@ -322,6 +348,7 @@ class Session:
         summary = EpochSummary.start(self._current.epoch, self._current.windows)
         for r in epoch_steps(self.key, prior.epoch):
             summary = summary.add(record if r.step == record.step else r)
+        self._require_finite(rep, record, summary)
         return StepOutcome(record, window, duplicate=False, next_summary=summary, amended=True)
 
     def commit_report(self, outcome: StepOutcome) -> None:

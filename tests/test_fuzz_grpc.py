@@ -420,6 +420,10 @@ def _problem(op: Op, payload: bytes, code: grpc.StatusCode, details: str, respon
         return None if code == EXHAUSTED else "request over the 1 MiB limit not RESOURCE_EXHAUSTED"
     if code == EXHAUSTED and not _legit_exhaustion(op, payload, details):
         return "RESOURCE_EXHAUSTED for a request under every documented limit"
+    if _beyond_index(op):  # refused whatever else the request would have met
+        return None if code in (INVALID, EXHAUSTED) else f"status {code.name} for a number >= 2^53, expected INVALID_ARGUMENT"
+    if code == INVALID and "overflow" in details and "float64" in details and _may_overflow(op):
+        return None  # finite values that overflow where they meet the coefficient or the epoch's sums
     if op.expect is not None and code not in op.expect:
         return f"status {code.name}, expected {'/'.join(sorted(c.name for c in op.expect))}"
     if code != OK and not details:
@@ -432,6 +436,32 @@ def _problem(op: Op, payload: bytes, code: grpc.StatusCode, details: str, respon
         if op.same_as is not None and response.SerializeToString(deterministic=True) != op.same_as:
             return "answer differs from the pre-storm snapshot"
     return None
+
+
+# Numbers the server bounds to [0, 2^53) (what JSON readers hold exactly), per request type.
+INDEX_FIELDS = {
+    "OpenSession": ("attempt", "resume_epoch"),
+    "Report": ("attempt", "rank", "epoch", "step", "count"),
+    "EndEpoch": ("attempt", "epoch"),
+    "CloseSession": ("attempt",),
+}
+
+
+def _beyond_index(op: Op) -> bool:
+    fields = INDEX_FIELDS.get(op.method, ())
+    return not isinstance(op.request, bytes) and any(getattr(op.request, f) >= 2**53 for f in fields)
+
+
+def _may_overflow(op: Op) -> bool:
+    """A Report the generator cannot tell from one that overflows float64 on the server: fisher
+    terms (the coefficient, which can be astronomically large, multiplies them), or values that
+    can sum past 1.7e308 over an epoch."""
+    if op.method != "Report" or isinstance(op.request, bytes):
+        return False
+    return any(
+        e.WhichOneof("fisher_source") == "fisher_terms" or e.fisher >= 1e300 or e.applied.proximal >= 1e300
+        for e in op.request.stats
+    )
 
 
 def _legit_exhaustion(op: Op, payload: bytes, details: str) -> bool:

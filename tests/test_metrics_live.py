@@ -241,7 +241,9 @@ def _check_sane(s: Scrape, where: str) -> None:
             assert 0.0 <= v <= 1.0, ctx
         if name in ("inforeg_regulator_proximal_coefficient", "inforeg_regulator_fisher_trace"):
             assert v >= 0.0, ctx
-        if name in ("inforeg_regulator_epoch", "inforeg_regulator_last_step", "inforeg_regulator_sessions_open") or name.endswith("_total"):
+        if name in ("inforeg_regulator_epoch", "inforeg_regulator_last_step", "inforeg_regulator_sessions_open") or (
+            name.endswith("_total") and name != "process_cpu_seconds_total"  # the only counter of seconds
+        ):
             assert v == int(v) and v >= 0, ctx
     assert s.value("inforeg_regulator_state_store_healthy") == 1
     assert s.value("inforeg_regulator_build_info", version=regulator_service.__version__) == 1
@@ -256,6 +258,19 @@ def _check_sane(s: Scrape, where: str) -> None:
             counts = [v for _, v in buckets]
             assert counts == sorted(counts) and buckets[-1] == (math.inf, count), f"{where}: {name}{labels}"
             assert s.value(f"{name}_sum", **labels) >= 0
+
+
+# The standard collectors of prometheus_client, on the server's own registry.
+RUNTIME_METRICS = ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds", "process_max_fds",
+                   "python_gc_objects_collected_total", "python_gc_collections_total", "python_info")
+
+
+def test_process_and_gc_collectors_are_exported(live: Run) -> None:
+    s = live.scrapes["final"]
+    for name in RUNTIME_METRICS:
+        assert s.series(name), f"{name} is not exported"
+    assert s.value("process_resident_memory_bytes") > 0
+    assert {lab["generation"] for lab, _ in s.series("python_gc_collections_total")} == {"0", "1", "2"}
 
 
 def test_values_are_sane(live: Run) -> None:
