@@ -11,9 +11,15 @@ from .client import RegulatorClient
 from .transport import TlsConfig
 
 
-def add_connection_flags(p: argparse.ArgumentParser, *, timeout_flag: str = "--timeout", default_timeout: float = 30.0) -> None:
+def add_connection_flags(
+    p: argparse.ArgumentParser,
+    *,
+    timeout_flag: str = "--timeout",
+    default_timeout: float = 30.0,
+    target_help: str = "HOST:PORT or unix:PATH of the regulator (default: $REGULATOR_TARGET, else 127.0.0.1:50051)",
+) -> None:
     g = p.add_argument_group("connection")
-    g.add_argument("--target", default=None, help="HOST:PORT or unix:PATH of the regulator (default: $REGULATOR_TARGET, else 127.0.0.1:50051)")
+    g.add_argument("--target", default=None, help=target_help)
     g.add_argument(
         "--token", default=None,
         help="bearer token (default: $REGULATOR_TOKEN, else the file $REGULATOR_TOKEN_FILE; prefer those: a flag shows in ps)",

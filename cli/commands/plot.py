@@ -11,6 +11,7 @@ matplotlib is an optional dependency, imported only here; the figure is drawn th
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from typing import Any
@@ -83,7 +84,16 @@ def draw(detail: pb.GetSessionResponse) -> Any:
     return fig
 
 
+def quiet_matplotlib() -> None:
+    """matplotlib logs its font-cache housekeeping ("generated new fontManager") at INFO, which
+    the CLI's default log level would print on a first run; keep only its warnings, unless the
+    user asked for DEBUG."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
 def run(args: argparse.Namespace) -> int:
+    quiet_matplotlib()
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -91,12 +101,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     with connect(args) as client:
         detail = fetch_session(client, args, include_steps=True)
+    s = detail.session
+    if not detail.steps:
+        print(
+            f"regulator plot: job {s.job_id!r} (attempt {s.attempt}) has no steps yet: nothing to plot",
+            file=sys.stderr,
+        )
+        return 1
     fig = draw(detail)
     try:
         fig.savefig(args.output, dpi=args.dpi)
     except (OSError, ValueError) as exc:  # ValueError: an unknown image format
         print(f"regulator plot: {args.output}: {exc}", file=sys.stderr)
         return 2
-    s = detail.session
     print(f"plotted {len(detail.steps)} steps of job {s.job_id!r} (attempt {s.attempt}) to {args.output}", file=sys.stderr)
     return 0

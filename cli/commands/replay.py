@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import uuid
 from typing import Optional
 
 from regulator_client import RegulatorClient
+from regulator_client.cli_args import add_connection_flags, connect_from_args
 from regulator_client.profiles import make_profile
 from regulator_client.trace import TraceError, read_trace, replay_events
 from regulator_service.policy import ProfileError
@@ -21,10 +23,14 @@ from ..profile_flags import add_profile_flags, chosen_profile, registry_from_arg
 def add_parser(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("replay", help="replay a statistics trace and print the factors per step")
     r.add_argument("trace", help="trace file (JSON lines, see trace-format.md)")
-    r.add_argument("--target", default=None, help="HOST:PORT of a running regulator (default: start one)")
     r.add_argument("--job-id", default=None, help="session id to use (default: replay-<uuid>)")
     r.add_argument("-o", "--output", default="-", help="output file (default stdout)")
-    r.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
+    add_connection_flags(
+        r, default_timeout=10.0,
+        target_help="HOST:PORT or unix:PATH of a running regulator (default: $REGULATOR_TARGET; "
+        "neither: start an embedded one)",
+    )
+    r.add_argument("--embedded", action="store_true", help="replay through an embedded regulator even if $REGULATOR_TARGET is set")
     add_profile_flags(r)
     r.set_defaults(func=run)
 
@@ -45,16 +51,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"regulator replay: {exc}", file=sys.stderr)
         return 2
     server: Optional[RegulatorServer] = None
-    target = args.target
+    if args.embedded and args.target:
+        raise SystemExit("regulator replay: --embedded and --target exclude each other")
+    target = None if args.embedded else args.target or os.environ.get("REGULATOR_TARGET") or None
     if target is None:
         server = RegulatorServer(ServerConfig(port=0, metrics_port=None, state_dir=None, profiles=registry)).start()
-        target = server.target
+        client = RegulatorClient.connect(server.target, token="", timeout=args.timeout)
+    else:
+        client = connect_from_args(args, args.timeout, target)
     job_id = args.job_id or f"replay-{uuid.uuid4().hex[:12]}"
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     t0 = time.perf_counter()
     steps = 0
     try:
-        with RegulatorClient.connect(target, timeout=args.timeout) as client:
+        with client:
             client.open_session(job_id, header.modalities, profile)
             for line in replay_events(client, job_id, header, events):
                 out.write(json.dumps(line) + "\n")
@@ -65,6 +75,6 @@ def run(args: argparse.Namespace) -> int:
             out.close()
         if server is not None:
             server.stop(grace=0)
-    where = "an embedded regulator" if args.target is None else target
+    where = "an embedded regulator" if server is not None else target
     print(f"replayed {steps} steps of {args.trace} under {args.profile!r} through {where} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     return 0
