@@ -32,6 +32,11 @@ def shared_flags(registry: ProfileRegistry = BUILTIN_PROFILES) -> dict[str, tupl
     return out
 
 
+def _shown_default(spec: ProfileSpec, name: str) -> str:
+    default = next(p.default for p in spec.parameters() if p.name == name)
+    return "unset" if default is None else repr(default)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -48,9 +53,7 @@ def add_profile_flags(p: argparse.ArgumentParser, registry: ProfileRegistry = BU
     )
     g = p.add_argument_group("profile parameters (unset = the profile's documented defaults)")
     for name, (info, profiles) in shared_flags(registry).items():
-        defaults = ", ".join(
-            f"{s}: {registry.get(s).params.__dataclass_fields__[name].default!r}" for s in profiles
-        )
+        defaults = ", ".join(f"{s}: {_shown_default(registry.get(s), name)}" for s in profiles)
         text = f"({'/'.join(profiles)}) {info.help}; default {defaults}"
         if info.kind is bool:
             g.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None, help=text)
