@@ -446,7 +446,8 @@ class SessionManager:
                 raise DataLoss(f"cannot resume job {job!r}: {quarantine_message(quarantined)}")
             inherited = self._inherited(config, previous)
             m = len(config.modalities)
-            if not self.budget.make_room(session_bytes(m) + len(inherited) * epoch_bytes(m)):
+            # room for the session and the few answers it always keeps
+            if not self.budget.make_room(session_bytes(m) + len(inherited) * epoch_bytes(m) + ANSWER_FLOOR * answer_bytes(m)):
                 raise ResourceExhausted(self._budget_message())
             session = Session.new(config, self._now_ms(), inherited)
             window = session.view().window
