@@ -206,7 +206,7 @@ def load(target: str, clients: int, duration_s: float, warmup_s: float) -> dict[
 class Server:
     """A server process (echo floor or ``regulator serve``) on the server CPUs."""
 
-    def __init__(self, kind: str, cpus: Sequence[int], workdir: Path, extra: Sequence[str] = ()) -> None:
+    def __init__(self, kind: str, cpus: Sequence[int], workdir: Path, extra: Sequence[str] = (), state_dir: Optional[Path] = None) -> None:
         self.kind = kind
         ready = workdir / f"{kind}-{time.time_ns()}.json"
         if kind == "echo":
@@ -214,7 +214,7 @@ class Server:
         else:
             cmd = [sys.executable, "-m", "regulator_cli", "serve", "--port", "0", "--metrics-port", "-1",
                    "--ready-file", str(ready), *extra]
-            cmd += ["--in-memory"] if kind == "memory" else ["--state-dir", str(workdir / f"state-{time.time_ns()}")]
+            cmd += ["--in-memory"] if kind == "memory" else ["--state-dir", str(state_dir or workdir / f"state-{time.time_ns()}")]
         self.log = open(workdir / f"{kind}.log", "ab")
         self.proc = subprocess.Popen(**pinned(cmd, cpus), stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 60

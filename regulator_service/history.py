@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import bisect
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -29,6 +30,7 @@ BLOCK_STEPS = 1000  # step numbers per cached block
 MAX_PAGE_STEPS = 10_000  # server maximum of GetSessionRequest.page_size (0 = this)
 MAX_PAGE_BYTES = 2 << 20  # and never more bytes than this, whatever the modality count
 BLOCK_OVERHEAD = 256  # bookkeeping per cached block, for the budget
+YIELD_EVERY = 32  # records encoded between offers of the GIL to other threads (~0.5 ms)
 
 Loader = Callable[[int, int, int], Sequence[StepRecord]]  # (first, last, limit) -> records in order
 Encoder = Callable[[StepRecord], bytes]  # a StepRecord message's serialized bytes
@@ -91,7 +93,11 @@ class Block:
         return len(self.data) + 16 * len(self.steps) + BLOCK_OVERHEAD
 
     def extended(self, records: Sequence[StepRecord], encode: Encoder, through: int) -> "Block":
-        fields = [field_bytes(3, encode(r)) for r in records]
+        fields = []
+        for i, r in enumerate(records):
+            fields.append(field_bytes(3, encode(r)))
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                time.sleep(0)  # let a waiting Report have the interpreter: a block is ~1000 messages
         ends = list(self.ends)
         offset = len(self.data)
         for f in fields:

@@ -547,7 +547,7 @@ class SessionManager:
             self._observer.step_recorded(session.config, outcome.record, outcome.window, outcome.duplicate)
         finally:
             lock.release()
-        if self.budget.used() > self.budget.limit:
+        if self.budget.over():
             self.budget.make_room()
         return session.config, outcome
 

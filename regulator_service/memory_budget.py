@@ -120,6 +120,7 @@ class MemoryBudget:
         self.limit = limit
         self._lock = threading.Lock()
         self._used = dict.fromkeys(PARTS, 0)
+        self._total = 0
         self._evictors: list[Evictor] = []
         self._evicting = threading.Lock()
 
@@ -130,10 +131,17 @@ class MemoryBudget:
     def add(self, part: str, delta: int) -> None:
         with self._lock:
             self._used[part] += delta
+            self._total += delta
 
     def used(self, part: Optional[str] = None) -> int:
+        if part is None:
+            return self._total
         with self._lock:
-            return self._used[part] if part is not None else sum(self._used.values())
+            return self._used[part]
+
+    def over(self) -> bool:
+        """Past the limit (a lock-free read: the hot path asks after every Report)."""
+        return self._total > self.limit
 
     def fits(self, more: int = 0) -> bool:
         return self.used() + more <= self.limit

@@ -81,10 +81,16 @@ class WriteOp:
         self,
         statements: Sequence[Statement] = (),
         fn: Optional[Callable[[sqlite3.Connection], None]] = None,
+        shape: Optional[object] = None,
     ) -> None:
-        self.statements = tuple(statements)
+        """``shape``: what ops of the same statements share (given by hot callers as a constant,
+        else derived from the statements)."""
+        self.statements = statements
         self.fn = fn
-        self.shape = None if fn is not None else tuple((sql, expect is not None) for sql, _, expect in self.statements)
+        if fn is not None:
+            self.shape = None
+        else:
+            self.shape = shape if shape is not None else tuple((sql, expect is not None) for sql, _, expect in statements)
         self.state = PENDING
         self.error: Optional[BaseException] = None
         self.done = _thread.allocate_lock()
@@ -318,10 +324,10 @@ class GroupCommitWriter:
         return batch
 
     def _batch(self, own: WriteOp, deadline: float, timeout: float) -> None:
-        lost = self._lost or self._check_file()
-        if lost is not None:
-            self._lose(lost)
-            self._finish(self._claim(), StoreError(lost))
+        # the file's identity is checked after each commit (and by probe()): a batch committed
+        # into a removed file is answered as failed, and every later one refused here
+        if self._lost is not None:
+            self._finish(self._claim(), StoreError(self._lost))
             return
         try:
             if not self._begin(own, deadline, timeout):

@@ -103,6 +103,9 @@ _SESSION_COLUMNS = (
 )
 _STEP_COLUMNS = "job_id, attempt, step, epoch, record, at_ms"
 _UPDATE_STEP = "UPDATE steps SET epoch=?, record=?, at_ms=? WHERE job_id=? AND attempt=? AND step=?"
+_INSERT_STEP = f"INSERT INTO steps ({_STEP_COLUMNS}) VALUES (?,?,?,?,?,?)"
+_APPEND = ((_INSERT_STEP, True),)  # the shapes of the hot ops (group_commit batches equal shapes)
+_APPEND_FILLED = ((_UPDATE_STEP, True), (_INSERT_STEP, True))
 _PROBE: tuple[Statement, ...] = (
     ("INSERT INTO probe VALUES (zeroblob(8192))", (), 1),
     ("DELETE FROM probe", (), None),
@@ -333,9 +336,11 @@ class SQLiteStore(StateStore):
     ) -> None:
         """One INSERT (the session row is not touched: the step row's ``at_ms`` is the session's
         last activity, see ``_session``)."""
-        row = (key.job_id, key.attempt, record.step, record.epoch, codec.step_to_json(record), at_ms)
-        insert: Statement = (f"INSERT INTO steps ({_STEP_COLUMNS}) VALUES (?,?,?,?,?,?)", row, 1)
-        self._submit((insert,) if filled is None else (_update_step(key, filled, at_ms), insert))
+        insert: Statement = (_INSERT_STEP, (key.job_id, key.attempt, record.step, record.epoch, codec.step_to_json(record), at_ms), 1)
+        if filled is None:
+            self._writer.submit(WriteOp((insert,), shape=_APPEND))
+        else:
+            self._writer.submit(WriteOp((_update_step(key, filled, at_ms), insert), shape=_APPEND_FILLED))
 
     def replace_step(self, key: SessionKey, record: StepRecord, at_ms: int) -> None:
         self._submit([
@@ -504,14 +509,20 @@ class SQLiteStore(StateStore):
         return self._step(key, rows[0][0], step, rows[0][1]) if rows else None
 
     def step_range(self, key: SessionKey, first: int, last: int, limit: int) -> list[StepRecord]:
-        rows = self._readers.run(
-            lambda conn: conn.execute(
+        def read(conn: sqlite3.Connection) -> list[StepRecord]:
+            rows = conn.execute(
                 "SELECT step, epoch, record FROM steps WHERE job_id=? AND attempt=? AND step BETWEEN ? AND ? "
                 "ORDER BY step LIMIT ?",
                 (key.job_id, key.attempt, first, last, limit),
             ).fetchall()
-        )
-        return [self._step(key, e, s, r) for s, e, r in rows]
+            out = []
+            for i, (s, e, r) in enumerate(rows):
+                out.append(self._step(key, e, s, r))
+                if i % 64 == 63:
+                    time.sleep(0)  # a page of history is thousands of records: let Reports in between
+            return out
+
+        return self._readers.run(read)
 
     def iter_steps(self, key: SessionKey) -> Iterator[StepRecord]:
         return iter(self.step_range(key, 0, 2**63 - 1, 2**62))
