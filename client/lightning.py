@@ -42,9 +42,12 @@ the encoders is assumed.
 saved in every Lightning checkpoint, so ``trainer.fit(module, ckpt_path=...)`` continues the job:
 the session resumes at the checkpoint's epoch and step as the job's next attempt, which inherits
 the closed epochs before it - the coefficients are those of an uninterrupted fit
-(``tests/test_lightning.py``). Give the resumed callback the same ``job_id``. A checkpoint taken
-inside an epoch (``every_n_train_steps``) resumes inside it: the regulator's record of that
-epoch then covers only the steps after the resume, and its anchors are the resumed weights.
+(``tests/test_lightning.py``). Give the resumed callback the same ``job_id``. A checkpoint saved
+after an epoch's last step but before its end (``ModelCheckpoint(save_on_train_epoch_end=False)``,
+after validation) resumes at the next epoch, exactly too, provided the interrupted fit got to
+close that epoch. A checkpoint taken with batches of the epoch left (``every_n_train_steps``)
+resumes inside it: the regulator's record of that epoch then covers only the steps after the
+resume, and its anchors are the resumed weights.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class InfoRegCallback(pl.Callback):
         self.hook: Optional[InfoRegHook] = None
         self.last_epoch_end: Optional[pb.EndEpochResponse] = None  # the regulator's answer to the last epoch
         self._resume: Optional[dict[str, Any]] = None  # a checkpoint's state, applied at train start
+        self._inside: Optional[dict[str, Any]] = None  # a state saved inside an epoch, until Lightning shows where it resumed
         self._scores: Optional[Tensor] = None  # score sums of the micro-batches since the last step
         self._count = 0
 
@@ -137,22 +141,48 @@ class InfoRegCallback(pl.Callback):
         if self._resume is not None:
             state, self._resume = dict(self._resume), None
             if state.get("in_epoch") and trainer.current_epoch == state.get("epoch", 0) + 1:
-                # saved after the epoch's last step but before its end (ModelCheckpoint after
-                # validation): Lightning resumes with the next epoch, and so does the session
+                # saved after the epoch's last step but before its end; Lightning resumes with
+                # the next epoch, and so does the session
                 state.update(epoch=trainer.current_epoch, in_epoch=False)
+            if state.get("in_epoch") and trainer.current_epoch == state.get("epoch"):
+                # Lightning resumes inside the epoch, without on_train_epoch_start: the next event
+                # says whether batches remain (on_after_backward) or not (on_train_epoch_end)
+                self._inside = state
+                return
             hook.load_state_dict(state)
-        if hook.epoch != trainer.current_epoch:
+        self._open_at(trainer.current_epoch)
+
+    def _open_at(self, epoch: int) -> None:
+        hook = self._require_hook()
+        if hook.epoch != epoch:
             raise RuntimeError(
-                f"InfoRegCallback: the trainer starts at epoch {trainer.current_epoch} but the regulator's session "
-                f"at epoch {hook.epoch}; resume from a checkpoint that holds this callback's state"
+                f"InfoRegCallback: the trainer is at epoch {epoch} but the regulator's session at epoch "
+                f"{hook.epoch}; resume from a checkpoint that holds this callback's state"
             )
         hook.open()
+
+    def _resume_inside(self, batches_remain: bool) -> None:
+        """A checkpoint taken inside an epoch. With batches left the session resumes inside it
+        (its record of the epoch holds the steps from here, the anchors are these weights);
+        without, the epoch was complete and closed by the interrupted attempt: the session
+        resumes at the next one."""
+        state, self._inside = dict(self._inside or {}), None
+        hook = self._require_hook()
+        if batches_remain:
+            hook.load_state_dict(state)
+            self._open_at(state["epoch"])
+            hook.on_epoch_start(state["epoch"])
+        else:
+            state.update(epoch=state["epoch"] + 1, in_epoch=False)
+            hook.load_state_dict(state)  # opened by the next on_train_epoch_start
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._require_hook().on_epoch_start(trainer.current_epoch)
         self._scores, self._count = None, 0
 
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._inside is not None:
+            self._resume_inside(batches_remain=True)
         hook = self._require_hook()
         logits = getattr(pl_module, LOGITS_ATTR, None)
         labels = getattr(pl_module, LABELS_ATTR, None)
@@ -177,6 +207,9 @@ class InfoRegCallback(pl.Callback):
         hook.after_backward(scores=dict(zip(hook.modalities, scores.unbind())), count=count)
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._inside is not None:  # resumed at the end of an epoch the last attempt closed
+            self._resume_inside(batches_remain=False)
+            return
         self.last_epoch_end = end = self._require_hook().on_epoch_end()
         if self.log_metrics and end is not None:  # to the trainer's loggers (TensorBoard, W&B, ...) and callback_metrics
             # every rank holds the same values; sync_dist only keeps Lightning from warning under DDP
@@ -203,9 +236,10 @@ class InfoRegCallback(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The hook's position (job, attempt, next epoch and step), saved in Lightning checkpoints."""
-        if self.hook is not None:
-            return self.hook.state_dict()
-        return dict(self._resume or {})
+        pending = self._resume or self._inside
+        if pending is not None:  # restored but not yet applied
+            return dict(pending)
+        return self.hook.state_dict() if self.hook is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Kept until ``on_train_start``, which resumes the session from it."""

@@ -144,12 +144,29 @@ def epochs_of(client: RegulatorClient, job: str) -> list[tuple]:
     ]
 
 
-def test_fit_resumed_from_a_checkpoint_continues_the_session_like_an_uninterrupted_fit(server, data: DigitsSplit, tmp_path) -> None:
+class WithValidation(lightning_digits.DigitsModule):
+    """A validation loop, so that ModelCheckpoint saves after validation, inside the epoch."""
+
+    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        *xs, y = batch
+        fused, _ = self.model(dict(zip(self.model.views, xs)))
+        return torch.nn.functional.cross_entropy(fused, y)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(torch.utils.data.Subset(self.train_set, range(64)), batch_size=64)
+
+
+@pytest.mark.parametrize("saved_at", ["train-epoch-end", "after-validation"])
+def test_fit_resumed_from_a_checkpoint_continues_the_session_like_an_uninterrupted_fit(server, data: DigitsSplit, tmp_path, saved_at: str) -> None:
     """Fit 4 epochs; crash in epoch 2 (5 steps in), resume from the epoch-1 checkpoint with
     ``ckpt_path``: the resumed attempt starts at epoch 2, step 50, inherits epochs 0-1, and every
-    step's statistics and coefficients equal the uninterrupted fit's, bit for bit."""
+    step's statistics and coefficients equal the uninterrupted fit's, bit for bit. Checkpoints
+    saved at the train epoch's end, or (a validation loop, ModelCheckpoint's defaults) after
+    validation (``save_on_train_epoch_end=False``), before the callback has closed the epoch."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    module_class = WithValidation if saved_at == "after-validation" else lightning_digits.DigitsModule
+    saver_options = {"save_on_train_epoch_end": saved_at == "train-epoch-end"}
     cfg = TrainConfig(profile="official", epochs=4, threads=1)
     train_set = torch.utils.data.TensorDataset(*(torch.from_numpy(data.x_train[v]) for v in cfg.views), torch.from_numpy(data.y_train))
     quiet = dict(enable_progress_bar=False, enable_model_summary=False, logger=False, accelerator="cpu", devices=1, max_epochs=4)
@@ -159,21 +176,23 @@ def test_fit_resumed_from_a_checkpoint_continues_the_session_like_an_uninterrupt
 
     with RegulatorClient.connect(server.target, timeout=10.0) as client:
         full = callback(client, "uninterrupted")
-        pl.Trainer(callbacks=[full], enable_checkpointing=False, **quiet).fit(lightning_digits.DigitsModule(cfg, data.dims, train_set))
+        pl.Trainer(callbacks=[full], enable_checkpointing=False, **quiet).fit(module_class(cfg, data.dims, train_set))
 
         ckpts = tmp_path / "ckpt"
-        saver = ModelCheckpoint(dirpath=ckpts, save_last=True, every_n_epochs=1, save_on_train_epoch_end=True)
+        saver = ModelCheckpoint(dirpath=ckpts, save_last=True, **saver_options)
         first = callback(client, "resumed")
         with pytest.raises(RuntimeError, match="simulated crash"):
-            pl.Trainer(callbacks=[first, Crash(epoch=2, batch=5), saver], **quiet).fit(lightning_digits.DigitsModule(cfg, data.dims, train_set))
+            pl.Trainer(callbacks=[first, Crash(epoch=2, batch=5), saver], **quiet).fit(module_class(cfg, data.dims, train_set))
         crashed = steps_of(client, "resumed")  # attempt 0: epochs 0-1 and 5 steps of epoch 2
         assert [s[1] for s in crashed] == list(range(55))
         saved = torch.load(ckpts / "last.ckpt", weights_only=True)
-        assert saved["epoch"] == 1 and saved["callbacks"]  # the checkpoint of the end of epoch 1 holds the callback's state
+        state = [v for k, v in saved["callbacks"].items() if k.startswith("InfoRegCallback")]
+        assert saved["epoch"] == 1 and len(state) == 1  # the checkpoint of the end of epoch 1 holds the callback's state
+        assert (state[0]["epoch"], state[0]["step"], state[0]["in_epoch"]) == ((1, 50, True) if saved_at == "after-validation" else (2, 50, False))
 
         second = callback(client, "resumed")
-        pl.Trainer(callbacks=[second, ModelCheckpoint(dirpath=ckpts, save_last=True, every_n_epochs=1, save_on_train_epoch_end=True)], **quiet).fit(
-            lightning_digits.DigitsModule(cfg, data.dims, train_set), ckpt_path=ckpts / "last.ckpt"
+        pl.Trainer(callbacks=[second, ModelCheckpoint(dirpath=ckpts, save_last=True, **saver_options)], **quiet).fit(
+            module_class(cfg, data.dims, train_set), ckpt_path=ckpts / "last.ckpt"
         )
         info = client.get_session("resumed").session
         assert info.attempt == 1 and info.state == pb.SESSION_STATE_CLOSED
@@ -199,3 +218,35 @@ def test_resuming_with_another_job_id_fails_clearly(data: DigitsSplit, tmp_path)
     other = InfoRegCallback(client, lambda m: m.model.encoders, job_id="b", profile="official")
     with pytest.raises(ValueError, match="belongs to job 'a'"):
         pl.Trainer(max_epochs=2, default_root_dir=tmp_path, callbacks=[other], **quiet).fit(lightning_digits.DigitsModule(cfg, data.dims, train_set), ckpt_path=ckpt)
+
+
+@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended.*")
+def test_fit_resumed_from_a_mid_epoch_checkpoint_continues_inside_that_epoch(data: DigitsSplit, tmp_path) -> None:
+    """every_n_train_steps: a checkpoint 10 steps into epoch 1. The resumed attempt opens at
+    epoch 1 (inheriting epoch 0), reports from step 35 on, and closes every epoch."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cfg = TrainConfig(profile="official", epochs=3, threads=1)
+    train_set = torch.utils.data.TensorDataset(*(torch.from_numpy(data.x_train[v]) for v in cfg.views), torch.from_numpy(data.y_train))
+    quiet = dict(enable_progress_bar=False, enable_model_summary=False, logger=False, accelerator="cpu", devices=1, max_epochs=3)
+    client = RegulatorClient.in_process()
+    ckpts = tmp_path / "ckpt"
+
+    def callback() -> InfoRegCallback:
+        return InfoRegCallback(client, lambda m: m.model.encoders, job_id="mid", profile="official", keep_history=True)
+
+    saver = ModelCheckpoint(dirpath=ckpts, filename="{step}", every_n_train_steps=35, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pl.Trainer(callbacks=[callback(), Crash(epoch=1, batch=15), saver], **quiet).fit(lightning_digits.DigitsModule(cfg, data.dims, train_set))
+    saved = torch.load(ckpts / "step=35.ckpt", weights_only=True)
+    state = [v for k, v in saved["callbacks"].items() if k.startswith("InfoRegCallback")][0]
+    assert (state["epoch"], state["step"], state["in_epoch"]) == (1, 35, True)
+    second = callback()
+    pl.Trainer(callbacks=[second], enable_checkpointing=False, **quiet).fit(
+        lightning_digits.DigitsModule(cfg, data.dims, train_set), ckpt_path=ckpts / "step=35.ckpt"
+    )
+    detail = client.get_session("mid")
+    assert detail.session.attempt == 1
+    assert [e.epoch for e in detail.epochs if e.closed] == [0, 1, 2]
+    assert second.history[0].step == 35 and second.history[0].epoch == 1
+    assert [r.epoch for r in second.history][-1] == 2
