@@ -59,6 +59,11 @@ class RegulatorClient:
         return cls(InProcessTransport(api))
 
     @property
+    def remote(self) -> bool:
+        """Whether calls leave the process (a round trip worth overlapping with computation)."""
+        return not isinstance(self.transport, InProcessTransport)
+
+    @property
     def timeout(self) -> Optional[float]:
         """The transport's default deadline per call (None: in-process, no deadline)."""
         return getattr(self.transport, "timeout", None)

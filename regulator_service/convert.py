@@ -15,10 +15,13 @@ from inforeg.regulator.v1 import regulator_pb2 as pb
 
 from .errors import InvalidArgument, ResourceExhausted, shown
 from .model import (
+    DEFERRED,
     EpochSummary,
     Fallback,
+    FisherInput,
     FisherTerms,
     Limits,
+    MeasuredFisher,
     ModalityReport,
     RawReport,
     SessionConfig,
@@ -29,6 +32,7 @@ from .model import (
 )
 from . import profile_wire
 from .policy import BUILTIN_PROFILES, MAX_STRENGTH, ProfileError, ProfileRegistry, SessionProfile, Window
+from .storage.base import Quarantined
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,199}")
 MODALITY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -150,8 +154,12 @@ def _modality_report(s: pb.ModalityStats, fallback: Fallback) -> ModalityReport:
     quoted = shown(name)
     score = _finite(f"score_sum of {quoted}", s.score_sum, nonneg=True)
     source = s.WhichOneof("fisher_source")
-    fisher: float | FisherTerms
-    if source == "fisher":
+    fisher: FisherInput
+    if source == "fisher_deferred":
+        if not s.fisher_deferred:
+            raise InvalidArgument(f"fisher_deferred of {quoted} is false: leave it unset, or send fisher")
+        fisher = DEFERRED
+    elif source == "fisher":
         fisher = _finite(f"fisher of {quoted}", s.fisher, nonneg=True)
     elif source == "fisher_terms":
         t = s.fisher_terms
@@ -161,7 +169,7 @@ def _modality_report(s: pb.ModalityStats, fallback: Fallback) -> ModalityReport:
             delta_sq=_finite(f"fisher_terms.delta_sq of {quoted}", t.delta_sq, nonneg=True),
         )
     else:
-        raise InvalidArgument(f"modality {quoted} carries neither fisher nor fisher_terms")
+        raise InvalidArgument(f"modality {quoted} carries neither fisher, fisher_terms nor fisher_deferred")
     applied: Optional[float] = None
     grad_scale: Optional[float] = None
     noise_scale = 0.0
@@ -190,7 +198,18 @@ def report_from_request(req: pb.ReportRequest) -> RawReport:
         count=_index("count", req.count, 1),
         stats=tuple(_modality_report(s, fallback) for s in req.stats),
         fallback=fallback,
+        measured=tuple(measured_from_proto(m) for m in req.measured),
     )
+
+
+def measured_from_proto(m: pb.MeasuredFisher) -> MeasuredFisher:
+    """Deferred Fisher values of one step (matched to the session's modalities by the session)."""
+    step = _index("measured.step", m.step)
+    values = tuple(
+        (e.modality, _finite(f"measured fisher of {shown(e.modality)} at step {step}", e.fisher, nonneg=True))
+        for e in m.modalities
+    )
+    return MeasuredFisher(step, values)
 
 
 # -- answers ----------------------------------------------------------------------------------
@@ -216,6 +235,19 @@ def session_info(view: SessionView) -> pb.SessionInfo:
         created_unix_ms=view.created_ms,
         last_active_unix_ms=view.last_active_ms,
         resume_epoch=c.resume_epoch,
+    )
+
+
+def quarantined_info(q: Quarantined) -> pb.SessionInfo:
+    """A quarantined session as listed: what is known without decoding its records."""
+    return pb.SessionInfo(
+        job_id=q.key.job_id,
+        attempt=q.key.attempt,
+        state=pb.SESSION_STATE_CORRUPT,
+        state_reason=f"its stored records cannot be decoded: {q.reason}",
+        created_unix_ms=q.created_ms,
+        last_active_unix_ms=q.last_active_ms,
+        last_step=-1,
     )
 
 

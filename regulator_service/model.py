@@ -4,6 +4,7 @@ what was answered, what an epoch accumulated. Immutable values; no gRPC, no I/O.
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
@@ -27,6 +28,7 @@ class SessionStatus(IntEnum):
     CLOSED = 2
     SUPERSEDED = 3
     EXPIRED = 4
+    CORRUPT = 5  # quarantined: its stored records cannot be decoded (see ``Quarantine``)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,27 @@ def regulated_fisher(grad_sq: float, grad_delta: float, delta_sq: float, coef: f
     return 0.0 if value < 0.0 else value
 
 
-FisherInput = Union[float, FisherTerms]
+@dataclass(frozen=True)
+class FisherDeferred:
+    """The step's Fisher value is measured after its factors are applied and arrives later, in a
+    ``MeasuredFisher`` of a later request: the answer does not depend on it, so the client
+    need not wait for the answer before it can measure the gradient the optimizer applies."""
+
+
+DEFERRED = FisherDeferred()
+PENDING = math.nan  # the recorded fisher of a deferred step until its value arrives
+
+FisherInput = Union[float, FisherTerms, FisherDeferred]
+
+
+@dataclass(frozen=True)
+class MeasuredFisher:
+    """Deferred Fisher values of one step. As it arrives, ``values`` pairs modality names with
+    values; the session puts them in its modality order (``fishers``)."""
+
+    step: int
+    values: tuple[tuple[str, float], ...] = ()
+    fishers: tuple[float, ...] = ()
 
 
 def _digest(
@@ -89,6 +111,8 @@ def _digest(
     for s, f in zip(score_sums, fisher):
         if isinstance(f, FisherTerms):
             parts.append(struct.pack("<cdddd", b"t", s, f.grad_sq, f.grad_delta, f.delta_sq))
+        elif isinstance(f, FisherDeferred):  # the value arrives later and is compared then
+            parts.append(struct.pack("<cd", b"p", s))
         else:
             parts.append(struct.pack("<cdd", b"f", s, f))
     return hashlib.blake2b(b"".join(parts), digest_size=16).digest()
@@ -117,6 +141,7 @@ class RawReport:
     count: int
     stats: tuple[ModalityReport, ...]
     fallback: Fallback = Fallback.NONE
+    measured: tuple[MeasuredFisher, ...] = ()  # deferred Fisher values, in step order
 
 
 @dataclass(frozen=True)
@@ -135,7 +160,14 @@ class StepReport:
     # gradient scales and noise switches applied on a 'last' fallback; () = none (1 and 0)
     applied_grad_scale: tuple[float, ...] = ()
     applied_noise_scale: tuple[float, ...] = ()
+    # deferred Fisher values (session modality order) carried by this report: not part of the
+    # step's statistics (digest), compared with what is recorded instead
+    measured: tuple[MeasuredFisher, ...] = ()
     digest: bytes = field(init=False, repr=False, compare=False)
+
+    @property
+    def deferred(self) -> bool:
+        return any(isinstance(f, FisherDeferred) for f in self.fisher)
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -162,6 +194,15 @@ class StepRecord:
 
     def scales(self) -> tuple[float, ...]:
         return self.grad_scale or tuple(1.0 for _ in self.proximal)
+
+    @property
+    def fisher_pending(self) -> bool:
+        """Reported with deferred Fisher values that have not arrived (NaN is never a recorded
+        value otherwise: every fisher is validated finite)."""
+        return any(f != f for f in self.fishers)
+
+    def with_fishers(self, fishers: tuple[float, ...]) -> "StepRecord":
+        return replace(self, fishers=fishers)
 
     def regulated(self) -> tuple[bool, ...]:
         """Per modality: regulated at this step (a proximal term, or a gradient scale other than 1)."""
@@ -197,17 +238,23 @@ class EpochSummary:
         )
 
     def add(self, rec: StepRecord) -> "EpochSummary":
-        """The summary with one more step; fisher is summed in step order, as replay does."""
+        """The summary with one more step; fisher is summed in step order, as replay does. A
+        pending fisher is added when it arrives (``add_fisher``), before any later step's: a
+        session holds at most one pending step, its last, so the order of the sum is the same."""
         return replace(
             self,
             steps=self.steps + 1,
             fallback_steps=self.fallback_steps + (rec.fallback != Fallback.NONE),
-            fisher=tuple(a + b for a, b in zip(self.fisher, rec.fishers)),
+            fisher=self.fisher if rec.fisher_pending else tuple(a + b for a, b in zip(self.fisher, rec.fishers)),
             regulated_steps=tuple(n + r for n, r in zip(self.regulated_steps, rec.regulated())),
             proximal_sum=tuple(a + p for a, p in zip(self.proximal_sum, rec.proximal)),
             proximal_max=tuple(max(a, p) for a, p in zip(self.proximal_max, rec.proximal)),
             score_mean_sum=tuple(a + s / rec.count for a, s in zip(self.score_mean_sum, rec.score_sums)),
         )
+
+    def add_fisher(self, fishers: tuple[float, ...]) -> "EpochSummary":
+        """The summary once the pending step's deferred fisher has arrived."""
+        return replace(self, fisher=tuple(a + b for a, b in zip(self.fisher, fishers)))
 
     def close(self) -> "EpochSummary":
         return replace(self, closed=True)
@@ -236,6 +283,11 @@ class Limits:
     inactive_cache: int = 256  # inactive sessions kept in memory (the rest is read from the store)
     session_ttl_s: float = 0.0  # idle open sessions expire after this long; 0 = never
     max_listed_inactive: int = 1000
+    # bytes the session caches may hold (answers, sessions, history pages; memory_budget.py)
+    memory_budget: int = 256 << 20
+    # step records of sessions ended longer ago than this are pruned (epochs kept); 0 = never
+    step_retention_s: float = 0.0
+    store_timeout_s: float = 2.0  # a store call (or a wait for a busy session) taking longer is UNAVAILABLE
 
 
 @dataclass(frozen=True)

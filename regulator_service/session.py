@@ -14,11 +14,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
+from . import pending
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, shown
 from .model import (
     EpochSummary,
     Fallback,
+    FisherDeferred,
     FisherTerms,
+    MeasuredFisher,
     ModalityReport,
     RawReport,
     SessionConfig,
@@ -43,6 +46,7 @@ class StepOutcome:
     duplicate: bool
     next_summary: Optional[EpochSummary] = None  # set when the step is new or amended
     amended: bool = False  # a late fallback report replaced the regulated record of the step
+    filled: Optional[StepRecord] = None  # the earlier pending step, with its deferred Fisher values
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class EpochOutcome:
     next_epoch: int
     next_window: tuple[Window, ...]
     duplicate: bool
+    filled: Optional[StepRecord] = None  # the epoch's last step, with its deferred Fisher values
 
 
 def applied_scales(entries: Iterable[ModalityReport]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -99,6 +104,7 @@ class Session:
         self._last_step = last_step
         self._recent: OrderedDict[int, StepRecord] = OrderedDict((r.step, r) for r in recent)
         self._index = {name: i for i, name in enumerate(config.modalities)}
+        self.steps_pruned_ms = 0  # > 0: the store pruned its step records then (retention)
 
     # -- construction -----------------------------------------------------------------------
 
@@ -124,7 +130,7 @@ class Session:
         current = EpochSummary.start(stored.open_epoch, stored.open_window)
         for record in stored.open_steps:
             current = current.add(record)
-        return cls(
+        session = cls(
             stored.config,
             stored.status,
             stored.created_ms,
@@ -135,6 +141,8 @@ class Session:
             stored.last_step,
             stored.open_steps[-RECENT_STEPS:],
         )
+        session.steps_pruned_ms = stored.steps_pruned_ms
+        return session
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -157,6 +165,26 @@ class Session:
     def epochs(self) -> tuple[EpochSummary, ...]:
         """Closed epochs, then the open one."""
         return (*self._closed, self._current)
+
+    # -- memory (accounted by the manager against the server's budget) -----------------------
+
+    @property
+    def cached_answers(self) -> int:
+        return len(self._recent)
+
+    @property
+    def closed_epoch_count(self) -> int:
+        return len(self._closed)
+
+    def trim_answers(self, keep: int) -> int:
+        """Drops all but the ``keep`` newest cached answers (the store has every answer, so a
+        duplicate of a dropped one is answered from it); returns how many were dropped. The
+        newest is always kept: it may be the step whose deferred Fisher values are pending."""
+        dropped = 0
+        while len(self._recent) > max(keep, 1):
+            self._recent.popitem(last=False)
+            dropped += 1
+        return dropped
 
     def require_open(self) -> None:
         if self.status == SessionStatus.SUPERSEDED:
@@ -227,7 +255,13 @@ class Session:
             applied=applied,
             applied_grad_scale=scales[0],
             applied_noise_scale=scales[1],
+            measured=pending.in_order(raw.measured, self._index, cfg.modalities),
         )
+
+    def _pending_step(self) -> Optional[StepRecord]:
+        """The last step, while its deferred Fisher values have not arrived (see ``pending``)."""
+        record = self._recent.get(self._last_step)
+        return record if record is not None and record.fisher_pending else None
 
     def _stored_answer(
         self, step: int, lookup: Callable[[SessionKey, int], Optional[StepRecord]]
@@ -249,9 +283,10 @@ class Session:
         epoch_steps: Callable[[SessionKey, int], Iterable[StepRecord]],
     ) -> StepOutcome:
         rep = self.normalize(raw)
+        pending.check_report(rep)
         prior = self._stored_answer(rep.step, lookup)
         if prior is not None:  # answered before: also after CloseSession, for late ranks
-            return self._repeat(rep, prior, epoch_steps)
+            return self._repeat(rep, prior, lookup, epoch_steps)
         self.require_open()
         if rep.step <= self._last_step:
             raise FailedPrecondition(
@@ -263,10 +298,17 @@ class Session:
                 f"step {rep.step} is for epoch {rep.epoch} but {self.key} has epoch "
                 f"{current.epoch} open (close epochs with EndEpoch, in order)"
             )
+        # the pending step's deferred Fisher values first: the trace is summed in step order
+        earlier = [m for m in rep.measured if m.step < rep.step]
+        waiting = self._pending_step()
+        filled = pending.resolve_earlier(earlier, waiting, lambda s: self._stored_answer(s, lookup))
+        pending.require_none_pending(waiting, filled, f"the report of step {rep.step}")
+        if filled is not None:
+            current = current.add_fisher(filled.fishers)
         record = self._record(rep, current.windows)
         summary = current.add(record)
         self._require_finite(rep, record, summary)
-        return StepOutcome(record, current.windows, duplicate=False, next_summary=summary)
+        return StepOutcome(record, current.windows, duplicate=False, next_summary=summary, filled=filled)
 
     def _require_finite(self, rep: StepReport, record: StepRecord, summary: EpochSummary) -> None:
         """Finite inputs can still overflow float64 where they meet: the regulated Fisher value
@@ -275,6 +317,8 @@ class Session:
         and changes nothing, so no record, trace or window is ever non-finite."""
         mods = self.config.modalities
         for m, f, a, value in zip(mods, rep.fisher, record.proximal, record.fishers):
+            if isinstance(f, FisherDeferred) and value != value:
+                continue  # pending: checked when it arrives
             terms = (f.grad_sq, 2.0 * a * f.grad_delta, a * a * f.delta_sq) if isinstance(f, FisherTerms) and a else ()
             if not math.isfinite(value) or not all(math.isfinite(t) for t in terms):
                 raise InvalidArgument(
@@ -304,6 +348,7 @@ class Session:
             else f
             for f, a in zip(rep.fisher, proximal)
         )
+        fishers = pending.recorded_fishers(rep, fishers)
         return StepRecord(
             epoch=rep.epoch,
             step=rep.step,
@@ -321,6 +366,7 @@ class Session:
         self,
         rep: StepReport,
         prior: StepRecord,
+        lookup: Callable[[SessionKey, int], Optional[StepRecord]],
         epoch_steps: Callable[[SessionKey, int], Iterable[StepRecord]],
     ) -> StepOutcome:
         """A report for a recorded step: the stored answer, a conflict, or an amendment."""
@@ -328,11 +374,19 @@ class Session:
             raise AlreadyExists(
                 f"step {rep.step} of {self.key} was already reported with different statistics"
             )
+        # values of earlier steps were recorded with the first report of this one: must be equal
+        earlier = [m for m in rep.measured if m.step < rep.step]
+        pending.resolve_earlier(earlier, None, lambda s: self._stored_answer(s, lookup))
+        own = pending.own_entry(rep)
         window = self._window_of(prior.epoch)
         if rep.fallback == Fallback.NONE or (rep.fallback == prior.fallback and same_applied(rep, prior)):
-            # the stored answer wins: a late rank applies what the others applied
-            return StepOutcome(prior, window, duplicate=True)
-        if prior.fallback != Fallback.NONE:
+            if own is None or not prior.fisher_pending:
+                if own is not None:
+                    pending.same_values(prior, own)
+                # the stored answer wins: a late rank applies what the others applied
+                return StepOutcome(prior, window, duplicate=True)
+            # a repeated late report brings the values its first delivery lacked: fill them in
+        elif prior.fallback != Fallback.NONE:
             raise AlreadyExists(
                 f"step {rep.step} of {self.key} was already reported as applied with other factors"
             )
@@ -358,27 +412,46 @@ class Session:
         if not outcome.amended:
             self._last_step = record.step
             self._step_count += 1
+        if outcome.filled is not None and outcome.filled.step in self._recent:
+            self._recent[outcome.filled.step] = outcome.filled
         self._recent[record.step] = record
         if len(self._recent) > RECENT_STEPS:
             self._recent.popitem(last=False)
 
     # -- EndEpoch ---------------------------------------------------------------------------
 
-    def plan_end_epoch(self, epoch: int) -> EpochOutcome:
+    def plan_end_epoch(
+        self,
+        epoch: int,
+        measured: Optional[MeasuredFisher] = None,
+        lookup: Callable[[SessionKey, int], Optional[StepRecord]] = lambda key, step: None,
+    ) -> EpochOutcome:
+        """``measured``: the deferred Fisher values of the epoch's last step, if it is pending."""
         current = self._current
+        entries = pending.in_order((measured,), self._index, self.config.modalities) if measured else ()
+        recorded = lambda s: self._stored_answer(s, lookup)  # noqa: E731
         if epoch < current.epoch:  # closed before: also after CloseSession, for late ranks
+            pending.resolve_earlier(entries, None, recorded)
             return EpochOutcome(self._closed[epoch], epoch + 1, self._window_of(epoch + 1), True)
         self.require_open()
         if epoch > current.epoch:
             raise FailedPrecondition(
                 f"cannot close epoch {epoch}: {self.key} has epoch {current.epoch} open"
             )
+        waiting = self._pending_step()
+        filled = pending.resolve_earlier(entries, waiting, recorded)
+        pending.require_none_pending(waiting, filled, f"EndEpoch({epoch})")
+        if filled is not None:
+            current = current.add_fisher(filled.fishers)
+            pending.finite_trace(current.fisher, self.config.modalities, filled.step)
         closed = current.close()
         traces = [tr + [f] for tr, f in zip(self._traces, closed.fisher)]
         next_window = self.policy.window(traces, epoch + 1)
-        return EpochOutcome(closed, epoch + 1, next_window, duplicate=False)
+        return EpochOutcome(closed, epoch + 1, next_window, duplicate=False, filled=filled)
 
     def commit_end_epoch(self, outcome: EpochOutcome) -> None:
+        if outcome.filled is not None and outcome.filled.step in self._recent:
+            self._recent[outcome.filled.step] = outcome.filled
         self._closed.append(outcome.closed)
         for tr, f in zip(self._traces, outcome.closed.fisher):
             tr.append(f)
