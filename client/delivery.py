@@ -8,6 +8,8 @@
 
 Deferred reports and epoch ends are kept in order and delivered before anything new, so the
 regulator's history ends up complete and marks exactly the steps that ran unregulated.
+
+Calls go through a ``RegulatorClient`` (its ``send``) or, for older callers, a bare transport.
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
 from .errors import DeadlineExceeded, Unavailable
-from .transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class DeliveryStats:
 
 @dataclass
 class Delivery:
-    transport: Transport
+    client: Any  # a RegulatorClient, or a Transport
     mode: str = "wait"
     call_timeout: float = 10.0
     wait_timeout: float = 300.0
@@ -66,9 +67,12 @@ class Delivery:
     # -- sending -------------------------------------------------------------------------------
 
     def _send(self, req: Union[pb.ReportRequest, pb.EndEpochRequest], timeout: float, wait: bool) -> object:
+        send = getattr(self.client, "send", None)
+        if send is not None:
+            return send(req, timeout=timeout, wait_for_ready=wait)
         if isinstance(req, pb.ReportRequest):
-            return self.transport.report(req, timeout=timeout, wait_for_ready=wait)
-        return self.transport.end_epoch(req, timeout=timeout, wait_for_ready=wait)
+            return self.client.report(req, timeout=timeout, wait_for_ready=wait)
+        return self.client.end_epoch(req, timeout=timeout, wait_for_ready=wait)
 
     def _send_waiting(self, req: Union[pb.ReportRequest, pb.EndEpochRequest]) -> object:
         return self.waiting(lambda timeout: self._send(req, timeout, wait=True), self.call_timeout)
@@ -126,13 +130,26 @@ class Delivery:
         except TRANSIENT:
             return None
 
-    def defer_fallback(self, req: pb.ReportRequest, applied: list[float]) -> None:
-        """Queues the step as applied without an answer, with the factors that were applied."""
+    def defer_fallback(
+        self,
+        req: pb.ReportRequest,
+        applied: Sequence[float],
+        grad_scale: Sequence[float] = (),
+        noise_scale: Sequence[float] = (),
+    ) -> pb.ReportRequest:
+        """Queues the step as applied without an answer, with the factors that were applied
+        (proximal coefficients; scales only where they differ from 1 / 0). Returns the queued
+        request: a client that measures the step's Fisher value afterwards adds it there
+        (``measured``) before the request is delivered."""
         late = pb.ReportRequest()
         late.CopyFrom(req)
         late.fallback = FALLBACK_OF_MODE[self.mode]
-        for stats, coef in zip(late.stats, applied):
+        for i, (stats, coef) in enumerate(zip(late.stats, applied)):
             stats.applied.proximal = coef
+            if grad_scale and grad_scale[i] != 1.0:
+                stats.applied.grad_scale = grad_scale[i]
+            if noise_scale and noise_scale[i] != 0.0:
+                stats.applied.noise_scale = noise_scale[i]
         self._defer(late)
         self.stats.fallback_steps += 1
         n = self.stats.fallback_steps
@@ -141,6 +158,7 @@ class Delivery:
                 "regulator unavailable: step %d ran with %s coefficients (%d fallback steps so far)",
                 req.step, "zero" if self.mode == "neutral" else "the last known", n,
             )
+        return late
 
     def end_epoch(self, req: pb.EndEpochRequest) -> Optional[pb.EndEpochResponse]:
         if self.mode == "wait":

@@ -7,15 +7,27 @@
             hook.on_epoch_start(epoch)           # anchors := encoder weights
             for x, y in loader:
                 optimizer.zero_grad()
-                loss = ...; loss.backward()
-                hook.after_backward(logits={"audio": out_a, "visual": out_v}, labels=y)
-                optimizer.step()                 # applies grad + beta_m * (w - w_anchor)
+                fused, uni = model(x)
+                hook.after_forward(logits=uni, labels=y)   # the scores go out now ...
+                loss_fn(fused, y).backward()               # ... the round trip hides behind backward
+                hook.after_backward()            # grad += beta_m * (w - w_anchor); Fisher value
+                optimizer.step()
             hook.on_epoch_end()                  # EndEpoch: next epoch's window
 
-Per step: scores and Fisher terms are computed on the trainer's device, combined over the
-process group when torch.distributed is initialised (one small all-reduce of the scores; the
-gradients, hence the Fisher terms, are already identical on every DDP rank), fetched with one
-host sync, reported, and the returned coefficients are applied to the encoders' gradients.
+``hook.after_backward(logits=uni, labels=y)`` alone (after ``backward``) does both parts in one
+call, without the overlap.
+
+Every step has three parts:
+
+- **measure** (on the device, no host sync): the step's scores (``after_forward``), and, once the
+  answer is applied, the Fisher value of the gradient the optimizer will apply (``after_backward``);
+- **exchange**: one Report per step and job. The scores leave right after the forward pass, in a
+  background thread, together with the previous step's Fisher value (the step's single host
+  sync); the regulator's answer depends only on the epoch's window and the scores. Under DDP the
+  scores are summed onto the job's leader (rank 0 of the process group), which alone reports,
+  and the answer reaches every rank in one broadcast;
+- **apply**: the answer's factors on the encoders' gradients (``EncoderProbe.apply``): GE noise
+  and gradient scale (OGM-GE), then the proximal term (InfoReg).
 """
 
 from __future__ import annotations
@@ -24,49 +36,95 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
-from regulator_service.model import regulated_fisher
-
-from .client import RegulatorClient, modality_stats
+from .client import RegulatorClient
 from .delivery import Delivery, DeliveryStats
 from .identity import AttemptLike, JobIdentity, agree_on_attempt
 from .profiles import ProfileLike, make_profile, profile_name
-from .stats import FISHER_MODULES, EncoderProbe, score_sums
+from .stats import DEFAULT_PROXIMAL, DEFAULT_SCALE, FISHER_MODULES, EncoderProbe, Selector, noise_seed, score_sums
 from .trace import TraceWriter
 
 log = logging.getLogger(__name__)
 
+Logits = Union[Mapping[str, Tensor], Sequence[Tensor], None]
+Scores = Union[Mapping[str, Union[float, Tensor]], None]
 
-@dataclass(frozen=True)
+
+class _Measured:
+    """One step's Fisher values: a device tensor until first read, then host floats. Reading
+    them is the host sync; the hook does it once, together with the next step's scores."""
+
+    __slots__ = ("step", "epoch", "count", "scores", "_tensor", "_values")
+
+    def __init__(self, step: int, epoch: int, tensor: Tensor) -> None:
+        self.step, self.epoch = step, epoch
+        self.count = 0  # the step's global batch and score sums, for the statistics trace
+        self.scores: list[float] = []
+        self._tensor: Optional[Tensor] = tensor
+        self._values: Optional[list[float]] = None
+
+    @property
+    def tensor(self) -> Optional[Tensor]:
+        return self._tensor
+
+    def set(self, values: list[float]) -> None:
+        self._values, self._tensor = values, None
+
+    def values(self) -> list[float]:
+        if self._values is None:
+            assert self._tensor is not None
+            self.set(self._tensor.tolist())
+        return self._values  # type: ignore[return-value]
+
+
+@dataclass
 class StepResult:
     step: int
     epoch: int
     proximal: dict[str, float]  # coefficients applied
-    fisher: dict[str, float]  # the step's Fisher contribution as the regulator recorded it
     window: dict[str, bool]  # empty on a fallback step
     duplicate: bool
     fallback: bool = False  # the regulator did not answer in time; see ``on_unavailable``
+    grad_scale: dict[str, float] = field(default_factory=dict)  # empty: no modality scaled
+    noise_scale: dict[str, float] = field(default_factory=dict)  # empty: no gradient noise
+    skipped: bool = False  # fp16: the GradScaler found inf/NaN; nothing applied or reported
+    _measured: Optional[_Measured] = field(default=None, repr=False, compare=False)
+    _modalities: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def fisher(self) -> dict[str, float]:
+        """The step's Fisher contribution (after every factor), as the regulator records it.
+        Empty on a rank that does not report (DDP) and on a skipped step. Computed on the device;
+        reading it early costs a host sync that the hook would otherwise make with the next step."""
+        if self._measured is None:
+            return {}
+        return dict(zip(self._modalities, self._measured.values()))
 
 
 @dataclass
 class HookTimings:
-    """Where the hook's time goes (seconds, summed over steps)."""
+    """Where the hook's time goes (seconds, summed over steps; ``report_s`` runs in the
+    background, overlapping the backward pass when ``after_forward`` is used)."""
 
     steps: int = 0
-    device_s: float = 0.0  # scores, Fisher terms, all-reduce and the host sync
-    rpc_s: float = 0.0
-    apply_s: float = 0.0
-    epoch_rpc_s: float = 0.0
+    skipped: int = 0  # fp16 steps the GradScaler skipped (not reported)
+    scores_s: float = 0.0  # after_forward: scores on the device, DDP reduce started, report handed off
+    wait_s: float = 0.0  # after_backward: waiting for the answer (and its DDP broadcast)
+    apply_s: float = 0.0  # the factors on the gradients
+    fisher_s: float = 0.0  # the Fisher pass over the weight gradients
+    report_s: float = 0.0  # host sync, request, Report round trip
+    epoch_s: float = 0.0  # EndEpoch round trips
 
     def as_dict(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("steps", "device_s", "rpc_s", "apply_s", "epoch_rpc_s")}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass
@@ -78,8 +136,59 @@ class _State:
     history: list[StepResult] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """The factors every rank applies for one step."""
+
+    proximal: tuple[float, ...]
+    grad_scale: tuple[float, ...]
+    noise_scale: tuple[float, ...]
+    window: tuple[Optional[bool], ...] = ()  # () or None entries: unknown (fallback)
+    answered: bool = True
+    duplicate: bool = False
+
+    @classmethod
+    def neutral(cls, m: int) -> "_Answer":
+        return cls((0.0,) * m, (1.0,) * m, (0.0,) * m, (), answered=False)
+
+    @classmethod
+    def of(cls, resp: pb.ReportResponse) -> "_Answer":
+        f = [s.factors for s in resp.step.modalities]
+        return cls(
+            tuple(x.proximal for x in f),
+            tuple(x.grad_scale if x.HasField("grad_scale") else 1.0 for x in f),
+            tuple(x.noise_scale for x in f),
+            tuple(w.open for w in resp.window),
+            duplicate=resp.duplicate,
+        )
+
+    def packed(self) -> list[float]:
+        """``[status, proximal.., grad_scale.., noise_scale.., window..]`` for the broadcast."""
+        m = len(self.proximal)
+        window = [(-1.0 if w is None else float(w)) for w in self.window] if self.window else [-1.0] * m
+        return [1.0 if self.answered else 0.0, *self.proximal, *self.grad_scale, *self.noise_scale, *window]
+
+    @classmethod
+    def unpacked(cls, box: list[float], m: int) -> "_Answer":
+        window = tuple(None if w < 0 else bool(w) for w in box[1 + 3 * m : 1 + 4 * m])
+        return cls(
+            tuple(box[1 : 1 + m]), tuple(box[1 + m : 1 + 2 * m]), tuple(box[1 + 2 * m : 1 + 3 * m]),
+            () if any(w is None for w in window) else window, answered=box[0] == 1.0,
+        )
+
+
+@dataclass
+class _InFlight:
+    """A step between its scores and its answer."""
+
+    local: Tensor  # [s_1..s_M, count] of this process (the leader's: summed over the job after ``work``)
+    work: Any = None  # DDP: the async reduce of the scores onto the leader
+    future: Optional["Future[tuple[pb.ReportRequest, Optional[pb.ReportResponse]]]"] = None
+    host: Optional[list[float]] = None  # the leader's job-wide scores and count, once on the host
+
+
 class InfoRegHook:
-    """Reports each step's statistics to a regulator and applies its proximal coefficients.
+    """Reports each step's statistics to a regulator and applies its factors.
 
     Args:
         client: a ``RegulatorClient`` (remote or in-process).
@@ -88,21 +197,39 @@ class InfoRegHook:
             the environment (see ``JobIdentity.resolve``). ``attempt="next"`` (the default
             outside torchrun, or ``REGULATOR_ATTEMPT=next``): the regulator assigns the attempt
             after the job's latest, so a retried process continues the job.
-        profile: ``"paper"`` (default), ``"official"``, ``"none"`` or a ``pb.Profile``;
-            ``profile_params`` are its parameters (e.g. ``reference_modality="audio"``).
+        profile: ``"paper"`` (default), ``"official"``, ``"ogm-ge"``, ``"none"`` or a
+            ``pb.Profile``; ``profile_params`` are its parameters (e.g.
+            ``reference_modality="audio"``).
         record: path of a statistics trace to write (replayable by ``regulator replay``).
-        process_group: the group scores are combined over (default: the world, when initialised).
+        process_group: the group of the job's ranks (default: the world, when initialised).
+            Its rank 0 is the job's leader: the only rank that reports; the others receive
+            each step's answer in one broadcast.
         keep_history: keep every ``StepResult`` in ``hook.history`` (per-rank logging, tests).
         close_session: send CloseSession on ``close()`` (default: rank 0 only).
         on_unavailable: ``"wait"`` (default: block up to ``wait_timeout`` s, then raise),
-            ``"neutral"`` (zero coefficients) or ``"last"`` (last coefficients) after one
+            ``"neutral"`` (zero coefficients) or ``"last"`` (last factors) after one
             ``call_timeout``; fallback steps are reported later and marked in the history.
-            Under DDP the ranks agree with one extra tiny all-reduce per step (not in ``wait``
-            mode), so they always apply the same coefficients.
+            Under DDP the leader decides and the broadcast tells the other ranks what to apply.
         start_epoch, start_step: where an elastic restart resumes from its checkpoint. With a
             higher ``attempt`` the new session inherits the previous attempt's closed epochs
             before ``start_epoch`` (traces and windows), so regulation continues as if
             uninterrupted.
+        proximal_params, scale_params: which parameters of each encoder get the proximal term
+            (default ``"all"``: every parameter, as the released InfoReg code) and the gradient
+            scale and noise (default ``"conv"``: the 4-D weight tensors, as the released OGM-GE
+            code); ``"weights"`` = the Linear/Conv weights; or a function ``(name, param) ->
+            bool``; or a mapping modality -> one of these (others keep the default).
+        fisher_dtype: ``torch.float32`` (default: each weight tensor's sum of squares in float32,
+            accumulated over tensors in float64) or ``torch.float64`` (every tensor in float64).
+        overlap: send the report from a background thread, so that its round trip overlaps the
+            backward pass (only with ``after_forward``). ``"auto"`` (default): when the client
+            talks to a server, or the encoders are on a GPU (the thread also takes the host sync
+            off the training loop). An in-process regulator on a CPU job is run inline: its work
+            is Python that needs the GIL, which a thread would only contend for.
+        grad_scaler, optimizer: fp16 mixed precision with ``torch.amp.GradScaler``: the hook
+            unscales the optimizer's gradients (``scaler.unscale_(optimizer)``, unless you did)
+            before anything reads them, and a step whose gradients hold inf/NaN - the scaler
+            will skip it - is neither regulated, reported nor counted.
     """
 
     def __init__(
@@ -126,26 +253,49 @@ class InfoRegHook:
         wait_timeout: float = 300.0,
         start_epoch: int = 0,
         start_step: int = 0,
+        proximal_params: Union[Selector, Mapping[str, Selector]] = DEFAULT_PROXIMAL,
+        scale_params: Union[Selector, Mapping[str, Selector]] = DEFAULT_SCALE,
+        fisher_dtype: torch.dtype = torch.float32,
+        overlap: Union[bool, str] = "auto",
+        grad_scaler: Any = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
     ) -> None:
         if len(encoders) < 2:
             raise ValueError(f"InfoReg needs at least 2 modalities, got {list(encoders)}")
+        if grad_scaler is not None and optimizer is None:
+            raise ValueError("grad_scaler needs the optimizer whose gradients it scales (optimizer=...)")
         self.client = client
         self.modalities = tuple(encoders)
         self.identity = JobIdentity.resolve(job_id, attempt, rank, world_size)
         self.profile = make_profile(profile, **dict(profile_params or {}))
-        self.probe = EncoderProbe(encoders, fisher_modules)
+        self.probe = EncoderProbe(
+            encoders, fisher_modules, proximal_params=proximal_params, scale_params=scale_params, fisher_dtype=fisher_dtype
+        )
         self.record_path = record
         self.process_group = process_group
         self.keep_history = keep_history
         self.close_session = self.identity.rank == 0 if close_session is None else close_session
+        if overlap not in (True, False, "auto"):
+            raise ValueError(f"overlap must be True, False or 'auto', got {overlap!r}")
+        auto = bool(getattr(client, "remote", True)) or self.probe.device.type == "cuda"
+        self.overlap = auto if overlap == "auto" else bool(overlap)
+        self.grad_scaler = grad_scaler
+        self.optimizer = optimizer
         self.timings = HookTimings()
-        self.delivery = Delivery(client.transport, on_unavailable, call_timeout, wait_timeout)
+        self.delivery = Delivery(client, on_unavailable, call_timeout, wait_timeout)
         if start_epoch < 0 or start_step < 0:
             raise ValueError("start_epoch and start_step must be >= 0")
         self.start_epoch = start_epoch
         self._state = _State(epoch=start_epoch, step=start_step)
         self._trace: Optional[TraceWriter] = None
-        self._last = [0.0] * len(self.modalities)
+        self._last = _Answer.neutral(len(self.modalities))
+        self._flight: Optional[_InFlight] = None
+        self._pending: Optional[_Measured] = None  # the last step's Fisher values, not yet sent
+        self._late: Optional[pb.ReportRequest] = None  # the last step's queued fallback report
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._dist: Optional[bool] = None  # torch.distributed in use (decided on first use)
+        self._leader = 0
+        self._reporter = True
 
     # -- properties -----------------------------------------------------------------------------
 
@@ -170,6 +320,13 @@ class InfoRegHook:
     def fallbacks(self) -> DeliveryStats:
         """Counts of steps applied without an answer, deferred epoch ends, waits."""
         return self.delivery.stats
+
+    @property
+    def reports(self) -> bool:
+        """Whether this process sends the job's Reports (the leader under DDP, else always)."""
+        self._distributed()
+        return self._reporter
+
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -204,10 +361,9 @@ class InfoRegHook:
             resume_epoch=self.start_epoch,
             **fields,
         )
-        transport = self.client.transport
         return self.delivery.waiting(
-            lambda timeout: transport.open_session(req, timeout=timeout, wait_for_ready=True),
-            getattr(transport, "timeout", self.delivery.call_timeout),
+            lambda timeout: self.client.send(req, timeout=timeout, wait_for_ready=True),
+            self.client.timeout or self.delivery.call_timeout,
         ).session
 
     def on_epoch_start(self, epoch: Optional[int] = None) -> None:
@@ -219,95 +375,295 @@ class InfoRegHook:
         self.probe.snapshot()
         self._state.in_epoch = True
 
-    def after_backward(
-        self,
-        logits: Union[Mapping[str, Tensor], Sequence[Tensor], None] = None,
-        labels: Optional[Tensor] = None,
-        *,
-        scores: Union[Mapping[str, Union[float, Tensor]], None] = None,
-        count: Optional[int] = None,
-    ) -> StepResult:
-        """Call after ``loss.backward()`` and before ``optimizer.step()``.
+    # -- one step: measure, exchange, apply ---------------------------------------------------
+
+    def after_forward(self, logits: Logits = None, labels: Optional[Tensor] = None, *,
+                      scores: Scores = None, count: Optional[int] = None) -> None:
+        """Call right after the forward pass, before ``backward()``: the step's scores go to the
+        regulator in the background while the backward pass runs.
 
         Pass the unimodal ``logits`` (per modality) with the ``labels``, or ready per-modality
-        ``scores`` (sums of true-class probabilities over the local batch) with ``count``.
-        """
-        if not self._state.in_epoch:
-            raise RuntimeError("after_backward() outside an epoch: call on_epoch_start() first")
+        ``scores`` (sums of true-class probabilities over the local batch) with ``count``."""
+        self._require_epoch("after_forward")
+        if self._flight is not None:
+            raise RuntimeError("after_forward() twice in one step: call after_backward() after the backward pass")
         t0 = time.perf_counter()
-        local = self.local_scores(logits, labels, scores=scores, count=count)
-        if self._distributed():
-            import torch.distributed as dist
+        self._flight = self._send_scores(self.local_scores(logits, labels, scores=scores, count=count), early=True)
+        self.timings.scores_s += time.perf_counter() - t0
 
-            dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.process_group)
-        deltas = self.probe.deltas()
-        on_device = self.probe.fisher_terms(deltas)
-        host = torch.cat([local, on_device.flatten()]).tolist()  # the step's single host sync
+    def after_backward(self, logits: Logits = None, labels: Optional[Tensor] = None, *,
+                       scores: Scores = None, count: Optional[int] = None) -> StepResult:
+        """Call after ``loss.backward()`` and before ``optimizer.step()`` (and before clipping).
+
+        Applies the regulator's answer to the encoders' gradients and measures the step's Fisher
+        value. Give the scores here (``logits``/``labels`` or ``scores``/``count``, as for
+        ``after_forward``) if ``after_forward`` was not called for this step."""
+        self._require_epoch("after_backward")
+        if logits is not None or scores is not None:
+            if self._flight is not None:
+                raise RuntimeError("this step's scores went to after_forward() already; call after_backward() without them")
+            t0 = time.perf_counter()
+            self._flight = self._send_scores(self.local_scores(logits, labels, scores=scores, count=count), early=False)
+            self.timings.scores_s += time.perf_counter() - t0
+        elif self._flight is None:
+            raise RuntimeError(
+                "after_backward() without the step's scores: call after_forward(logits=..., labels=...) "
+                "after the forward pass, or pass them here"
+            )
+        flight, self._flight = self._flight, None
+        if self._amp_skipped():
+            return self._skip(flight)
+        t0 = time.perf_counter()
+        answer = self._exchange(flight)
         t1 = time.perf_counter()
-        m = len(self.modalities)
-        total = int(round(host[m]))
-        terms = [tuple(host[m + 1 + 3 * i : m + 4 + 3 * i]) for i in range(m)]
-        st = self._state
-        req = pb.ReportRequest(
-            job_id=self.identity.job_id,
-            attempt=self.identity.attempt,
-            rank=self.identity.rank,
-            epoch=st.epoch,
-            step=st.step,
-            count=total,
-            stats=[modality_stats(name, host[i], terms[i]) for i, name in enumerate(self.modalities)],  # type: ignore[arg-type]
-        )
-        resp = self.delivery.report(req)
-        if self.delivery.mode != "wait" and self._distributed():
-            resp = resp if self._all_answered(resp is not None) else None
+        self._apply(answer)
         t2 = time.perf_counter()
-        if resp is not None:
-            coefs = [s.factors.proximal for s in resp.step.modalities]
-            fisher = {s.modality: s.fisher for s in resp.step.modalities}
-            window = {w.modality: w.open for w in resp.window}
-        else:  # fallback: the same arithmetic the regulator applies to late reports
-            coefs = [0.0] * m if self.delivery.mode == "neutral" else list(self._last)
-            self.delivery.defer_fallback(req, coefs)
-            fisher = {name: regulated_fisher(*terms[i], coefs[i]) for i, name in enumerate(self.modalities)}  # type: ignore[misc]
-            window = {}
-        self._last = coefs
-        self.probe.apply_proximal(coefs, deltas)
-        t3 = time.perf_counter()
+        result = self._measure(answer, flight)
+        tm = self.timings
+        tm.steps += 1
+        tm.wait_s += t1 - t0
+        tm.apply_s += t2 - t1
+        tm.fisher_s += time.perf_counter() - t2
+        return result
+
+    # -- measure ------------------------------------------------------------------------------
+
+    def local_scores(self, logits: Logits, labels: Optional[Tensor], *,
+                     scores: Scores = None, count: Optional[int] = None) -> Tensor:
+        """``[s_1..s_M, count]`` of this process's batch, float64 on the encoders' device
+        (validated; integrations that accumulate micro-batches sum these)."""
+        device = self.probe.device
+        if logits is not None:
+            if labels is None:
+                raise ValueError("labels are required with logits")
+            if isinstance(logits, Mapping):
+                if set(logits) != set(self.modalities):
+                    raise ValueError(f"logits for {sorted(logits)}, expected {sorted(self.modalities)}")
+                seq = [logits[m] for m in self.modalities]
+            else:
+                seq = list(logits)
+                if len(seq) != len(self.modalities):
+                    raise ValueError(f"{len(seq)} logits for {len(self.modalities)} modalities")
+            sums = score_sums(seq, labels).to(device)
+            n = torch.tensor([float(labels.numel())], dtype=torch.float64, device=device)
+            return torch.cat([sums, n])
+        if scores is None or count is None:
+            raise ValueError("pass logits and labels, or scores and count")
+        if set(scores) != set(self.modalities):
+            raise ValueError(f"scores for {sorted(scores)}, expected {sorted(self.modalities)}")
+        vals = [torch.as_tensor(scores[m], dtype=torch.float64, device=device).reshape(()) for m in self.modalities]
+        return torch.stack([*vals, torch.tensor(float(count), dtype=torch.float64, device=device)])
+
+    def _measure(self, answer: _Answer, flight: _InFlight) -> StepResult:
+        """The Fisher value of the gradient as it is now (after every factor), kept on the
+        device until the next request carries it; the step's bookkeeping."""
+        st = self._state
+        measured: Optional[_Measured] = None
+        if self.reports:
+            measured = _Measured(st.step, st.epoch, self.probe.fisher())
+            if flight.host is not None:  # the step's job-wide scores, for the trace line
+                m = len(self.modalities)
+                measured.scores, measured.count = flight.host[:m], int(round(flight.host[m]))
+        self._pending = measured
+        mods = self.modalities
+        scaled = any(k != 1.0 for k in answer.grad_scale) or any(n != 0.0 for n in answer.noise_scale)
         result = StepResult(
             step=st.step,
             epoch=st.epoch,
-            proximal=dict(zip(self.modalities, coefs)),
-            fisher=fisher,
-            window=window,
-            duplicate=bool(resp is not None and resp.duplicate),
-            fallback=resp is None,
+            proximal=dict(zip(mods, answer.proximal)),
+            window={m: bool(w) for m, w in zip(mods, answer.window)} if answer.window else {},
+            duplicate=answer.duplicate,
+            fallback=not answer.answered,
+            grad_scale=dict(zip(mods, answer.grad_scale)) if scaled else {},
+            noise_scale=dict(zip(mods, answer.noise_scale)) if scaled else {},
+            _measured=measured,
+            _modalities=mods,
         )
-        if self._trace is not None:
-            self._trace.step(st.epoch, st.step, total, {name: host[i] for i, name in enumerate(self.modalities)}, fisher)
         if self.keep_history:
             st.history.append(result)
         st.step += 1
-        tm = self.timings
-        tm.steps += 1
-        tm.device_s += t1 - t0
-        tm.rpc_s += t2 - t1
-        tm.apply_s += t3 - t2
         return result
 
+    def _settle(self) -> list[pb.MeasuredFisher]:
+        """The last step's Fisher values to the host (the sync, unless the scores' sync brought
+        them already) and into its trace line; returns them for the next request, or adds them
+        to the step's queued fallback report."""
+        measured, self._pending = self._pending, None
+        late, self._late = self._late, None
+        if measured is None:
+            return []
+        values = measured.values()
+        if self._trace is not None:
+            mods = self.modalities
+            self._trace.step(measured.epoch, measured.step, measured.count, dict(zip(mods, measured.scores)), dict(zip(mods, values)))
+        msg = pb.MeasuredFisher(
+            step=measured.step, modalities=[pb.ModalityFisher(modality=m, fisher=v) for m, v in zip(self.modalities, values)]
+        )
+        if late is not None:  # the step ran without an answer: its late report carries its values
+            late.measured.append(msg)
+            return []
+        return [msg]
+
+    # -- exchange -----------------------------------------------------------------------------
+
+    def _send_scores(self, local: Tensor, early: bool) -> _InFlight:
+        """Starts the step's exchange: under DDP the scores are summed onto the leader (async);
+        the leader reports from the background thread (``early`` and ``overlap``), or later
+        from ``after_backward`` (fp16 with a GradScaler: a skipped step must not be reported)."""
+        flight = _InFlight(local)
+        if self._distributed():
+            import torch.distributed as dist
+
+            flight.work = dist.reduce(local, dst=self._leader, group=self.process_group, async_op=True)
+        if early and self.overlap and self.reports and self.grad_scaler is None:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inforeg-report")
+            flight.future = self._executor.submit(self._report, flight)
+        return flight
+
+    def _report(self, flight: _InFlight) -> tuple[pb.ReportRequest, Optional[pb.ReportResponse]]:
+        """The leader's Report of the step (background thread, or inline): one host sync brings
+        the job's scores and the previous step's Fisher values, then the round trip."""
+        t0 = time.perf_counter()
+        if flight.work is not None:
+            flight.work.wait()
+        m = len(self.modalities)
+        prev = self._pending
+        if prev is not None and prev.tensor is not None:
+            host = torch.cat([flight.local, prev.tensor]).tolist()  # the step's host sync
+            prev.set(host[m + 1 :])
+        else:
+            host = flight.local.tolist()
+        st, ident = self._state, self.identity
+        count = int(round(host[m]))
+        req = pb.ReportRequest(
+            job_id=ident.job_id,
+            attempt=ident.attempt,
+            rank=ident.rank,
+            epoch=st.epoch,
+            step=st.step,
+            count=count,
+            stats=[pb.ModalityStats(modality=name, score_sum=host[i], fisher_deferred=True) for i, name in enumerate(self.modalities)],
+            measured=self._settle(),
+        )
+        flight.host = host
+        resp = self.delivery.report(req)
+        self.timings.report_s += time.perf_counter() - t0
+        return req, resp
+
+    def _exchange(self, flight: _InFlight) -> _Answer:
+        """The answer every rank applies: the leader's Report (or its fallback), broadcast to
+        the other ranks under DDP together with whether the regulator answered at all."""
+        m = len(self.modalities)
+        answer: Optional[_Answer] = None
+        failure: Optional[BaseException] = None
+        if self.reports:
+            try:
+                req, resp = flight.future.result() if flight.future is not None else self._report(flight)
+                answer = self._answer_of(req, resp)
+            except BaseException as exc:  # the other ranks must hear of it before this one raises
+                failure = exc
+        elif flight.work is not None:
+            flight.work.wait()
+        if self._distributed():
+            import torch.distributed as dist
+
+            box = torch.tensor(
+                answer.packed() if answer is not None else [-1.0] + [0.0] * 4 * m,
+                dtype=torch.float64, device=self._collective_device(),
+            )
+            dist.broadcast(box, src=self._leader, group=self.process_group)
+            if not self.reports:
+                values = box.tolist()  # a non-leader's one host sync
+                if values[0] < 0:
+                    raise RuntimeError("the job's leader got no answer from the regulator for this step (see its log)")
+                answer = _Answer.unpacked(values, m)
+        if failure is not None:
+            raise failure
+        assert answer is not None
+        self._last = answer
+        return answer
+
+    def _answer_of(self, req: pb.ReportRequest, resp: Optional[pb.ReportResponse]) -> _Answer:
+        if resp is not None:
+            return _Answer.of(resp)
+        last = self._last  # fallback: nothing or the last factors, reported late as applied
+        answer = _Answer.neutral(len(self.modalities)) if self.delivery.mode == "neutral" else _Answer(
+            last.proximal, last.grad_scale, last.noise_scale, (), answered=False
+        )
+        self._late = self.delivery.defer_fallback(req, answer.proximal, answer.grad_scale, answer.noise_scale)
+        return answer
+
+    # -- apply --------------------------------------------------------------------------------
+
+    def _apply(self, answer: _Answer) -> None:
+        job, step = self.identity.job_id, self._state.step
+        self.probe.apply(answer.proximal, answer.grad_scale, answer.noise_scale, lambda i: noise_seed(job, step, i))
+
+    # -- mixed precision ----------------------------------------------------------------------
+
+    def _amp_skipped(self) -> bool:
+        """fp16 with a GradScaler: unscales the gradients (unless the loop did), and says
+        whether the scaler found inf/NaN, i.e. will skip this step."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return False
+        from torch.amp.grad_scaler import OptState
+
+        state = scaler._per_optimizer_states[id(self.optimizer)]
+        if state["stage"] is OptState.STEPPED:
+            raise RuntimeError("scaler.step(optimizer) ran before after_backward(): the hook must see the step's gradients first")
+        if state["stage"] is OptState.READY:
+            scaler.unscale_(self.optimizer)
+        return sum(v.item() for v in state["found_inf_per_device"].values()) > 0
+
+    def _skip(self, flight: _InFlight) -> StepResult:
+        if flight.work is not None:
+            flight.work.wait()
+        self.timings.skipped += 1
+        zeros = {m: 0.0 for m in self.modalities}
+        return StepResult(step=self._state.step, epoch=self._state.epoch, proximal=zeros, window={},
+                          duplicate=False, skipped=True, _modalities=self.modalities)
+
+    # -- epochs and the session ---------------------------------------------------------------
+
     def on_epoch_end(self) -> Optional[pb.EndEpochResponse]:
-        """Closes the epoch at the regulator, which decides the next epoch's window.
+        """Closes the epoch at the regulator, which decides the next epoch's window; the EndEpoch
+        carries the last step's Fisher values. Under DDP the leader sends it and the other ranks
+        receive its answer (one broadcast per epoch).
 
         None when the regulator was unreachable in a fallback mode (the epoch end is delivered
         later, in order)."""
-        if not self._state.in_epoch:
-            raise RuntimeError("on_epoch_end() without on_epoch_start()")
+        self._require_epoch("on_epoch_end")
+        if self._flight is not None:
+            raise RuntimeError("on_epoch_end() inside a step: after_forward() was not followed by after_backward()")
         t0 = time.perf_counter()
-        resp = self.delivery.end_epoch(
-            pb.EndEpochRequest(
-                job_id=self.identity.job_id, attempt=self.identity.attempt, rank=self.identity.rank, epoch=self._state.epoch
-            )
-        )
-        self.timings.epoch_rpc_s += time.perf_counter() - t0
+        resp: Optional[pb.EndEpochResponse] = None
+        failure: Optional[BaseException] = None
+        if self.reports:
+            try:
+                measured = self._settle()
+                req = pb.EndEpochRequest(
+                    job_id=self.identity.job_id, attempt=self.identity.attempt, rank=self.identity.rank,
+                    epoch=self._state.epoch,
+                )
+                if measured:
+                    req.measured.CopyFrom(measured[0])
+                resp = self.delivery.end_epoch(req)
+            except BaseException as exc:  # the other ranks must hear of it before this one raises
+                failure = exc
+        if self._distributed():
+            import torch.distributed as dist
+
+            box: list[Any] = [("failed", None) if failure is not None else ("ok", resp.SerializeToString() if resp else None)]
+            dist.broadcast_object_list(box, src=self._leader, group=self.process_group, device=self._collective_device())
+            status, payload = box[0]
+            if status == "failed" and failure is None:
+                raise RuntimeError("the job's leader could not close the epoch at the regulator (see its log)")
+            resp = pb.EndEpochResponse.FromString(payload) if payload is not None else None
+        if failure is not None:
+            raise failure
+        self.timings.epoch_s += time.perf_counter() - t0
         if self._trace is not None:
             self._trace.epoch_end(self._state.epoch)
         self._state.epoch += 1
@@ -316,6 +672,17 @@ class InfoRegHook:
 
     def close(self) -> None:
         """Delivers deferred reports, closes the trace and (rank 0 by default) the session."""
+        flight, self._flight = self._flight, None
+        if flight is not None and flight.future is not None:  # a step abandoned mid-way
+            try:
+                flight.future.result()
+            except Exception:
+                log.warning("the report of an unfinished step failed", exc_info=True)
+        if self._late is not None:  # the last step ran unanswered: its late report needs its values
+            self._settle()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         if self._trace is not None:
             self._trace.close()
             self._trace = None
@@ -341,49 +708,76 @@ class InfoRegHook:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _all_answered(self, answered: bool) -> bool:
-        """Under DDP in a fallback mode: did every rank get the regulator's answer?"""
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if answered else 0.0], device=self.probe.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.process_group)
-        return bool(flag.item() == 1.0)
+    def _require_epoch(self, what: str) -> None:
+        if not self._state.in_epoch:
+            raise RuntimeError(f"{what}() outside an epoch: call on_epoch_start() first")
 
     def _distributed(self) -> bool:
-        if self.identity.world_size <= 1:
-            return False
+        if self._dist is None:
+            self._dist = False
+            if self.identity.world_size > 1:
+                import torch.distributed as dist
+
+                self._dist = dist.is_available() and dist.is_initialized()
+                if self._dist:
+                    pg = self.process_group
+                    self._leader = dist.get_global_rank(pg, 0) if pg is not None else 0
+                    self._reporter = dist.get_rank() == self._leader
+        return self._dist
+
+    def _collective_device(self) -> torch.device:
+        """Where the job's process group wants tensors: CUDA for NCCL, the CPU otherwise."""
         import torch.distributed as dist
 
-        return dist.is_available() and dist.is_initialized()
+        if dist.get_backend(self.process_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
-    def local_scores(
-        self,
-        logits: Union[Mapping[str, Tensor], Sequence[Tensor], None],
-        labels: Optional[Tensor],
-        *,
-        scores: Union[Mapping[str, Union[float, Tensor]], None] = None,
-        count: Optional[int] = None,
-    ) -> Tensor:
-        """``[s_1..s_M, count]`` of this process's batch, float64 on the encoders' device
-        (validated; integrations that accumulate micro-batches sum these)."""
-        device = self.probe.device
-        if logits is not None:
-            if labels is None:
-                raise ValueError("labels are required with logits")
-            if isinstance(logits, Mapping):
-                if set(logits) != set(self.modalities):
-                    raise ValueError(f"logits for {sorted(logits)}, expected {sorted(self.modalities)}")
-                seq = [logits[m] for m in self.modalities]
-            else:
-                seq = list(logits)
-                if len(seq) != len(self.modalities):
-                    raise ValueError(f"{len(seq)} logits for {len(self.modalities)} modalities")
-            sums = score_sums(seq, labels).to(device)
-            n = torch.tensor([float(labels.numel())], dtype=torch.float64, device=device)
-            return torch.cat([sums, n])
-        if scores is None or count is None:
-            raise ValueError("pass logits and labels, or scores and count")
-        if set(scores) != set(self.modalities):
-            raise ValueError(f"scores for {sorted(scores)}, expected {sorted(self.modalities)}")
-        vals = [torch.as_tensor(scores[m], dtype=torch.float64, device=device).reshape(()) for m in self.modalities]
-        return torch.stack([*vals, torch.tensor(float(count), dtype=torch.float64, device=device)])
+    # -- checkpoints (issue 11.3; self-contained: state in, state out) ---------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the job stands, to save with the model and optimizer in a training checkpoint.
+
+        ``epoch``/``step`` are the numbers of the next epoch and step (after ``on_epoch_end`` the
+        epoch has moved on); ``in_epoch`` marks a checkpoint taken inside an epoch. Plain values
+        only, so ``torch.save``/``torch.load(weights_only=True)`` and Lightning can store it."""
+        st = self._state
+        return {
+            "format": 1,
+            "job_id": self.identity.job_id,
+            "attempt": self.identity.attempt,
+            "modalities": list(self.modalities),
+            "epoch": st.epoch,
+            "step": st.step,
+            "in_epoch": st.in_epoch,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continues a job from ``state_dict()``; call before ``open()`` (or ``with hook:``).
+
+        The session resumes at the checkpoint's epoch and step as the job's next attempt (the
+        regulator assigns it, or the saved attempt + 1 when attempts are numbered by hand), and
+        that attempt inherits the closed epochs before the checkpoint's epoch, so its windows
+        are those of an uninterrupted run. A checkpoint taken inside epoch e resumes at epoch e:
+        the regulator's record of that epoch then holds only the steps after the resume, and
+        ``on_epoch_start`` takes the anchors from the resumed weights."""
+        import dataclasses
+
+        if self._state.session is not None:
+            raise RuntimeError("load_state_dict() must come before open(): the session resumes where the checkpoint stands")
+        if state.get("format") != 1:
+            raise ValueError(f"not an InfoRegHook state (format {state.get('format')!r})")
+        if list(state["modalities"]) != list(self.modalities):
+            raise ValueError(f"the checkpoint's modalities {list(state['modalities'])} differ from the hook's {list(self.modalities)}")
+        if state["job_id"] != self.identity.job_id:
+            raise ValueError(
+                f"the checkpoint belongs to job {state['job_id']!r}, this hook to {self.identity.job_id!r}: "
+                "pass the checkpoint's job_id to resume it"
+            )
+        epoch, step, saved = int(state["epoch"]), int(state["step"]), int(state["attempt"])
+        if epoch < 0 or step < 0:
+            raise ValueError(f"bad checkpoint position: epoch {epoch}, step {step}")
+        self.start_epoch = epoch
+        self._state = _State(epoch=epoch, step=step)
+        if not getattr(self.identity, "next_attempt", False) and self.identity.attempt <= saved:
+            self.identity = dataclasses.replace(self.identity, attempt=saved + 1)

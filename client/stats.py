@@ -1,17 +1,26 @@
-"""Per-step statistics on the trainer's device, with fused (``torch._foreach_*``) reductions.
+"""Per-step work on the trainer's device: scores, applying the regulator's factors, and the
+Fisher value of the gradient the optimizer applies. No host sync anywhere in here.
 
-Per modality m the regulator needs ``score_sum`` and the step's Fisher contribution of the
-gradient the optimizer will apply, ``g + a*d`` with ``d = w - w_anchor``. The coefficient a is
-the regulator's answer to this very report, so the probe sends the three reductions
-``sum g^2``, ``sum g*d``, ``sum d^2`` (each per weight tensor, divided by its numel) and the
-regulator expands ``(g + a d)^2`` itself. Cost per step: three ``_foreach_norm`` over the
-encoder weights, one ``_foreach_sub`` and ``_foreach_add``, no Python loop over elements, and
-the results stay on the device until the hook's single host sync.
+Per modality m the regulator answers ``Factors{proximal a, grad_scale k, noise_scale n}``; the
+probe applies them to the encoder's gradients, in this order:
+
+- ``grad = grad * k + N(0, n * (std(grad) + 1e-8))`` on the *scaled* tensors (OGM-GE; default:
+  the 4-D weight tensors, as the released OGM-GE code), ``std`` of the gradient before scaling;
+- ``grad += a * (w - w_anchor)`` on the *proximal* tensors (InfoReg; default: every parameter of
+  the encoder, as the released InfoReg code), ``w_anchor`` the weights at the epoch's start.
+
+Nothing is computed for a modality whose factors are neutral (``a == 0``, ``k == 1``, ``n == 0``):
+no ``w - w_anchor`` deltas, no extra pass. Then the Fisher value: per modality
+``sum over weight tensors W of sum(grad(W)**2) / numel(W)`` of the final gradient, one pass per
+tensor, each tensor reduced in float32 (the released InfoReg code accumulates its Fisher
+information in float32 too) and the per-tensor results summed in float64; ``fisher_dtype=
+torch.float64`` reduces every tensor in float64 instead (about 5x slower on a CPU).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import hashlib
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +29,13 @@ from torch.nn.modules.conv import _ConvNd
 # Weight matrices and conv kernels enter the Fisher trace; biases and norm layers do not (they
 # still receive the proximal term), as in the released InfoReg code.
 FISHER_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, _ConvNd)
+
+# Which parameters of an encoder get a factor: a name, or a predicate (name, parameter) -> bool.
+Selector = Union[str, Callable[[str, nn.Parameter], bool]]
+SELECTORS = ("all", "weights", "conv")
+DEFAULT_PROXIMAL: Selector = "all"  # InfoReg: grad += a (w - w_anchor) on every encoder parameter
+DEFAULT_SCALE: Selector = "conv"  # OGM-GE: only the 4-D (convolution) weight tensors
+NOISE_EPS = 1e-8  # OGM-GE: N(0, std(grad) + 1e-8)
 
 
 def fisher_weights(module: nn.Module, kinds: tuple[type[nn.Module], ...] = FISHER_MODULES) -> list[nn.Parameter]:
@@ -35,29 +51,78 @@ def fisher_weights(module: nn.Module, kinds: tuple[type[nn.Module], ...] = FISHE
 
 
 def score_sums(logits: Sequence[Tensor], labels: Tensor) -> Tensor:
-    """Per modality, the batch sum of the true-class softmax probability (float64, on device)."""
+    """Per modality, the batch sum of the true-class softmax probability (float64, on device):
+    probabilities in float32, summed in float64; all modalities in one pass when they agree in
+    shape (they do for a shared head's unimodal logits)."""
+    if len({tuple(lg.shape) for lg in logits}) == 1:
+        stacked = torch.stack([lg.detach() for lg in logits]).float()  # [M, B, C]
+        idx = labels.reshape(1, -1, 1).expand(len(logits), -1, 1)
+        return torch.softmax(stacked, dim=2).gather(2, idx).squeeze(2).double().sum(1)
     idx = labels.reshape(-1, 1)
     return torch.stack(
         [torch.softmax(lg.detach().float(), dim=1).gather(1, idx).double().sum() for lg in logits]
     )
 
 
+def noise_seed(job_id: str, step: int, index: int) -> int:
+    """The seed of parameter ``index``'s gradient noise at ``step``: the same on every rank of a
+    job, and independent of anything else the process does with random numbers."""
+    digest = hashlib.blake2b(f"{job_id}\x00{step}\x00{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _selector(sel: Selector, fisher_ids: set[int]) -> Callable[[str, nn.Parameter], bool]:
+    if callable(sel):
+        return sel
+    if sel == "all":
+        return lambda name, p: True
+    if sel == "weights":  # the weights of Linear/Conv layers: the tensors of the Fisher trace
+        return lambda name, p: id(p) in fisher_ids
+    if sel == "conv":  # the released OGM-GE code: len(grad.size()) == 4
+        return lambda name, p: p.dim() == 4
+    raise ValueError(f"parameter selector {sel!r}: use one of {SELECTORS} or a function (name, param) -> bool")
+
+
+def per_modality(value: Union[Selector, Mapping[str, Selector]], names: Sequence[str], what: str) -> list[Selector]:
+    """One selector for every modality, or a mapping modality -> selector (others: the default)."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ValueError(f"{what} names unknown modalities {unknown}; the encoders are {list(names)}")
+        default = DEFAULT_PROXIMAL if what == "proximal_params" else DEFAULT_SCALE
+        return [value.get(n, default) for n in names]
+    return [value for _ in names]
+
+
 class EncoderProbe:
-    """Anchors, Fisher terms and the proximal update for a set of named encoders."""
+    """Anchors, factor application and the Fisher measurement for a set of named encoders."""
 
     def __init__(
         self,
         encoders: Mapping[str, nn.Module],
         fisher_modules: tuple[type[nn.Module], ...] = FISHER_MODULES,
+        *,
+        proximal_params: Union[Selector, Mapping[str, Selector]] = DEFAULT_PROXIMAL,
+        scale_params: Union[Selector, Mapping[str, Selector]] = DEFAULT_SCALE,
+        fisher_dtype: torch.dtype = torch.float32,
     ) -> None:
+        if fisher_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"fisher_dtype must be torch.float32 or torch.float64, got {fisher_dtype}")
         self.names = tuple(encoders)
+        self.fisher_dtype = fisher_dtype
         self.params: list[nn.Parameter] = []
         self.owner: list[int] = []  # modality index of each parameter
+        prox_sel = per_modality(proximal_params, self.names, "proximal_params")
+        scale_sel = per_modality(scale_params, self.names, "scale_params")
+        self.proximal_idx: list[list[int]] = [[] for _ in self.names]
+        self.scale_idx: list[list[int]] = [[] for _ in self.names]
         seen: dict[int, str] = {}
         fisher_ids: set[int] = set()
         for m, (name, enc) in enumerate(encoders.items()):
-            fisher_ids.update(id(w) for w in fisher_weights(enc, fisher_modules))
-            for p in enc.parameters():
+            weights = {id(w) for w in fisher_weights(enc, fisher_modules)}
+            fisher_ids |= weights
+            takes_prox, takes_scale = _selector(prox_sel[m], weights), _selector(scale_sel[m], weights)
+            for pname, p in enc.named_parameters():
                 if not p.requires_grad:
                     continue
                 if id(p) in seen:
@@ -66,8 +131,13 @@ class EncoderProbe:
                         "must belong to one modality"
                     )
                 seen[id(p)] = name
+                i = len(self.params)
                 self.params.append(p)
                 self.owner.append(m)
+                if takes_prox(pname, p):
+                    self.proximal_idx[m].append(i)
+                if takes_scale(pname, p):
+                    self.scale_idx[m].append(i)
         if not self.params:
             raise ValueError("the encoders have no trainable parameters")
         devices = {p.device for p in self.params}
@@ -85,8 +155,12 @@ class EncoderProbe:
         self._inv_numel = torch.tensor(
             [1.0 / self.params[i].numel() for i in self.fisher_idx], dtype=torch.float64, device=self.device
         )
-        self.by_modality = [[i for i, o in enumerate(self.owner) if o == m] for m in range(len(self.names))]
+        # CPU float32: a BLAS dot per tensor is both faster and more accurate than _foreach_norm
+        self._dot = self.device.type == "cpu" and all(self.params[i].dtype == torch.float32 for i in self.fisher_idx)
+        self._generator: Optional[torch.Generator] = None
         self.anchors: list[Tensor] = []
+
+    # -- anchors ------------------------------------------------------------------------------
 
     def snapshot(self) -> None:
         """Anchors := current encoder weights (start of an epoch). Encoders only, not the model."""
@@ -96,45 +170,100 @@ class EncoderProbe:
             else:
                 self.anchors = [p.detach().clone() for p in self.params]
 
-    def deltas(self) -> list[Tensor]:
-        """``w - w_anchor`` for every encoder parameter."""
-        if not self.anchors:
+    def anchor_state(self) -> list[Tensor]:
+        return [a.clone() for a in self.anchors]
+
+    def load_anchor_state(self, anchors: Sequence[Tensor]) -> None:
+        if len(anchors) != len(self.params) or any(a.shape != p.shape for a, p in zip(anchors, self.params)):
+            raise ValueError("the saved anchors do not match these encoders' parameters")
+        self.anchors = [a.detach().to(device=p.device, dtype=p.dtype).clone() for a, p in zip(anchors, self.params)]
+
+    # -- factors ------------------------------------------------------------------------------
+
+    def apply(
+        self,
+        proximal: Sequence[float],
+        grad_scale: Sequence[float] = (),
+        noise_scale: Sequence[float] = (),
+        seed: Optional[Callable[[int], int]] = None,
+    ) -> None:
+        """Applies one step's factors to the encoders' gradients (see the module docstring).
+        ``seed(i)`` seeds parameter i's noise (required when any ``noise_scale`` is > 0)."""
+        if not self.anchors and any(a != 0.0 for a in proximal):
             raise RuntimeError("no anchors: call snapshot() at the start of the epoch")
         with torch.no_grad():
-            return list(torch._foreach_sub([p.detach() for p in self.params], self.anchors))
+            for m, a in enumerate(proximal):
+                k = grad_scale[m] if grad_scale else 1.0
+                n = noise_scale[m] if noise_scale else 0.0
+                if k != 1.0 or n > 0.0:
+                    self._scale(self.scale_idx[m], k, n, seed)
+                if a != 0.0:
+                    self._proximal(self.proximal_idx[m], a)
 
-    def fisher_terms(self, deltas: Sequence[Tensor]) -> Tensor:
-        """``[M, 3]`` float64 on device: per modality (sum g^2, sum g*d, sum d^2) / numel, summed
-        over weight tensors. A weight without a gradient counts as a zero gradient."""
-        with torch.no_grad():
-            grads = [
-                self.params[i].grad if self.params[i].grad is not None else torch.zeros_like(self.params[i])
-                for i in self.fisher_idx
+    def _scale(self, idx: Sequence[int], k: float, n: float, seed: Optional[Callable[[int], int]]) -> None:
+        """``grad = grad * k + N(0, n * (std(grad) + 1e-8))``, std before scaling (OGM-GE)."""
+        idx = [i for i in idx if self.params[i].grad is not None]
+        if not idx:
+            return
+        grads = [self.params[i].grad for i in idx]
+        stds: list[Tensor] = []
+        if n > 0.0:
+            if seed is None:
+                raise ValueError("gradient noise needs a seed function")
+            stds = [
+                (g.std() if g.numel() > 1 else torch.zeros((), dtype=g.dtype, device=g.device)).add_(NOISE_EPS).mul_(n)
+                for g in grads  # type: ignore[union-attr]
             ]
-            ds = [deltas[i] for i in self.fisher_idx]
-            f64 = torch.float64
-            ng = torch.stack(torch._foreach_norm(grads, 2, dtype=f64))
-            nd = torch.stack(torch._foreach_norm(ds, 2, dtype=f64))
-            ns = torch.stack(torch._foreach_norm(torch._foreach_add(grads, ds), 2, dtype=f64))
-            g2 = ng * ng * self._inv_numel
-            d2 = nd * nd * self._inv_numel
-            gd = (ns * ns * self._inv_numel - g2 - d2) * 0.5  # polarization: <g, d>
-            per_tensor = torch.stack([g2, gd, d2], dim=1)
-            out = torch.zeros(len(self.names), 3, dtype=f64, device=self.device)
-            return out.index_add_(0, self._seg, per_tensor)
+        if k != 1.0:
+            torch._foreach_mul_(grads, k)  # type: ignore[arg-type]
+        if n > 0.0:
+            gen = self._noise_generator()
+            noise = []
+            for i, g in zip(idx, grads):
+                gen.manual_seed(seed(i))  # type: ignore[misc]
+                noise.append(torch.randn(g.shape, generator=gen, dtype=g.dtype, device=g.device))  # type: ignore[union-attr]
+            torch._foreach_addcmul_(grads, noise, stds)  # type: ignore[arg-type]
 
-    def apply_proximal(self, coefs: Sequence[float], deltas: Sequence[Tensor]) -> None:
-        """``grad += coef_m * (w - w_anchor)`` on every parameter of each regulated encoder."""
+    def _proximal(self, idx: Sequence[int], a: float) -> None:
+        """``grad += a * (w - w_anchor)``; a parameter without a gradient gets ``a * (w - w_anchor)``."""
+        params = [self.params[i] for i in idx]
+        deltas = torch._foreach_sub(params, [self.anchors[i] for i in idx])  # under no_grad
+        with_grad = [j for j, p in enumerate(params) if p.grad is not None]
+        if len(with_grad) == len(params):
+            torch._foreach_add_([p.grad for p in params], deltas, alpha=a)  # type: ignore[misc]
+            return
+        for j, (p, d) in enumerate(zip(params, deltas)):
+            if p.grad is None:
+                p.grad = d.mul_(a)
+            else:
+                p.grad.add_(d, alpha=a)
+
+    def _noise_generator(self) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=self.device)
+        return self._generator
+
+    # -- Fisher -------------------------------------------------------------------------------
+
+    def fisher(self) -> Tensor:
+        """``[M]`` float64 on the device: per modality, sum over weight tensors of
+        ``sum(grad**2) / numel`` of the gradients as they are now. A weight without a gradient
+        contributes 0."""
         with torch.no_grad():
-            for m, a in enumerate(coefs):
-                if a == 0.0:
-                    continue
-                idx = self.by_modality[m]
-                with_grad = [i for i in idx if self.params[i].grad is not None]
-                if with_grad:
-                    torch._foreach_add_(
-                        [self.params[i].grad for i in with_grad], [deltas[i] for i in with_grad], alpha=a
-                    )
-                for i in idx:
-                    if self.params[i].grad is None:
-                        self.params[i].grad = deltas[i] * a
+            idx = [i for i in self.fisher_idx if self.params[i].grad is not None]
+            grads = [self.params[i].grad for i in idx]
+            out = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+            if not grads:
+                return out
+            if self.fisher_dtype == torch.float64:
+                sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square_()  # type: ignore[arg-type]
+            elif self._dot:
+                flat = [g.reshape(-1) for g in grads]  # type: ignore[union-attr]
+                sq = torch.stack([torch.dot(f, f) for f in flat]).double()
+            else:  # CUDA: one fused kernel over all tensors; float32 accumulation in a tree
+                sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double().square_()  # type: ignore[arg-type]
+            if len(idx) == len(self.fisher_idx):
+                return out.index_add_(0, self._seg, sq * self._inv_numel)
+            where = {i: j for j, i in enumerate(self.fisher_idx)}
+            sel = torch.tensor([where[i] for i in idx], device=self.device)
+            return out.index_add_(0, self._seg[sel], sq * self._inv_numel[sel])

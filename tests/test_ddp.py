@@ -1,10 +1,15 @@
-"""torch.distributed jobs through a real regulator process: DDP consistency, heterogeneous jobs
-at once, fork safety. Real gloo process groups started by torchrun, no mocks."""
+"""torch.distributed jobs through a real regulator process: DDP consistency, one Report per step
+per job, fallbacks and GE noise under DDP, heterogeneous jobs at once, fork safety. Real gloo
+process groups started by torchrun, no mocks."""
 
 from __future__ import annotations
 
+import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,7 @@ from regulator_client import JobIdentity, RegulatorClient
 from trainers.digits import TrainConfig, train
 from trainers.serverproc import ServerProcess
 
-from .conftest import ROOT, read_jsonl
+from .conftest import ROOT, read_jsonl, scrape, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -32,6 +37,26 @@ def finish(proc: subprocess.Popen[str], timeout: float = 300) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out
     return out
+
+
+def reports_handled(metrics_port: int) -> float:
+    """Report RPCs the server finished, whatever their code (grpc_server_handled_total)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(scrape(metrics_port))
+        for s in fam.samples
+        if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == "Report"
+    )
+
+
+def same_on_every_rank(ranks: list[list[dict]], *keys: str) -> None:
+    """The invariant: every rank applied exactly the same factors at every step."""
+    assert len({len(r) for r in ranks}) == 1
+    for entries in zip(*ranks):
+        for key in ("step", *keys):
+            assert len({repr(e[key]) for e in entries}) == 1, (key, entries)
 
 
 def history_bytes(target: str, job: str) -> bytes:
@@ -60,19 +85,16 @@ def test_two_rank_ddp_equals_single_process_and_ranks_agree(tmp_path: Path) -> N
                         "--coef-log", str(tmp_path / "coefs"), "--save-weights", str(tmp_path / "ddp.pt"))
         out = finish(proc)
         assert "identical weights on all ranks: True" in out
+        # one Report per optimizer step for the whole job: 3 epochs x 25 steps, from rank 0 only
+        assert reports_handled(server.metrics_port) == 75
         single = train(
             TrainConfig(job_id="single-eq", profile="official", epochs=3, seed=2, save_weights=str(tmp_path / "single.pt")),
             RegulatorClient.connect(server.target),
         )
     ranks = [read_jsonl(tmp_path / "coefs" / f"rank{r}.jsonl") for r in range(2)]
     assert [len(r) for r in ranks] == [75, 75]
-    for a, b in zip(*ranks):
-        assert a["step"] == b["step"]
-        assert a["proximal"] == b["proximal"]  # identical coefficients on every rank, every step
-        # every step was reported by both ranks; the second report was a byte-identical duplicate
-        # (same all-reduced scores, same Fisher terms: DDP made the gradients identical), so the
-        # regulator answered it from its history instead of rejecting it as a conflict
-        assert {a["duplicate"], b["duplicate"]} == {False, True}
+    same_on_every_rank(ranks, "proximal", "window", "fallback")  # identical coefficients, every step
+    assert [e["reports"] for e in ranks[0]] == [True] * 75 and [e["reports"] for e in ranks[1]] == [False] * 75
     ddp = [[r["proximal"][v] for v in ("fac", "zer")] for r in ranks[0]]
     assert [[c > 0 for c in s] for s in ddp] == [[c > 0 for c in s] for s in single["applied"]]
     # same coefficients step by step, up to float32 reassociation drift (see COEF_REL_TOL)
@@ -81,6 +103,50 @@ def test_two_rank_ddp_equals_single_process_and_ranks_agree(tmp_path: Path) -> N
     w_ddp, w_single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
     worst = max((w_ddp[k] - w_single[k]).abs().max().item() for k in w_ddp)
     assert worst < WEIGHTS_ABS_TOL, f"final weights differ by {worst}"
+
+
+def test_ddp_fallback_the_leader_decides_and_every_rank_applies_the_same(tmp_path: Path) -> None:
+    """The regulator freezes (SIGSTOP) for 2 s in the middle of a 2-rank job in ``neutral`` mode:
+    the steps without an answer run with zero coefficients on both ranks alike, the job goes on,
+    and once the regulator is back the late reports complete the history, marking exactly those
+    steps (and amending any step it had answered without the answer reaching the job)."""
+    with ServerProcess(str(tmp_path / "state")) as server:
+        proc = torchrun(server.target, "--job-id", "ddp-neutral", "--profile", "official", "--epochs", "4",
+                        "--on-unavailable", "neutral", "--call-timeout", "0.5", "--coef-log", str(tmp_path / "coefs"))
+        wait_until(lambda: reports_handled(server.metrics_port) >= 1, "the job has started its steps")
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(2.0)  # the outage itself, not a wait for a condition
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        out = finish(proc)
+        assert "identical weights on all ranks: True" in out
+        with RegulatorClient.connect(server.target) as client:
+            steps = client.get_session("ddp-neutral", include_steps=True).steps
+    ranks = [read_jsonl(tmp_path / "coefs" / f"rank{r}.jsonl") for r in range(2)]
+    same_on_every_rank(ranks, "proximal", "fallback")
+    fallback = [e["step"] for e in ranks[0] if e["fallback"]]
+    assert fallback, "the regulator did not answer some steps in time"
+    assert all(ranks[0][s]["proximal"] == {"fac": 0.0, "zer": 0.0} for s in fallback)
+    assert [s.step for s in steps] == list(range(100))  # the late reports arrived
+    assert [s.step for s in steps if s.fallback == pb.FALLBACK_NEUTRAL] == fallback
+    assert [[m.factors.proximal for m in s.modalities] for s in steps] == [
+        [e["proximal"]["fac"], e["proximal"]["zer"]] for e in ranks[0]]
+    assert all(not math.isnan(m.fisher) for s in steps for m in s.modalities)  # every value arrived
+
+
+def test_ogm_ge_noise_is_identical_on_every_rank(tmp_path: Path) -> None:
+    """GE noise is drawn per rank, after DDP's all-reduce: seeded from job, step and tensor, the
+    ranks draw the same, and the replicas stay bit-identical."""
+    with ServerProcess(None) as server:
+        out = finish(torchrun(server.target, "--job-id", "ddp-ogm", "--profile", "ogm-ge", "--epochs", "1",
+                              "--scale-params", "weights", "--coef-log", str(tmp_path / "coefs")))
+    assert "identical weights on all ranks: True" in out
+    ranks = [read_jsonl(tmp_path / "coefs" / f"rank{r}.jsonl") for r in range(2)]
+    same_on_every_rank(ranks, "grad_scale", "noise_scale")
+    assert any(v < 1.0 for e in ranks[0] for v in e["grad_scale"].values())
+    assert any(v > 0.0 for e in ranks[0] for v in e["noise_scale"].values())
 
 
 def test_heterogeneous_jobs_share_one_regulator_without_cross_talk(tmp_path: Path) -> None:

@@ -27,8 +27,10 @@ from torch import Tensor
 
 from regulator_client import RegulatorClient
 from regulator_client.cli_args import add_connection_flags, connect_from_args
+from regulator_client.errors import RegulatorError
 from regulator_client.hook import InfoRegHook
 from regulator_client.profiles import PROFILE_NAMES, parse_profile_params
+from regulator_client.stats import SELECTORS
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .digits_data import DigitsSplit, load_split
@@ -40,6 +42,10 @@ class TrainConfig:
     views: tuple[str, ...] = ("fac", "zer")
     profile: str = "official"
     profile_params: dict[str, Any] = field(default_factory=dict)
+    # Which encoder tensors a gradient scale (ogm-ge) multiplies. The released OGM-GE code scales
+    # only 4-D conv kernels; the digits encoders are MLPs with none, so their weight matrices are
+    # the analogue (biases excluded, as the conv-only rule excludes them).
+    scale_params: str = "weights"
     seed: int = 0
     epochs: int = 50
     batch_size: int = 64
@@ -114,6 +120,7 @@ def hook_options(cfg: TrainConfig, job_id: str) -> dict[str, Any]:
         job_id=job_id,
         profile=cfg.profile,
         profile_params=cfg.profile_params,
+        scale_params=cfg.scale_params,
         record=cfg.record,
         on_unavailable=cfg.on_unavailable,
         call_timeout=cfg.call_timeout,
@@ -176,8 +183,9 @@ def train(
                 y = y_tr[idx]
                 opt.zero_grad(set_to_none=True)
                 fused, uni = model({v: xs_tr[v][idx] for v in cfg.views})
+                hook.after_forward(logits=uni, labels=y)  # the scores leave while backward runs
                 loss_fn(fused, uni, y, cfg.unimodal_loss).backward()
-                hook.after_backward(logits=uni, labels=y)
+                hook.after_backward()
                 opt.step()
                 if on_step is not None:
                     on_step(hook.step - 1)
@@ -248,6 +256,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--unimodal-loss", action="store_true", help="add the unimodal CE terms (InfoReg*)")
+    p.add_argument("--scale-params", choices=SELECTORS, default=TrainConfig.scale_params,
+                   help="tensors a gradient scale (ogm-ge) multiplies: all, weights (default: the MLP "
+                   "encoders' weight matrices) or conv (4-D kernels only, the released OGM-GE rule)")
     p.add_argument("--job-id", default=None)
     p.add_argument("--record", default=None, help="write the statistics trace to this file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -264,6 +275,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed,
         epochs=args.epochs,
         unimodal_loss=args.unimodal_loss,
+        scale_params=args.scale_params,
         job_id=args.job_id,
         record=args.record,
         device=args.device,
@@ -316,8 +328,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     cfg.checkpoint = args.checkpoint
-    with client_from_args(p, args) as client:
-        result = train(cfg, client, log=print_epoch(cfg.epochs))
+    try:
+        with client_from_args(p, args) as client:
+            result = train(cfg, client, log=print_epoch(cfg.epochs))
+    except RegulatorError as exc:  # e.g. a profile parameter the regulator refuses: one line
+        print(f"{p.prog}: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
     write_result(result, args.out, cfg.profile)
     return 0
 

@@ -4,13 +4,14 @@
     torchrun --standalone --nproc_per_node 2 -m trainers.digits_ddp --target 127.0.0.1:50051 \\
         --profile official --epochs 50 --coef-log logs/
 
-Each rank trains on its ``DistributedSampler`` shard (global batch 64 = 2 x 32 by default), DDP
-all-reduces the gradients, and the InfoReg hook all-reduces the per-rank score sums (one small
-collective), so every rank reports identical statistics for a step. The regulator answers the
-first report of a step and gives every other rank the stored answer: all ranks apply identical
-coefficients, and no rank ever waits for another at the regulator. The job's identity comes from
-torchrun (TORCHELASTIC_RUN_ID, RANK, WORLD_SIZE, TORCHELASTIC_RESTART_COUNT) unless ``--job-id``
-is given. ``--coef-log DIR`` writes every applied coefficient to ``DIR/rank<R>.jsonl``.
+Each rank trains on its ``DistributedSampler`` shard (global batch 64 = 2 x 32 by default) and
+DDP all-reduces the gradients. Per step the InfoReg hook sums the ranks' score sums onto rank 0
+(one small reduce, right after the forward pass), rank 0 alone reports the step - one Report per
+step for the whole job - and the answer reaches every rank in one broadcast after the backward
+pass: all ranks apply identical factors (identical GE noise too: it is seeded from the job, the
+step and the tensor). The job's identity comes from torchrun (TORCHELASTIC_RUN_ID, RANK,
+WORLD_SIZE, TORCHELASTIC_RESTART_COUNT) unless ``--job-id`` is given. ``--coef-log DIR`` writes
+every applied factor to ``DIR/rank<R>.jsonl``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--coef-log", default=None, help="directory for per-rank applied coefficients (JSONL)")
     p.add_argument("--out", default=None, help="rank 0 writes the results here as JSON")
     p.add_argument("--save-weights", default=None, help="rank 0 saves the final state_dict here")
+    p.add_argument("--scale-params", choices=("conv", "weights", "all"), default="conv",
+                   help="tensors that get ogm-ge's gradient scale and noise (the MLPs have no 4-D 'conv' tensors)")
     args = p.parse_args(argv)
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -83,7 +86,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         profile=args.profile,
         profile_params=params,
         on_unavailable=args.on_unavailable,
+        call_timeout=args.call_timeout,
         keep_history=True,
+        scale_params=args.scale_params,
     )
     log_file = None
     if args.coef_log:
@@ -100,13 +105,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 y = y.to(device)
                 opt.zero_grad(set_to_none=True)
                 fused, uni = ddp(batch)
+                hook.after_forward(logits=uni, labels=y)  # scores out while backward runs
                 loss_fn(fused, uni, y, args.unimodal_loss).backward()
-                res = hook.after_backward(logits=uni, labels=y)
+                res = hook.after_backward()
                 opt.step()
                 if log_file is not None:
                     log_file.write(json.dumps({
                         "rank": rank, "epoch": res.epoch, "step": res.step, "proximal": res.proximal,
-                        "fisher": res.fisher, "duplicate": res.duplicate, "fallback": res.fallback,
+                        "grad_scale": res.grad_scale, "noise_scale": res.noise_scale, "window": res.window,
+                        "fallback": res.fallback, "reports": hook.reports,
                     }) + "\n")
             sched.step()
             end = hook.on_epoch_end()
