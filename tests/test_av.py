@@ -71,19 +71,43 @@ def test_spectrogram_shape_peak_and_tiling(tmp_path: Path) -> None:
     assert short.shape == SPEC_SHAPE and torch.isfinite(short).all()
 
 
-def test_stereo_and_other_widths_are_read_as_mono(tmp_path: Path) -> None:
-    path = tmp_path / "s.wav"
-    left = np.linspace(-0.5, 0.5, 100)
-    pcm = (np.stack([left, -left], 1) * 8388607).round().astype(np.int32)
-    raw = b"".join(int(v).to_bytes(3, "little", signed=True) for v in pcm.reshape(-1))
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(2)
-        w.setsampwidth(3)
-        w.setframerate(22_050)
-        w.writeframes(raw)
-    samples, rate = read_wav(path)
-    assert rate == 22_050 and samples.shape == (100,)
-    assert samples.abs().max().item() < 1e-6  # (l + r) / 2 of opposite channels
+def write_raw_wav(path: Path, payload: bytes, tag: int, channels: int, rate: int, bits: int, extensible: bool = False) -> None:
+    """A WAV file written by hand: any encoding tag, optionally as WAVE_FORMAT_EXTENSIBLE."""
+    import struct
+
+    block = channels * bits // 8
+    fmt = struct.pack("<HHIIHH", 0xFFFE if extensible else tag, channels, rate, rate * block, block, bits)
+    if extensible:  # cbSize, valid bits, channel mask, sub-format GUID (starts with the tag)
+        fmt += struct.pack("<HHI", 22, bits, 0) + struct.pack("<H", tag) + bytes.fromhex("000000001000800000aa00389b71")
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(payload)) + payload
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+
+
+def test_wav_encodings_decode_as_libsndfile_does(tmp_path: Path) -> None:
+    """Integer PCM of 8/16/24/32 bits (n-bit / 2^(n-1)), float32/64 as stored, EXTENSIBLE
+    headers; channels averaged to mono."""
+    left = np.linspace(-0.5, 0.5, 101)
+    stereo = np.stack([left, -left / 2], 1)
+    ints24 = (stereo * 8388607).round().astype(np.int32)
+    raw24 = b"".join(int(v).to_bytes(3, "little", signed=True) for v in ints24.reshape(-1))
+    write_raw_wav(tmp_path / "s24.wav", raw24, 1, 2, 48_000, 24, extensible=True)
+    samples, rate = read_wav(tmp_path / "s24.wav")
+    assert rate == 48_000 and samples.shape == (101,)
+    assert np.array_equal(samples.numpy(), (ints24.astype(np.float32) / 8388608).mean(axis=1, dtype=np.float32))
+    floats = (left * 0.9).astype("<f4")
+    write_raw_wav(tmp_path / "f32.wav", floats.tobytes(), 3, 1, 16_000, 32)
+    assert np.array_equal(read_wav(tmp_path / "f32.wav")[0].numpy(), floats)
+    write_raw_wav(tmp_path / "f64.wav", left.astype("<f8").tobytes(), 3, 1, 16_000, 64, extensible=True)
+    assert np.array_equal(read_wav(tmp_path / "f64.wav")[0].numpy(), left.astype(np.float32))
+    u8 = np.array([0, 64, 128, 255], dtype=np.uint8)
+    write_raw_wav(tmp_path / "u8.wav", u8.tobytes(), 1, 1, 8_000, 8)
+    assert read_wav(tmp_path / "u8.wav")[0].tolist() == [-1.0, -0.5, 0.0, 127 / 128]
+    i32 = np.array([-(2**31), 2**30], dtype="<i4")
+    write_raw_wav(tmp_path / "i32.wav", i32.tobytes(), 1, 1, 8_000, 32)
+    assert read_wav(tmp_path / "i32.wav")[0].tolist() == [-1.0, 0.5]
+    write_raw_wav(tmp_path / "alaw.wav", b"\x00" * 10, 6, 1, 8_000, 8)  # A-law: refused by name
+    with pytest.raises(ValueError, match="unsupported encoding 0x0006"):
+        read_wav(tmp_path / "alaw.wav")
 
 
 def test_test_time_frames_are_deterministic_and_spread() -> None:
@@ -180,7 +204,7 @@ def test_missing_file_unknown_label_and_bad_wav_are_named(cremad: Path, tmp_path
 
     wav.write_bytes(b"RIFF\x00\x00\x00\x00not a wav at all")
     msg = cli_error(capsys, run_cli(root, "--workers", "0"))
-    assert str(wav) in msg and "not a PCM WAV" in msg
+    assert str(wav) in msg and "not a WAV file this loader can read" in msg
 
     wav.write_bytes(good)
     rows = (root / "test.csv").read_text().splitlines()

@@ -2,8 +2,8 @@
 
 The released ``CramedDataset`` does ``librosa.load(wav, sr=22050)``, tiles the clip to 3 s, clips
 it to [-1, 1], ``librosa.stft(n_fft=512, hop_length=353)`` and ``log(|S| + 1e-7)``: a
-``257 x 188`` log-magnitude spectrogram. Here: WAV via the stdlib ``wave`` module (integer PCM,
-what CREMA-D ships), a windowed-sinc resampler (Kaiser window) and ``torch.stft`` with librosa's
+``257 x 188`` log-magnitude spectrogram. Here: WAV via ``trainers/av/wav.py`` (integer PCM, what
+CREMA-D ships, or float), a windowed-sinc resampler (Kaiser window) and ``torch.stft`` with librosa's
 defaults (centred frames, zero padding, periodic Hann window). How far this is from librosa was
 measured and is in the README ("Audio-visual trainer").
 """
@@ -11,7 +11,6 @@ measured and is in the README ("Audio-visual trainer").
 from __future__ import annotations
 
 import math
-import wave
 from functools import lru_cache
 from pathlib import Path
 from typing import Union
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .wav import WavError, read_samples
 
 SAMPLE_RATE = 22_050
 CLIP_SECONDS = 3
@@ -34,34 +35,17 @@ class AudioFormatError(ValueError):
 
 
 def read_wav(path: Union[str, Path]) -> tuple[Tensor, int]:
-    """Mono float32 samples in [-1, 1) and the sample rate of an integer-PCM WAV file.
+    """Mono float32 samples and the sample rate of a WAV file (integer PCM or float, see
+    ``trainers/av/wav.py``).
 
-    Channels are averaged (librosa's ``to_mono``); n-bit samples are divided by 2^(n-1), as
+    Channels are averaged (librosa's ``to_mono``); n-bit integers are divided by 2^(n-1), as
     libsndfile does, so the values equal librosa's before resampling.
     """
     try:
-        with wave.open(str(path), "rb") as w:
-            channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-            raw = w.readframes(n)
-    except (wave.Error, EOFError) as exc:
-        raise AudioFormatError(f"not a PCM WAV file this loader can read ({exc})") from exc
-    if n == 0 or not raw:
-        raise AudioFormatError("the WAV file holds no samples")
-    if len(raw) != n * channels * width:
-        raise AudioFormatError(f"truncated: the header promises {n} frames, the file holds {len(raw) // (channels * width)}")
-    if width == 1:  # 8-bit WAV is unsigned
-        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 2:
-        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-    elif width == 3:  # 24-bit little-endian: widen to int32
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        x = (((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8) >> 8).astype(np.float32) / 8388608.0
-    elif width == 4:
-        x = (np.frombuffer(raw, "<i4").astype(np.float64) / 2147483648.0).astype(np.float32)
-    else:
-        raise AudioFormatError(f"unsupported sample width of {width} bytes")
-    samples = torch.from_numpy(x.reshape(-1, channels).mean(axis=1, dtype=np.float32))
-    return samples, rate
+        x, rate = read_samples(path)
+    except WavError as exc:
+        raise AudioFormatError(f"not a WAV file this loader can read: {exc}") from exc
+    return torch.from_numpy(x.mean(axis=1, dtype=np.float32)), rate
 
 
 @lru_cache(maxsize=8)

@@ -2,7 +2,7 @@
 
     DATA_ROOT/
       train.csv, test.csv          rows ``name,LABEL`` (no header; UTF-8, a BOM is fine)
-      AudioWAV/<name>.wav          integer-PCM WAV, any rate and channel count
+      AudioWAV/<name>.wav          WAV (integer PCM or float), any rate and channel count
       Image-01-FPS/<name>/*.jpg    the clip's frames, in name order (1 frame per second)
       classes.txt                  Kinetics-Sounds only, optional: one class name per line
 
@@ -24,7 +24,7 @@ DataLoader worker comes back as a ``LoadFailure`` and is raised in the main proc
 from __future__ import annotations
 
 import csv
-import wave
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from .audio import AudioFormatError, load_spectrogram
+from .wav import WavError, wav_format
 
 CREMAD_CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 KS_NUM_CLASSES = 31
@@ -154,11 +155,10 @@ def label_index(label: str, classes: Sequence[str], dataset: str) -> Optional[in
 def check_wav_header(path: Path) -> Optional[str]:
     """None if the WAV header is readable, else why not (the samples are decoded later)."""
     try:
-        with wave.open(str(path), "rb") as w:
-            if w.getnframes() == 0:
-                return "the WAV file holds no samples"
-    except (wave.Error, EOFError, OSError) as exc:
-        return f"not a PCM WAV file this loader can read ({exc})"
+        if wav_format(path).frames == 0:
+            return "the WAV file holds no samples"
+    except (WavError, OSError, struct.error) as exc:
+        return f"not a WAV file this loader can read: {exc}"
     return None
 
 
