@@ -166,11 +166,12 @@ def test_kinetics_sounds_labels_from_indices_names_or_a_class_file(cremad: Path,
 def test_paths_can_be_overridden_one_by_one(cremad: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(cremad / "AudioWAV", elsewhere / "wav")
-    shutil.copy(cremad / "test.csv", elsewhere / "t.csv")
+    (elsewhere / "t.csv").write_text("name,label\n" + (cremad / "test.csv").read_text())  # a header line is skipped
     layout = Layout.resolve("cremad", cremad, audio_root=elsewhere / "wav", test_csv=elsewhere / "t.csv")
     assert layout.visual_root == cremad / "Image-01-FPS" and layout.train_csv == cremad / "train.csv"
     data = load_data(layout, fps=1, image_size=32)
     assert data.test.clips[0].wav.parent == elsewhere / "wav"
+    assert [c.name for c in data.test.clips] == [n for n, _ in csv_rows(cremad / "test.csv")]
 
 
 # -- clear errors for broken data roots ------------------------------------------------------------

@@ -1,7 +1,7 @@
 """CREMA-D and Kinetics-Sounds in the official preprocessing layout.
 
     DATA_ROOT/
-      train.csv, test.csv          rows ``name,LABEL`` (no header; UTF-8, a BOM is fine)
+      train.csv, test.csv          rows ``name,LABEL`` (UTF-8, a BOM is fine; a ``name,label`` header is skipped)
       AudioWAV/<name>.wav          WAV (integer PCM or float), any rate and channel count
       Image-01-FPS/<name>/*.jpg    the clip's frames, in name order (1 frame per second)
       classes.txt                  Kinetics-Sounds only, optional: one class name per line
@@ -40,6 +40,8 @@ CREMAD_CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 KS_NUM_CLASSES = 31
 DATASETS = ("cremad", "ks")
 FRAME_SUFFIXES = (".jpg", ".jpeg")
+HEADER_NAMES = ("name", "file", "filename", "clip", "id")
+HEADER_LABELS = ("label", "class", "emotion", "category")
 
 
 class AVDataError(ValueError):
@@ -119,6 +121,8 @@ def read_rows(path: Path) -> list[tuple[int, str, str]]:
                 continue
             if len(cells) < 2 or not cells[0] or not cells[-1]:
                 raise AVDataError(f"{path}:{line}: expected `name,LABEL`, got {','.join(row)!r}")
+            if not rows and cells[0].lower() in HEADER_NAMES and cells[-1].lower() in HEADER_LABELS:
+                continue  # a header line (the released CSVs have none)
             rows.append((line, cells[0], cells[-1]))
     if not rows:
         raise AVDataError(f"{path}: no rows")
