@@ -189,3 +189,26 @@ def test_a_last_fallback_records_the_scales_and_noise_it_applied(stub: pb_grpc.R
     assert "applied.grad_scale of 'a' must be >= 0" in err.details()
     steps = stub.GetSession(pb.GetSessionRequest(job_id=job, include_steps=True), timeout=10).steps
     assert [s.step for s in steps] == [0, 1]  # the refused reports left nothing behind
+
+
+def test_digits_trainer_runs_ogm_ge_through_regulator_serve(served: tuple[ServerProcess, grpc.Channel], tmp_path: Path) -> None:
+    """`python -m trainers.digits --profile ogm-ge`: the trainer's choices come from the registry,
+    its MLP weight matrices are scaled, and a parameter the regulator refuses is one line."""
+    import json
+    import subprocess
+    import sys
+
+    server, channel = served
+    out = tmp_path / "result.json"
+    base = [sys.executable, "-m", "trainers.digits", "--target", server.target, "--profile", "ogm-ge", "--epochs", "1"]
+    proc = subprocess.run([*base, "--job-id", "digits-ogm", "--profile-param", "alpha=0.5", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    steps = pb_grpc.RegulatorStub(channel).GetSession(pb.GetSessionRequest(job_id="digits-ogm", include_steps=True), timeout=10)
+    assert steps.session.profile.ogm_ge.alpha == 0.5
+    scaled = [m.factors.grad_scale for s in steps.steps for m in s.modalities if m.factors.grad_scale < 1.0]
+    assert scaled and sum(result["regulated_steps"].values()) == len(scaled)
+    bad = subprocess.run([*base, "--job-id", "digits-ogm-bad", "--profile-param", "alpha=-1"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT: ogm-ge.alpha must be in [0, 100]" in bad.stderr
+    assert "Traceback" not in bad.stderr
