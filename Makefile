@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO := proto/inforeg/regulator/v1/regulator.proto
 DEMO_ARGS ?=
 
-.PHONY: venv tools proto demo bench-science test test-fast clean lock deploy-generate
+.PHONY: venv tools proto demo bench bench-science test test-fast clean lock deploy-generate
 
 venv: $(STAMP)
 
@@ -61,6 +61,14 @@ tools:
 SCIENCE_ARGS ?=
 bench-science: venv
 	$(PY) -m trainers.bench_science --out results/science.json $(SCIENCE_ARGS)
+
+# What regulation costs (not part of `make test`; about 7 minutes on 2 cores, under 15): the hook
+# on the ResNet-18 audio-visual and digits steps side by side with plain training, the server's
+# Report load against the grpcio floor, and the Reports per step of a 2-rank DDP job. Prints the
+# tables and writes results/bench.json. BENCH_ARGS="--parts av" runs one part.
+BENCH_ARGS ?=
+bench: venv
+	$(PY) -m bench --json results/bench.json $(BENCH_ARGS)
 
 test: venv tools
 	$(PY) -m pytest -q

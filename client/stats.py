@@ -151,10 +151,11 @@ class EncoderProbe:
                 f"encoder(s) {[self.names[m] for m in missing]} have no Linear/Conv weight to "
                 "estimate a Fisher trace from"
             )
-        self._seg = torch.tensor([self.owner[i] for i in self.fisher_idx], device=self.device)
-        self._inv_numel = torch.tensor(
-            [1.0 / self.params[i].numel() for i in self.fisher_idx], dtype=torch.float64, device=self.device
-        )
+        # [T, M]: weight tensor t's 1/numel in its modality's column, so that one matmul turns the
+        # per-tensor sums of squares into the per-modality Fisher values
+        self._to_modality = torch.zeros(len(self.fisher_idx), len(self.names), dtype=torch.float64, device=self.device)
+        for t, i in enumerate(self.fisher_idx):
+            self._to_modality[t, self.owner[i]] = 1.0 / self.params[i].numel()
         # CPU float32: a BLAS dot per tensor is both faster and more accurate than _foreach_norm
         self._dot = self.device.type == "cpu" and all(self.params[i].dtype == torch.float32 for i in self.fisher_idx)
         self._generator: Optional[torch.Generator] = None
@@ -252,9 +253,8 @@ class EncoderProbe:
         with torch.no_grad():
             idx = [i for i in self.fisher_idx if self.params[i].grad is not None]
             grads = [self.params[i].grad for i in idx]
-            out = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
             if not grads:
-                return out
+                return torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
             if self.fisher_dtype == torch.float64:
                 sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square_()  # type: ignore[arg-type]
             elif self._dot:
@@ -263,7 +263,6 @@ class EncoderProbe:
             else:  # CUDA: one fused kernel over all tensors; float32 accumulation in a tree
                 sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double().square_()  # type: ignore[arg-type]
             if len(idx) == len(self.fisher_idx):
-                return out.index_add_(0, self._seg, sq * self._inv_numel)
+                return sq @ self._to_modality
             where = {i: j for j, i in enumerate(self.fisher_idx)}
-            sel = torch.tensor([where[i] for i in idx], device=self.device)
-            return out.index_add_(0, self._seg[sel], sq * self._inv_numel[sel])
+            return sq @ self._to_modality[[where[i] for i in idx]]

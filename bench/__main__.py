@@ -1,0 +1,69 @@
+"""``make bench``: what regulation costs, side by side against its baseline, in one run.
+
+    python -m bench                                  # everything, ~7 minutes on 2 cores
+    python -m bench --parts av digits --json out.json
+
+Parts: ``av`` (the hook on a ResNet-18 audio-visual CPU step), ``digits`` (the hook on the digits
+MLP step), ``server`` (Report load against the grpcio echo floor, ``bench.server_load``),
+``ddp`` (Reports per optimizer step of a 2-rank DDP job). Prints each table as it completes and
+writes every number, with date and machine, to ``--json`` (default ``results/bench.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+PARTS = ("av", "digits", "server", "ddp")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--av-rounds", type=int, default=8)
+    p.add_argument("--digits-rounds", type=int, default=20)
+    p.add_argument("--server-duration", type=float, default=5.0, help="seconds per server-load cell")
+    p.add_argument("--json", default="results/bench.json")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers it started, too
+
+    from . import ddp_fanin, hook_step
+
+    results: dict[str, Any] = {}
+    t0 = time.perf_counter()
+
+    def done(name: str, result: dict[str, Any], text: str) -> None:
+        results[name] = result
+        print(text + "\n", flush=True)
+        if args.json:  # after every part, so an interrupted run keeps what it measured
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+    if "av" in args.parts:
+        r = hook_step.run("av", rounds=args.av_rounds, block=4, threads=2)
+        done("av", r, hook_step.table(r))
+    if "digits" in args.parts:
+        r = hook_step.run("digits", rounds=args.digits_rounds, block=25, threads=1)
+        done("digits", r, hook_step.table(r))
+    if "server" in args.parts:
+        try:
+            from . import server_load
+        except ImportError as exc:  # pragma: no cover - bench/server_load.py is STORAGE's part
+            print(f"server load: bench.server_load is not available ({exc})\n", flush=True)
+        else:
+            r = server_load.run(duration_s=args.server_duration)
+            done("server_load", r, server_load.table(r))
+    if "ddp" in args.parts:
+        r = ddp_fanin.run(nproc=2, epochs=2)
+        done("ddp_fanin", r, ddp_fanin.table(r))
+    print(f"make bench: {time.perf_counter() - t0:.0f} s; numbers in {args.json}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
