@@ -2,6 +2,7 @@
 
     python -m bench.server_load                       # echo floor, SQLite and memory store at 1/4/16 in flight
     python -m bench.server_load --duration 10 --rounds 3 --json results/server_load.json
+    git worktree add /tmp/before 97b6e28 && python -m bench.server_load --baseline /tmp/before   # before/after
 
 Three servers take the same closed-loop load from the same load generator: a trivial grpcio
 server that answers every Regulator RPC with a canned message (the floor: what any grpcio
@@ -35,7 +36,7 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-SERVERS = ("echo", "sqlite", "memory")
+SERVERS = ("echo", "sqlite", "memory", "baseline")
 MODALITIES = ("audio", "visual")
 END_EVERY = 100  # an EndEpoch every this many steps, as a 100-step epoch would
 
@@ -206,17 +207,26 @@ def load(target: str, clients: int, duration_s: float, warmup_s: float) -> dict[
 class Server:
     """A server process (echo floor or ``regulator serve``) on the server CPUs."""
 
-    def __init__(self, kind: str, cpus: Sequence[int], workdir: Path, extra: Sequence[str] = (), state_dir: Optional[Path] = None) -> None:
+    def __init__(self, kind: str, cpus: Sequence[int], workdir: Path, extra: Sequence[str] = (),
+                 state_dir: Optional[Path] = None, baseline: Optional[str] = None) -> None:
+        """``kind`` "baseline": the SQLite server of another checkout (``baseline``, e.g. a
+        ``git worktree`` of an older commit), run from its own sources."""
         self.kind = kind
         ready = workdir / f"{kind}-{time.time_ns()}.json"
+        env = None
         if kind == "echo":
             cmd = [sys.executable, "-m", "bench.server_load", "--serve-echo", str(ready)]
         else:
-            cmd = [sys.executable, "-m", "regulator_cli", "serve", "--port", "0", "--metrics-port", "-1",
+            cmd = [sys.executable, "-m", "regulator_service", "--port", "0", "--metrics-port", "-1",
                    "--ready-file", str(ready), *extra]
             cmd += ["--in-memory"] if kind == "memory" else ["--state-dir", str(state_dir or workdir / f"state-{time.time_ns()}")]
+            if kind == "baseline":
+                assert baseline is not None
+                root = str(Path(baseline).resolve())
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "proto")])}
         self.log = open(workdir / f"{kind}.log", "ab")
-        self.proc = subprocess.Popen(**pinned(cmd, cpus), stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen(**pinned(cmd, cpus), stdout=self.log, stderr=self.log, env=env,
+                                     cwd=str(Path(baseline).resolve()) if kind == "baseline" else None)
         deadline = time.monotonic() + 60
         while not ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -251,18 +261,22 @@ def run(
     duration_s: float = 5.0,
     warmup_s: float = 1.0,
     rounds: int = 1,
-    servers: Sequence[str] = SERVERS,
+    servers: Sequence[str] = ("echo", "sqlite", "memory"),
     server_args: Sequence[str] = (),
     progress: bool = True,
+    baseline: Optional[str] = None,
 ) -> dict[str, Any]:
     """The server-load table: per server and in-flight count, Report QPS, p50/p90/p99 (ms) and
-    the ratios to the echo floor measured in the same run (medians over ``rounds``)."""
+    the ratios to the echo floor measured in the same run (medians over ``rounds``).
+    ``baseline``: also the SQLite server of that checkout (an older commit), for a before/after."""
+    if baseline is not None and "baseline" not in servers:
+        servers = (*servers, "baseline")
     server_cpus, load_cpus = placement()
     samples: dict[tuple[str, int], list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-server-load-") as tmp:
         for r in range(rounds):
             for kind in servers:
-                server = Server(kind, server_cpus, Path(tmp), server_args if kind != "echo" else ())
+                server = Server(kind, server_cpus, Path(tmp), server_args if kind != "echo" else (), baseline=baseline)
                 try:
                     for n in concurrency:
                         res = measure(server, n, duration_s, warmup_s, load_cpus)
@@ -308,7 +322,7 @@ def table(result: dict[str, Any]) -> str:
         f"load on {result['load_cpus']}; {result['duration_s']:g} s per cell, median of {result['rounds']} round(s))",
         f"{'server':<16}{'in flight':>10}{'QPS':>9}{'x floor':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99 x floor':>13}",
     ]
-    names = {"echo": "grpcio floor", "sqlite": "regulator SQLite", "memory": "regulator memory"}
+    names = {"echo": "grpcio floor", "sqlite": "regulator SQLite", "memory": "regulator memory", "baseline": "baseline SQLite"}
     for row in sorted(result["rows"], key=lambda r: (SERVERS.index(r["server"]), r["in_flight"])):
         lines.append(
             f"{names[row['server']]:<16}{row['in_flight']:>10}{row['qps']:>9.0f}{row.get('qps_vs_floor', float('nan')):>9.2f}"
@@ -323,7 +337,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    p.add_argument("--servers", nargs="+", choices=SERVERS[:3], default=list(SERVERS[:3]))
+    p.add_argument("--baseline", metavar="CHECKOUT", default=None,
+                   help="also measure the SQLite server of another checkout, e.g. `git worktree add /tmp/before 97b6e28`")
     p.add_argument("--json", default=None, help="also write the result here")
     # internal: the processes the benchmark starts
     p.add_argument("--serve-echo", metavar="READY_FILE", help=argparse.SUPPRESS)
@@ -336,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.load:
         print(json.dumps(load(args.load, args.clients, args.duration, args.warmup)))
         return 0
-    result = run(args.concurrency, args.duration, args.warmup, args.rounds, args.servers)
+    result = run(args.concurrency, args.duration, args.warmup, args.rounds, args.servers, baseline=args.baseline)
     print(table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -282,6 +282,8 @@ class SessionManager:
                 "(is the state store slow?); retry"
             )
         try:
+            if self._in_doubt:  # a write of this job went in doubt while we waited for the lock
+                self._check_doubt(session.key.job_id)
             yield
         finally:
             session.lock.release()
@@ -520,6 +522,8 @@ class SessionManager:
                 "(is the state store slow?); retry"
             )
         try:
+            if self._in_doubt:  # a write of this job went in doubt while we waited for the lock
+                self._check_doubt(raw.key.job_id)
             # store reads go through _load: a failing store is UNAVAILABLE, never INTERNAL
             outcome = session.plan_report(
                 raw,

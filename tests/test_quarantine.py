@@ -5,7 +5,10 @@ processes, a real SQLite file."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +101,10 @@ def test_a_session_whose_config_does_not_decode_is_quarantined_and_the_others_se
             client.report("bad", attempt=1, epoch=0, step=0, count=8, score_sums={"a": 1.0, "b": 1.0},
                           fisher={"a": 0.1, "b": 0.1})
             assert client.get_session("bad").session.attempt == 1
+        listed = subprocess.run([sys.executable, "-m", "regulator_cli", "sessions"], capture_output=True, text=True,
+                                timeout=120, env={**os.environ, "REGULATOR_TARGET": server.target})
+        assert listed.returncode == 0, listed.stderr
+        assert "bad attempt 0 is corrupt: its stored records cannot be decoded" in listed.stdout
     assert "quarantined session bad#0" in log.read_text()
     after = rows(state, "bad")
     assert [r for r in after[0] if r[1] == 0] == bad_rows[0]  # attempt 0's rows, byte for byte

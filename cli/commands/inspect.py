@@ -167,6 +167,8 @@ def finite(x: float) -> Optional[float]:
 
 
 def session_dict(s: pb.SessionInfo) -> dict[str, Any]:
+    if s.state == pb.SESSION_STATE_CORRUPT:  # quarantined: only its key and why are known
+        return {"job_id": s.job_id, "attempt": s.attempt, "state": STATE_NAMES[s.state], "state_reason": s.state_reason}
     return {
         "job_id": s.job_id,
         "attempt": s.attempt,
@@ -329,10 +331,12 @@ def run_sessions(args: argparse.Namespace) -> int:
             s.job_id,
             str(s.attempt),
             STATE_NAMES.get(s.state, "?"),
-            profile_name(s.profile),
-            str(s.epoch),
-            str(s.steps),
-            " ".join(f"{w.modality}:{'open' if w.open else 'closed'}" for w in s.window),
+            *(
+                ("-", "-", "-", "-")  # quarantined: nothing of it decodes (the reason follows the table)
+                if s.state == pb.SESSION_STATE_CORRUPT
+                else (profile_name(s.profile), str(s.epoch), str(s.steps),
+                      " ".join(f"{w.modality}:{'open' if w.open else 'closed'}" for w in s.window))
+            ),
             " ".join(f"{m}:{fmt_coef(v)}" for m, v in c.items()) + (f" (ep {ce})" if ce is not None else "-"),
         )
         for s, ce, c in rows
