@@ -86,8 +86,9 @@ class RegulatorAPI:
             parts.append(history.field_bytes(2, encode_epoch(current)))
         if req.include_steps:
             size = min(req.page_size or history.MAX_PAGE_STEPS, history.MAX_PAGE_STEPS)
+            room = history.MAX_PAGE_BYTES - sum(len(p) for p in parts)  # a long epoch list leaves fewer steps
             page = self.manager.history_page(
-                snap, start, size, lambda r: convert.step_record(mods, r).SerializeToString()
+                snap, start, size, lambda r: convert.step_record(mods, r).SerializeToString(), max(room, 0)
             )
             parts.append(page.data)
             if page.next_step is not None:

@@ -203,10 +203,11 @@ class HistoryPages:
         max_steps: int,
         load: Loader,
         encode: Encoder,
+        max_bytes: int = MAX_PAGE_BYTES,
     ) -> Page:
-        """Up to ``max_steps`` recorded steps from ``start`` (and at most ``MAX_PAGE_BYTES``).
-        Steps below ``last_step`` come from cached blocks; the newest one (its deferred Fisher
-        values may still arrive) is encoded afresh."""
+        """Up to ``max_steps`` recorded steps from ``start``, and no more than ``max_bytes``
+        (but at least one step). Steps below ``last_step`` come from cached blocks; the newest one
+        (its deferred Fisher values may still arrive) is encoded afresh."""
         parts: list[bytes] = []
         count = size = 0
         step = start
@@ -220,8 +221,8 @@ class HistoryPages:
             i = bisect.bisect_left(block.steps, step)
             j = min(len(block.steps), i + max_steps - count)
             lo = block.ends[i - 1] if i else 0
-            fits = bisect.bisect_right(block.ends, lo + MAX_PAGE_BYTES - size, i, j)
-            j = fits if fits > i or count else min(j, i + 1)  # never past MAX_PAGE_BYTES, but at least one step
+            fits = bisect.bisect_right(block.ends, lo + max_bytes - size, i, j)
+            j = fits if fits > i or count else min(j, i + 1)  # never past max_bytes, but at least one step
             if j > i:
                 parts.append(block.data[lo : block.ends[j - 1]])
                 size += block.ends[j - 1] - lo
@@ -237,7 +238,7 @@ class HistoryPages:
             else:  # an empty block: jump over the gap to the next recorded step
                 nxt = load(end + 1, stable, 1)
                 step = nxt[0].step if nxt else stable + 1
-        if not full and step <= last_step:  # the newest step: its record may still change
+        if not full and step <= last_step and (size < max_bytes or not count):  # the newest step: its record may still change
             newest = load(last_step, last_step, 1)
             if newest:
                 parts.append(field_bytes(3, encode(newest[0])))

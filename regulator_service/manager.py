@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Union
 
 from .errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
-from .history import HistoryPages, Page
+from .history import MAX_PAGE_BYTES, HistoryPages, Page
 from .memory_budget import ANSWER_FLOOR, MIB, MemoryBudget, answer_bytes, epoch_bytes, session_bytes
 from .model import (
     EpochSummary,
@@ -660,7 +660,8 @@ class SessionManager:
         return HistorySnapshot(session.key, view, epochs, self._versions.get(session.key, 0), pruned)
 
     def history_page(
-        self, snap: HistorySnapshot, start: int, max_steps: int, encode: Callable[[StepRecord], bytes]
+        self, snap: HistorySnapshot, start: int, max_steps: int, encode: Callable[[StepRecord], bytes],
+        max_bytes: int = MAX_PAGE_BYTES,
     ) -> Page:
         """Recorded steps from ``start`` as encoded ``steps`` fields (no session lock is held:
         the records come from the store and the page cache)."""
@@ -673,6 +674,7 @@ class SessionManager:
             max_steps,
             lambda first, last, limit: self._load(lambda: self._store.step_range(key, first, last, limit)),  # type: ignore[arg-type,return-value]
             encode,
+            max_bytes,
         )
 
     def list(self, include_inactive: bool = False, limit: int = 0) -> list[Union[SessionView, Quarantined]]:

@@ -212,3 +212,18 @@ def _api(store: Any) -> Any:
     manager = SessionManager(store)
     manager.restore()
     return RegulatorAPI(manager)
+
+
+def test_the_first_page_leaves_room_for_a_long_epoch_list() -> None:
+    """Epochs come whole on the first page; with many epochs of many modalities the first page
+    carries fewer steps, so that the answer stays within the page's byte cap."""
+    mods = tuple(f"{'m' * 61}{i:03d}" for i in range(16))
+    store = MemoryStore()
+    seed(store, "wide", 6_000, epoch_len=10, modalities=mods)  # 600 closed epochs of 16 modalities
+    client = RegulatorClient.in_process(_api(store))
+    pages = list(client.session_pages("wide"))
+    first = pages[0]
+    assert len(first.epochs) == 601
+    assert len(first.SerializeToString()) <= history.MAX_PAGE_BYTES
+    assert 0 < len(first.steps) < len(pages[1].steps)
+    assert [s.step for p in pages for s in p.steps] == list(range(6_000))
