@@ -55,7 +55,7 @@ tools:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool is missing: sudo apt-get install prometheus (Debian/Ubuntu)"; fi; }
 
-# The science table (not part of `make test`; about half an hour on 2 cores): every profile x view
+# The science table (not part of `make test`; 36 min on the shared 2-core machine): every profile x view
 # set x loss x 10 seeds through one regulator, two jobs at a time. SCIENCE_ARGS="--resume"
 # continues an interrupted run; SCIENCE_ARGS="--seeds 0 1 --epochs 10" is a quick look.
 SCIENCE_ARGS ?=
