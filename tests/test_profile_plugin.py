@@ -20,6 +20,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_cli.main import main as cli_main
 from regulator_client import RegulatorClient
+from regulator_client.errors import DataLoss
 from regulator_client.profiles import make_profile, profile_name, profile_params
 from regulator_service.policy import MAX_EPOCH, ProfileSpec, StepFactors, Window, param
 from regulator_service.policy import BUILTIN_PROFILES
@@ -147,6 +148,21 @@ def test_toy_plugin_profile_works_end_to_end_through_regulator_serve(tmp_path: P
             after = client.get_session(job, include_steps=True)
             assert (after.epochs, after.steps) == (before.epochs, before.steps)
             assert profile_name(after.session.profile, registry) == "toy"
+    # without the plugin, the stored session cannot be decoded: it is quarantined (listed as
+    # CORRUPT, with a reason naming the flag) while every other session serves; its rows stay
+    # untouched, so a restart with the plugin serves it again
+    with ServerProcess(state) as server:
+        with RegulatorClient.connect(server.target, timeout=10.0) as client:
+            (listed,) = [s for s in client.list_sessions(include_inactive=True) if s.job_id == job]
+            assert listed.state == pb.SESSION_STATE_CORRUPT
+            assert "stored profile 'toy' is not known to this server" in listed.state_reason
+            assert "--plugin" in listed.state_reason
+            with pytest.raises(DataLoss):
+                client.get_session(job)
+    with ServerProcess(state, extra_args=["--plugin", THIS_MODULE]) as server:
+        with RegulatorClient.connect(server.target, timeout=10.0) as client:
+            again = client.get_session(job, include_steps=True)
+            assert (again.epochs, again.steps) == (before.epochs, before.steps)
     # a server without the plugin refuses the profile, naming its type and the flag
     with ServerProcess(None) as server, grpc.insecure_channel(server.target) as channel:
         from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
