@@ -67,7 +67,7 @@ class TrainConfig:
 
     def resume_settings(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (not the epoch count: a job may grow)."""
-        keep = ("views", "profile", "profile_params", "seed", "batch_size", "lr", "momentum",
+        keep = ("views", "profile", "profile_params", "scale_params", "seed", "batch_size", "lr", "momentum",
                 "weight_decay", "lr_step", "lr_gamma", "unimodal_loss")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k in keep}
 
