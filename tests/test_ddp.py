@@ -21,6 +21,7 @@ from trainers.digits import TrainConfig, train
 from trainers.serverproc import ServerProcess
 
 from .conftest import ROOT, read_jsonl, scrape, wait_until
+from .gate import Gate
 
 pytestmark = pytest.mark.e2e
 
@@ -159,16 +160,21 @@ def test_heterogeneous_jobs_share_one_regulator_without_cross_talk(tmp_path: Pat
             [sys.executable, "-m", "trainers.digits", "--target", t, "--job-id", "het-none", "--profile", "none",
              "--epochs", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT),
     }
-    with ServerProcess(str(tmp_path / "shared")) as shared:
-        procs = {job: start(shared.target) for job, start in jobs.items()}
-        finish(procs["het-none"])  # the shortest job ends (and closes its session) first ...
+    with ServerProcess(str(tmp_path / "shared")) as shared, Gate(shared.target, hold_after=100) as gate:
+        # het-3mod reaches the regulator through a gate that holds it after 100 of its 300 steps,
+        # so it is provably mid-training (its session open, its history partial) while the
+        # other two jobs train on the same regulator and het-none ends and closes its session.
+        procs = {"het-3mod": jobs["het-3mod"](gate.target)}
+        procs |= {job: jobs[job](shared.target) for job in ("het-ddp", "het-none")}
+        wait_until(gate.holding.is_set, "het-3mod is held mid-training")
+        finish(procs["het-none"])
         with RegulatorClient.connect(shared.target) as client:
             assert client.get_session("het-none").session.state == pb.SESSION_STATE_CLOSED
-            open_now = {s.job_id for s in client.list_sessions()}
-        for job in ("het-ddp", "het-3mod"):  # ... while the others keep training
+            assert client.get_session("het-3mod").session.state == pb.SESSION_STATE_OPEN
+        gate.release()
+        for job in ("het-ddp", "het-3mod"):
             finish(procs[job])
         together = {job: history_bytes(shared.target, job) for job in jobs}
-        assert "het-ddp" in open_now or "het-3mod" in open_now
     for job, start in jobs.items():  # each job alone, on a regulator of its own
         with ServerProcess(None) as alone:
             finish(start(alone.target))
