@@ -1,6 +1,6 @@
 """``make bench``: what regulation costs, side by side against its baseline, in one run.
 
-    python -m bench                                  # everything, ~7 minutes on 2 cores
+    python -m bench                                  # everything, 3.5 minutes on 2 cores
     python -m bench --parts av digits --json out.json
 
 Parts: ``av`` (the hook on a ResNet-18 audio-visual CPU step), ``digits`` (the hook on the digits
@@ -25,7 +25,7 @@ PARTS = ("av", "digits", "server", "ddp")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    p.add_argument("--av-rounds", type=int, default=8)
+    p.add_argument("--av-rounds", type=int, default=24, help="AV rounds of one step per variant")
     p.add_argument("--digits-rounds", type=int, default=20)
     p.add_argument("--server-duration", type=float, default=5.0, help="seconds per server-load cell")
     p.add_argument("--json", default="results/bench.json")
@@ -45,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             Path(args.json).write_text(json.dumps(results, indent=2))
 
     if "av" in args.parts:
-        r = hook_step.run("av", rounds=args.av_rounds, block=4, threads=2)
+        r = hook_step.run("av", rounds=args.av_rounds, block=1, threads=2)
         done("av", r, hook_step.table(r))
     if "digits" in args.parts:
         r = hook_step.run("digits", rounds=args.digits_rounds, block=25, threads=1)

@@ -2,7 +2,8 @@
 # The hook benchmark on a CUDA GPU (issue 9, deliverable 5): the ResNet-18 audio-visual step of
 # the official InfoReg code - batch 64, audio 1x257x188, visual 3x224x224 - plain against the
 # hook (official and paper, window open and closed, in-process and through `regulator serve`),
-# interleaved, as `python -m bench.hook_step` does on the CPU. About 2 minutes on one GPU.
+# interleaved, as `python -m bench.hook_step` does on the CPU; stopped after 290 s in any case.
+# Not run on a GPU yet (this project's machines have none).
 #
 #   bench/device.sh              # float32
 #   bench/device.sh bf16         # the forward pass under torch.autocast(bfloat16)

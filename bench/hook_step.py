@@ -132,6 +132,7 @@ class Variant:
     client: Any = None
     step: int = 0
     times: list[float] = field(default_factory=list)
+    part_rounds: list[dict[str, float]] = field(default_factory=list)  # per round: ms per step of each part
     parts: dict[str, float] = field(default_factory=dict)
 
 
@@ -185,7 +186,7 @@ def _block(w: Workload, v: Variant, steps: int, amp: Optional[str]) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def _open_hook(w: Workload, v: Variant, servers: dict[str, Any], amp: Optional[str]) -> None:
+def _open_hook(w: Workload, v: Variant, servers: dict[str, Any], amp: Optional[str], overlap: Any = "auto") -> None:
     from regulator_client import RegulatorClient
     from regulator_client.hook import InfoRegHook
 
@@ -193,7 +194,7 @@ def _open_hook(w: Workload, v: Variant, servers: dict[str, Any], amp: Optional[s
     params = {**(w.profile_params if v.profile == "official" else {}), **v.params}
     v.hook = InfoRegHook(
         v.client, w.encoders, job_id=f"bench-{w.name}-{uuid.uuid4().hex[:8]}", attempt=0, rank=0, world_size=1,
-        profile=v.profile, profile_params=params,
+        profile=v.profile, profile_params=params, overlap=overlap,
     )
     v.hook.open()
     for n in v.warmup:  # the epochs that set the measured epoch's window
@@ -227,8 +228,8 @@ def _servers(needed: set[str]) -> Iterator[dict[str, Any]]:
 
 def run(
     workload: str = "av",
-    rounds: int = 8,
-    block: int = 4,
+    rounds: int = 24,
+    block: int = 1,
     warmup: int = 2,
     threads: int = 2,
     device: str = "cpu",
@@ -238,6 +239,7 @@ def run(
     amp: Optional[str] = None,
     only: Sequence[str] = (),
     progress: bool = True,
+    overlap: Any = "auto",
 ) -> dict[str, Any]:
     """Measures every variant (or those whose name contains one of ``only``) and returns the
     table as a dict (see ``table``)."""
@@ -251,7 +253,7 @@ def run(
             if progress:
                 print(f"  {w.name}: warming up {v.name}", file=sys.stderr, flush=True)
             if v.profile is not None:
-                _open_hook(w, v, servers, amp)
+                _open_hook(w, v, servers, amp, overlap)
             for _ in range(warmup):  # allocator, caches, the hook's first session calls
                 _block(w, v, steps, amp)
             if v.hook is not None:
@@ -259,14 +261,17 @@ def run(
         t_start = time.perf_counter()
         for r in range(rounds):
             for v in chosen:
+                before = v.hook.timings.as_dict() if v.hook is not None else {}
                 v.times.append(_block(w, v, steps, amp))
+                if v.hook is not None:
+                    after = v.hook.timings.as_dict()
+                    v.part_rounds.append({k: 1000 * (after[k] - before[k]) / steps for k in HOOK_PARTS})
             if progress:
                 done = time.perf_counter() - t_start
                 print(f"  {w.name}: round {r + 1}/{rounds} ({done:.0f} s)", file=sys.stderr, flush=True)
         for v in chosen:
-            if v.hook is not None:
-                tm = v.hook.timings
-                v.parts = {k: 1000 * getattr(tm, k) / max(tm.steps, 1) for k in HOOK_PARTS}
+            if v.hook is not None:  # medians over the rounds, like the step times
+                v.parts = {k: statistics.median(r[k] for r in v.part_rounds) for k in HOOK_PARTS}
                 v.parts["fallback_steps"] = v.hook.fallbacks.fallback_steps
                 v.hook.close()
                 v.client.close()
@@ -292,6 +297,7 @@ def run(
         "torch": torch.__version__,
         "threads": threads,
         "amp": amp,
+        "overlap": overlap,
         "rounds": rounds,
         "steps_per_block": steps,
         "load_average_1m": [load_before, busy_warning(progress)],
@@ -325,7 +331,8 @@ def machine() -> str:
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['benchmark']}: {result['workload']} ({result['date']}, {result['machine']}; torch {result['torch']}, "
-        f"{result['threads']} thread(s){', autocast ' + result['amp'] if result['amp'] else ''}; "
+        f"{result['threads']} thread(s){', autocast ' + result['amp'] if result['amp'] else ''}"
+        f"{'' if result.get('overlap', 'auto') == 'auto' else ', overlap ' + str(result['overlap'])}; "
         f"{result['rounds']} interleaved rounds of {result['steps_per_block']} steps)",
         f"{'variant':<44}{'ms/step':>9}{'(min-max)':>17}{'x plain':>9}{'(min-max)':>15}",
     ]
@@ -337,7 +344,7 @@ def table(result: dict[str, Any]) -> str:
     hooked = [r for r in result["rows"] if r["hook_ms_per_step"]]
     if hooked:
         lines.append("")
-        lines.append(f"{'hook ms/step: where the time went':<44}" + "".join(f"{k[:-2]:>9}" for k in HOOK_PARTS))
+        lines.append(f"{'hook ms/step (median): where the time went':<44}" + "".join(f"{k[:-2]:>9}" for k in HOOK_PARTS))
         for row in hooked:
             parts = row["hook_ms_per_step"]
             lines.append(f"{row['variant']:<44}" + "".join(f"{parts[k]:>9.2f}" for k in HOOK_PARTS))
@@ -350,8 +357,8 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.hook_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", choices=("av", "digits"), default="av")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: av 8, digits 20)")
-    p.add_argument("--block", type=int, default=None, help="steps per block (default: av 4, digits 25)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: av 24, digits 20)")
+    p.add_argument("--block", type=int, default=None, help="steps per block (default: av 1, digits 25)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured blocks per variant first")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: av 2, digits 1)")
     p.add_argument("--device", default="cpu")
@@ -360,13 +367,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--frames", type=int, default=1, help="av: visual frames per clip")
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="autocast the forward pass")
     p.add_argument("--only", nargs="*", default=(), help="variants whose name contains one of these (plain always runs)")
+    p.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
+                   help="the hook's overlap option: report from a background thread (on) or inline (off)")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers it started, too
     digits = args.workload == "digits"
     result = run(
-        args.workload, args.rounds or (20 if digits else 8), args.block or (25 if digits else 4), args.warmup,
+        args.workload, args.rounds or (20 if digits else 24), args.block or (25 if digits else 1), args.warmup,
         args.threads or (1 if digits else 2), args.device, args.batch, args.image, args.frames, args.amp, args.only,
+        overlap={"auto": "auto", "on": True, "off": False}[args.overlap],
     )
     print(table(result))
     if args.json:
