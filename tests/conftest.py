@@ -1,4 +1,5 @@
-"""Shared fixtures: real servers on loopback (in-thread and as a subprocess), fixture paths."""
+"""Shared fixtures and probes: real servers on loopback (in-thread and as a subprocess), fixture
+paths, health and /metrics probes, polling with a liveness bound."""
 
 from __future__ import annotations
 
@@ -10,11 +11,30 @@ from typing import Any, Iterator
 import pytest
 
 from regulator_client import RegulatorClient
-from regulator_service.server import RegulatorServer, ServerConfig
+from regulator_service.model import Limits
+from regulator_service.server import SERVICE_NAME, RegulatorServer, ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 FIXTURES = ROOT / "tests" / "fixtures"
+
+# Every store call, and every wait for a busy session, is bounded by --store-timeout (default 2 s;
+# past it the call is UNAVAILABLE). On a loaded 2-core machine a plain read or commit can take
+# longer than that, so the test servers that do not test the timeout get a liveness bound
+# instead: in-thread servers through ``roomy_limits()``, `regulator serve` processes through
+# REGULATOR_STORE_TIMEOUT (set for every test below; a test of the timeout passes
+# --store-timeout, which wins).
+STORE_TIMEOUT_S = 30.0
+
+
+def roomy_limits(**overrides: Any) -> Limits:
+    """Limits for an in-thread test server: the defaults, with a generous store timeout."""
+    return Limits(**{"store_timeout_s": STORE_TIMEOUT_S, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def _roomy_store_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REGULATOR_STORE_TIMEOUT", str(STORE_TIMEOUT_S))
 
 
 def data_file(name: str) -> Path:
@@ -43,7 +63,7 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RegulatorServer]:
     """A real gRPC regulator on a free loopback port with its SQLite state in tmp_path."""
-    srv = RegulatorServer(ServerConfig(port=0, metrics_port=None, state_dir=tmp_path / "state", grace_seconds=1.0))
+    srv = RegulatorServer(ServerConfig(port=0, metrics_port=None, state_dir=tmp_path / "state", grace_seconds=1.0, limits=roomy_limits()))
     srv.start()
     yield srv
     srv.stop(grace=0)
@@ -90,7 +110,28 @@ class RecordingTransport:
 def scrape(metrics_port: int) -> str:
     import urllib.request
 
-    return urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as resp:
+        return resp.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample (exactly these labels) in a /metrics exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    raise AssertionError(f"{name}{labels} not exported")
+
+
+def health(target: str, service: str = SERVICE_NAME) -> int:
+    """The serving status a health Check of ``service`` answers (a kubelet probe's question)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
 
 
 def wait_until(predicate: Any, what: str, timeout: float = 60.0) -> None:

@@ -16,7 +16,7 @@ import torch
 from regulator_client import RegulatorClient
 from trainers.av import __main__ as av_cli
 from trainers.av.audio import SPEC_SHAPE, load_spectrogram, log_spectrogram, read_wav, resample
-from trainers.av.data import CREMAD_CLASSES, AVDataError, Layout, collate, load_data, raise_failures
+from trainers.av.data import CREMAD_CLASSES, Layout, collate, load_data, raise_failures
 from trainers.av.fixture import generate, write_wav
 from trainers.av.frames import pick_frames
 

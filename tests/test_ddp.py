@@ -106,18 +106,30 @@ def test_two_rank_ddp_equals_single_process_and_ranks_agree(tmp_path: Path) -> N
     assert worst < WEIGHTS_ABS_TOL, f"final weights differ by {worst}"
 
 
+def frozen(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP has landed): state T in /proc/PID/stat."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
 def test_ddp_fallback_the_leader_decides_and_every_rank_applies_the_same(tmp_path: Path) -> None:
     """The regulator freezes (SIGSTOP) for 2 s in the middle of a 2-rank job in ``neutral`` mode:
     the steps without an answer run with zero coefficients on both ranks alike, the job goes on,
     and once the regulator is back the late reports complete the history, marking exactly those
-    steps (and amending any step it had answered without the answer reaching the job)."""
-    with ServerProcess(str(tmp_path / "state")) as server:
-        proc = torchrun(server.target, "--job-id", "ddp-neutral", "--profile", "official", "--epochs", "4",
+    steps (and amending any step it had answered without the answer reaching the job).
+
+    "In the middle" is made certain, not raced: the job reaches the regulator through a gate that
+    holds every Report after its first one until the regulator is frozen, so the job cannot have
+    finished its 100 steps (each held step waits out its 0.5 s deadline), and that Report is
+    released to a frozen regulator: at least that step falls back."""
+    with ServerProcess(str(tmp_path / "state")) as server, Gate(server.target, hold_after=1) as gate:
+        proc = torchrun(gate.target, "--job-id", "ddp-neutral", "--profile", "official", "--epochs", "4",
                         "--on-unavailable", "neutral", "--call-timeout", "0.5", "--coef-log", str(tmp_path / "coefs"))
-        wait_until(lambda: reports_handled(server.metrics_port) >= 1, "the job has started its steps")
+        wait_until(gate.holding.is_set, "the job's second Report waits at the gate")
         assert server.proc is not None
         os.kill(server.proc.pid, signal.SIGSTOP)
         try:
+            wait_until(lambda: frozen(server.proc.pid), "the regulator is stopped")  # type: ignore[union-attr]
+            gate.release()
             time.sleep(2.0)  # the outage itself, not a wait for a condition
         finally:
             os.kill(server.proc.pid, signal.SIGCONT)

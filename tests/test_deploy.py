@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Optional
 

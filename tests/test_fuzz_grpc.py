@@ -68,6 +68,8 @@ from regulator_service.manager import Limits
 from regulator_service.server import RegulatorServer, ServerConfig
 from trainers.serverproc import ServerProcess
 
+from .conftest import roomy_limits
+
 SERVICE = "inforeg.regulator.v1.Regulator"
 SC = grpc.StatusCode
 OK, INVALID, NOT_FOUND, EXISTS, PRECONDITION, EXHAUSTED = (
@@ -76,7 +78,7 @@ OK, INVALID, NOT_FOUND, EXISTS, PRECONDITION, EXHAUSTED = (
 DOCUMENTED = frozenset({OK, INVALID, NOT_FOUND, EXISTS, PRECONDITION, EXHAUSTED})
 MAX_MESSAGE = 1 << 20  # the server's default grpc.max_receive_message_length
 MAX_MODALITIES = Limits().max_modalities
-CALL_TIMEOUT = 10.0  # a call slower than this is a hang (DEADLINE_EXCEEDED is a violation)
+CALL_TIMEOUT = 60.0  # a liveness bound: a call slower than this is a hang (DEADLINE_EXCEEDED is a violation)
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 F64_MAX = 1.7976931348623157e308
@@ -1452,7 +1454,7 @@ def storm_and_check(target: str, name: str, examples: int, min_requests: int, lo
         # (1) the server still answers: health, and every modelled session as the model says
         health = health_pb2_grpc.HealthStub(runner.channel)
         for service in ("", SERVICE):
-            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT).status
             if status != health_pb2.HealthCheckResponse.SERVING:
                 problems.append(f"health of {service!r} is {health_pb2.HealthCheckResponse.ServingStatus.Name(status)} after the storm")
         for (job, attempt), s in sorted(w.sessions.items()):
@@ -1477,14 +1479,16 @@ def storm_and_check(target: str, name: str, examples: int, min_requests: int, lo
 def test_fuzz_in_thread_server(tmp_path: Path) -> None:
     """The bulk of the storm, against the in-thread server over SQLite. A small inactive-session
     cache makes the closed and superseded sessions drop out of memory and come back from the
-    state file during the storm, so the byte-identical check covers that path too."""
-    config = ServerConfig(port=0, state_dir=tmp_path / "state", grace_seconds=1.0, limits=Limits(inactive_cache=8))
+    state file during the storm, so the byte-identical check covers that path too. The store
+    timeout is a liveness bound (``roomy_limits``): under heavy load a read may take longer than
+    the 2 s default, which would be an undocumented UNAVAILABLE here."""
+    config = ServerConfig(port=0, state_dir=tmp_path / "state", grace_seconds=1.0, limits=roomy_limits(inactive_cache=8))
     server = RegulatorServer(config).start()
     try:
         problems = storm_and_check(server.target, "in-thread", examples=320, min_requests=10_000)
         with grpc.insecure_channel(server.target) as channel:  # a plain stub call after the storm
             get = channel.unary_unary(f"/{SERVICE}/GetSession", request_serializer=pb.GetSessionRequest.SerializeToString, response_deserializer=pb.GetSessionResponse.FromString)
-            assert get(pb.GetSessionRequest(job_id="pre-official"), timeout=5).session.job_id == "pre-official"
+            assert get(pb.GetSessionRequest(job_id="pre-official"), timeout=CALL_TIMEOUT).session.job_id == "pre-official"
     finally:
         server.stop(grace=0)
     assert not problems, "fuzzing found problems:\n" + "\n".join(problems)

@@ -12,16 +12,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_client import RegulatorClient
 from regulator_client.errors import DataLoss
-from regulator_service.server import SERVICE_NAME
 from regulator_service.storage.sqlite import STATE_FILE
 from trainers.serverproc import ServerProcess
+
+from .conftest import health
 
 pytestmark = pytest.mark.e2e
 
@@ -58,11 +58,6 @@ def flip(state: Path, sql: str, column: str, old: str, new: str, *args: object) 
                  (text.replace(old, new, 1), *args))
     conn.commit()
     conn.close()
-
-
-def health(target: str) -> int:
-    with grpc.insecure_channel(target) as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
 
 
 def test_a_session_whose_config_does_not_decode_is_quarantined_and_the_others_serve(tmp_path: Path) -> None:

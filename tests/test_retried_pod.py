@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from inforeg.regulator.v1 import regulator_pb2 as pb

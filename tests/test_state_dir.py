@@ -10,17 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from regulator_client import RegulatorClient
 from regulator_client.errors import Unavailable
-from regulator_service.server import SERVICE_NAME
 from regulator_service.storage.sqlite import STATE_FILE
 from trainers.serverproc import ServerProcess
 
-from .conftest import wait_until
+from .conftest import health, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -28,11 +26,6 @@ pytestmark = pytest.mark.e2e
 def serve(state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "regulator_cli", "serve", "--port", "0", "--metrics-port", "-1", "--state-dir", str(state), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-
-def health(target: str) -> int:
-    with grpc.insecure_channel(target) as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
 
 
 def report(client: RegulatorClient, step: int, job: str = "job") -> None:

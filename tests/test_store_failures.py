@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
@@ -32,20 +32,14 @@ from regulator_client.errors import Unavailable
 from regulator_service.api import RegulatorAPI
 from regulator_service.manager import SessionManager
 from regulator_service.model import Limits, SessionKey
-from regulator_service.server import SERVICE_NAME
 from regulator_service.storage import SQLiteStore, StoreError
 from regulator_service.storage.group_commit import WriteOp
 from regulator_service.storage.sqlite import STATE_FILE
 from trainers.serverproc import ServerProcess
 
-from .conftest import scrape, wait_until
+from .conftest import health, scrape, wait_until
 
 NOT_SERVING, SERVING = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING
-
-
-def health(target: str) -> int:
-    with grpc.insecure_channel(target) as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
 
 
 def report_req(job: str, step: int, attempt: int = 0) -> pb.ReportRequest:
