@@ -17,7 +17,7 @@ from regulator_cli import main as cli
 from regulator_cli.commands import inspect, plot
 from regulator_service.server import RegulatorServer, ServerConfig
 
-from .conftest import data_file, read_jsonl
+from .conftest import data_file, read_jsonl, roomy_limits
 
 PIXMOR = "trace_pix+mor_seed0.jsonl"
 SYN3 = "synthetic_3mod_seed11.jsonl"
@@ -40,7 +40,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ``pixmor`` (official, 50 epochs, closed), ``syn3`` (paper, 3 modalities, left open after
     its last epoch_end) and ``partial`` (official, stopped in the middle of epoch 2)."""
     state = tmp_path_factory.mktemp("state")
-    srv = RegulatorServer(ServerConfig(port=0, metrics_port=None, state_dir=state, grace_seconds=1.0)).start()
+    srv = RegulatorServer(ServerConfig(port=0, metrics_port=None, state_dir=state, grace_seconds=1.0, limits=roomy_limits())).start()
     with RegulatorClient.connect(srv.target, timeout=10.0) as client:
         header, events = read_trace(data_file(PIXMOR))
         client.open_session("pixmor", header.modalities, "official", reference_modality="pix")

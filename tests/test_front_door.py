@@ -35,7 +35,7 @@ from regulator_client.transport import GrpcTransport, TlsConfig
 from regulator_service.security import TlsFiles
 from regulator_service.server import SERVICE_NAME, RegulatorServer, ServerConfig
 
-from .conftest import ROOT, wait_until
+from .conftest import ROOT, metric, wait_until
 from .pki import Pki, make_pki
 from .serving import Served, serving
 
@@ -52,14 +52,6 @@ def scrape(url: str, token: Optional[str] = None, context: Optional[ssl.SSLConte
 
 def series(text: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
     return {(s.name, tuple(sorted(s.labels.items()))) for f in text_string_to_metric_families(text) for s in f.samples}
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    raise AssertionError(f"{name}{labels} not exported")
 
 
 def stats(**fisher: Any) -> dict[str, Any]:
@@ -112,7 +104,7 @@ def test_unauthenticated_calls_to_made_up_methods_leave_metrics_and_memory_bound
             assert client.list_sessions() == []  # the server still serves
 
     unknown = dict(grpc_type="unary", grpc_service="unknown", grpc_method="unknown")
-    assert sample(after_3n, "grpc_server_handled_total", **unknown, grpc_code="Unauthenticated") == 3 * n
+    assert metric(after_3n, "grpc_server_handled_total", **unknown, grpc_code="Unauthenticated") == 3 * n
     assert series(after_3n) == series(after_n) == series(final)  # not one new series
     assert len(after_3n) - len(after_n) < 1024  # only counter values and latency sums changed
     assert max(len(v) for _, labels in series(final) for _, v in labels) < 100  # no caller-made label
@@ -187,7 +179,7 @@ def test_metrics_endpoint_requires_its_token_and_serves_https_with_client_certif
         assert _http_status(url, context=trusted) == 401
         assert _http_status(url, token="wrong-token-0123456789", context=trusted) == 401
         text = scrape(url, token="scrape-token-0123456789", context=trusted)
-        assert sample(text, "inforeg_regulator_sessions_open") == 0
+        assert metric(text, "inforeg_regulator_sessions_open") == 0
         with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext HTTP is not served
             scrape(f"http://localhost:{srv.metrics_port}/metrics", token="scrape-token-0123456789")
         with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
@@ -199,7 +191,7 @@ def test_metrics_endpoint_requires_its_token_and_serves_https_with_client_certif
             "--metrics-tls-client-ca", str(pki.ca)]
     with serving(tmp_path, *args) as srv:
         url = f"https://localhost:{srv.metrics_port}/metrics"
-        assert sample(scrape(url, context=_https_context(pki.ca, pki.client_cert, pki.client_key)), "inforeg_regulator_sessions_open") == 0
+        assert metric(scrape(url, context=_https_context(pki.ca, pki.client_cert, pki.client_key)), "inforeg_regulator_sessions_open") == 0
         for cert, key in ((None, None), (pki.rogue_cert, pki.rogue_key)):
             with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
                 scrape(url, context=_https_context(pki.ca, cert, key))
@@ -273,7 +265,7 @@ def _report(job: str, step: int = 0) -> pb.ReportRequest:
 def _started(srv: Served, method: str) -> float:
     text = scrape(f"http://127.0.0.1:{srv.metrics_port}/metrics")
     try:
-        return sample(text, "grpc_server_started_total", grpc_type="unary", grpc_service=SERVICE_NAME, grpc_method=method)
+        return metric(text, "grpc_server_started_total", grpc_type="unary", grpc_service=SERVICE_NAME, grpc_method=method)
     except AssertionError:
         return 0.0
 

@@ -36,7 +36,7 @@ from regulator_service import metrics as metrics_module
 from regulator_service.interceptors import GO_CODE_NAMES
 from regulator_service.server import RegulatorServer, ServerConfig
 
-from .conftest import data_file, require_promtool
+from .conftest import data_file, require_promtool, roomy_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "inforeg-regulator.json"
@@ -57,7 +57,7 @@ TARGET_LABELS = {"job", "instance", "namespace", "pod"}
 
 
 def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
         assert resp.status == 200
         return resp.read().decode()
 
@@ -124,7 +124,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     torch.set_num_threads(1)
     state = tmp_path_factory.mktemp("metrics-live") / "state"
     run = Run()
-    srv = RegulatorServer(ServerConfig(port=0, metrics_port=0, state_dir=state, grace_seconds=1.0, metrics_max_jobs=2))
+    srv = RegulatorServer(ServerConfig(port=0, metrics_port=0, state_dir=state, grace_seconds=1.0, metrics_max_jobs=2, limits=roomy_limits()))
     srv.start()
     try:
         assert srv.metrics_port

@@ -23,7 +23,7 @@ from regulator_client import JobIdentity, RegulatorClient
 from regulator_client.errors import InvalidArgument
 from regulator_service.server import RegulatorServer, ServerConfig
 
-from .conftest import ROOT
+from .conftest import ROOT, roomy_limits
 
 SCRIPTS = ROOT / "tests" / "scripts"
 
@@ -33,7 +33,7 @@ def open_req(job: str, **fields: Any) -> pb.OpenSessionRequest:
 
 
 def test_next_attempt_is_assigned_and_idempotent_per_opener_token(tmp_path: Path) -> None:
-    config = ServerConfig(port=0, metrics_port=None, state_dir=tmp_path / "state", grace_seconds=1.0)
+    config = ServerConfig(port=0, metrics_port=None, state_dir=tmp_path / "state", grace_seconds=1.0, limits=roomy_limits())
     with RegulatorServer(config) as server, RegulatorClient.connect(server.target, timeout=5) as client:
         t = client.transport
         first = t.open_session(open_req("job", next_attempt=True, open_token="pod-a"))

@@ -6,40 +6,26 @@ import re
 import signal
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from regulator_client import RegulatorClient
 from regulator_service.server import SERVICE_NAME, RegulatorServer, ServerConfig
 
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        return resp.read().decode()
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    raise AssertionError(f"{name}{labels} not exported")
+from .conftest import health, metric, roomy_limits, scrape
 
 
 def test_health_reflection_and_metrics(tmp_path: Path) -> None:
-    with RegulatorServer(ServerConfig(port=0, metrics_port=0, state_dir=tmp_path)) as srv:
+    with RegulatorServer(ServerConfig(port=0, metrics_port=0, state_dir=tmp_path, limits=roomy_limits())) as srv:
         with grpc.insecure_channel(srv.target) as ch:
-            health = health_pb2_grpc.HealthStub(ch)
             for service in ("", SERVICE_NAME):
-                assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+                assert health(srv.target, service) == health_pb2.HealthCheckResponse.SERVING
             refl = reflection_pb2_grpc.ServerReflectionStub(ch)
-            answers = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+            answers = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30))
             names = {s.name for s in answers[0].list_services_response.service}
             assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
         with RegulatorClient.connect(srv.target) as client:
@@ -49,17 +35,17 @@ def test_health_reflection_and_metrics(tmp_path: Path) -> None:
             with pytest.raises(Exception):
                 client.report("m-job", attempt=0, epoch=1, step=0, count=4, score_sums={"a": 3.0, "b": 2.0}, fisher={"a": 0.5, "b": 0.25})
             text = scrape(srv.metrics_port)
-            assert value(text, "inforeg_regulator_sessions_open") == 1
-            assert value(text, "inforeg_regulator_reports_total", outcome="recorded") == 1
-            assert value(text, "inforeg_regulator_reports_total", outcome="rejected") == 1
-            assert value(text, "inforeg_regulator_fisher_trace", job_id="m-job", modality="a") == 0.5
-            assert value(text, "inforeg_regulator_window_open", job_id="m-job", modality="b") == 1
-            assert value(text, "inforeg_regulator_proximal_coefficient", job_id="m-job", modality="a") > 0.95
-            assert value(text, "grpc_server_handled_total", grpc_type="unary", grpc_service=SERVICE_NAME, grpc_method="Report", grpc_code="AlreadyExists") == 1
-            assert value(text, "grpc_server_handled_total", grpc_type="unary", grpc_service=SERVICE_NAME, grpc_method="Report", grpc_code="OK") == 1
+            assert metric(text, "inforeg_regulator_sessions_open") == 1
+            assert metric(text, "inforeg_regulator_reports_total", outcome="recorded") == 1
+            assert metric(text, "inforeg_regulator_reports_total", outcome="rejected") == 1
+            assert metric(text, "inforeg_regulator_fisher_trace", job_id="m-job", modality="a") == 0.5
+            assert metric(text, "inforeg_regulator_window_open", job_id="m-job", modality="b") == 1
+            assert metric(text, "inforeg_regulator_proximal_coefficient", job_id="m-job", modality="a") > 0.95
+            assert metric(text, "grpc_server_handled_total", grpc_type="unary", grpc_service=SERVICE_NAME, grpc_method="Report", grpc_code="AlreadyExists") == 1
+            assert metric(text, "grpc_server_handled_total", grpc_type="unary", grpc_service=SERVICE_NAME, grpc_method="Report", grpc_code="OK") == 1
             client.close_session("m-job", attempt=0)
             text = scrape(srv.metrics_port)
-            assert value(text, "inforeg_regulator_sessions_open") == 0
+            assert metric(text, "inforeg_regulator_sessions_open") == 0
             assert 'job_id="m-job"' not in text  # per-job series are removed on close
 
 
@@ -88,4 +74,4 @@ def test_serve_cli_port_zero_and_sigterm(tmp_path: Path) -> None:
 def test_port_clash_is_an_error(tmp_path: Path) -> None:
     with RegulatorServer(ServerConfig(port=0)) as srv:
         with pytest.raises(OSError, match="cannot listen"):
-            RegulatorServer(ServerConfig(port=srv.port, state_dir=tmp_path)).start()
+            RegulatorServer(ServerConfig(port=srv.port, state_dir=tmp_path, limits=roomy_limits())).start()
