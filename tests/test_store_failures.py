@@ -233,19 +233,26 @@ def test_a_write_of_unknown_outcome_blocks_only_its_job_until_it_is_settled(tmp_
     store.close()
 
 
-def test_group_commit_shares_one_transaction_and_a_bad_op_fails_alone(tmp_path: Path) -> None:
-    """Ops queued while a commit runs share the next transaction; one whose statement fails
-    (here: a step recorded twice) fails alone and the others commit."""
+def held_commit(tmp_path: Path) -> tuple[SQLiteStore, threading.Event, threading.Thread]:
+    """A real SQLite store with a table ``t`` whose group-commit writer is inside a commit that
+    waits for the returned gate: ops submitted meanwhile queue for the next transaction."""
     store = SQLiteStore(tmp_path, timeout_s=30)
-    writer = store._writer
     conn = sqlite3.connect(tmp_path / STATE_FILE)
     conn.execute("CREATE TABLE t (k INTEGER PRIMARY KEY)")
     conn.commit()
     conn.close()
     gate = threading.Event()
-    first = threading.Thread(target=lambda: writer.submit(WriteOp(fn=lambda c: gate.wait())))
+    first = threading.Thread(target=lambda: store._writer.submit(WriteOp(fn=lambda c: gate.wait())))
     first.start()
-    wait_until(lambda: writer._busy_since is not None, "the first commit is running")
+    wait_until(lambda: store._writer._busy_since is not None, "the first commit is running")
+    return store, gate, first
+
+
+def test_group_commit_shares_one_transaction_and_a_bad_op_fails_alone(tmp_path: Path) -> None:
+    """Ops queued while a commit runs share the next transaction; one whose statement fails
+    (here: a step recorded twice) fails alone and the others commit."""
+    store, gate, first = held_commit(tmp_path)
+    writer = store._writer
     results: dict[int, Optional[BaseException]] = {}
 
     def put(k: int) -> None:
@@ -275,16 +282,8 @@ def test_group_commit_shares_one_transaction_and_a_bad_op_fails_alone(tmp_path: 
 
 
 def test_sixteen_queued_writes_commit_together(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path, timeout_s=30)
+    store, gate, first = held_commit(tmp_path)
     writer = store._writer
-    conn = sqlite3.connect(tmp_path / STATE_FILE)
-    conn.execute("CREATE TABLE t (k INTEGER PRIMARY KEY)")
-    conn.commit()
-    conn.close()
-    gate = threading.Event()
-    first = threading.Thread(target=lambda: writer.submit(WriteOp(fn=lambda c: gate.wait())))
-    first.start()
-    wait_until(lambda: writer._busy_since is not None, "the first commit is running")
     threads = [threading.Thread(target=writer.submit, args=(WriteOp([("INSERT INTO t VALUES (?)", (k,), 1)]),)) for k in range(16)]
     for th in threads:
         th.start()
