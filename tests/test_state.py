@@ -110,6 +110,37 @@ def test_failed_write_changes_nothing_and_is_unavailable() -> None:
     assert client.get_session("j").session.steps == 11
 
 
+class UnreadableStore(MemoryStore):
+    """Its step reads fail (a disk that errors on read) while ``fail_reads`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_reads = False
+
+    def get_step(self, key: SessionKey, step: int):  # type: ignore[no-untyped-def]
+        if self.fail_reads:
+            raise StoreError("disk I/O error")
+        return super().get_step(key, step)
+
+
+def test_a_failed_store_read_in_report_is_unavailable_not_internal() -> None:
+    """A Report that must read the store (a retried step whose answer is no longer cached) and
+    cannot gets UNAVAILABLE, which clients retry, never INTERNAL; nothing changes."""
+    store = UnreadableStore()
+    feed(RegulatorClient.in_process(api_for(store)), "j", "official")  # 1,250 steps: more than a session caches
+    client = RegulatorClient.in_process(api_for(store))  # a restart: step 0's answer is only in the store
+    before = snapshot(client)
+    header, events = read_trace(data_file("trace_pix+mor_seed0.jsonl"))
+    first = events[0]
+    retry = dict(attempt=0, epoch=first.epoch, step=first.step, count=first.count, score_sums=first.score_sum, fisher=first.fisher)
+    store.fail_reads = True
+    with pytest.raises(Unavailable, match="state store read failed: disk I/O error"):
+        client.report("j", **retry)
+    store.fail_reads = False
+    assert snapshot(client) == before
+    assert client.report("j", **retry).duplicate  # the retry gets the stored answer
+
+
 def test_unknown_schema_version_is_refused_untouched(tmp_path: Path) -> None:
     SQLiteStore(tmp_path).close()
     path = tmp_path / STATE_FILE
