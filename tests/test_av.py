@@ -270,6 +270,25 @@ def test_one_epoch_through_a_real_regulator(server, tmp_path: Path, capsys: pyte
     assert all(t > 0 for t in (result["fisher_trace"]["audio"][0], result["fisher_trace"]["visual"][0]))
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:99"])
+def test_a_device_the_machine_lacks_is_one_line_before_anything_runs(
+    cremad: Path, device: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--device`` is checked when parsed (a typo, or a GPU this machine does not have), by
+    both trainers, instead of a torch traceback after the data has loaded."""
+    from trainers import digits
+
+    for main, argv in ((av_cli.main, ["--data-root", str(cremad)]), (digits.main, [])):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--in-process", "--device", device])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        (line,) = [ln for ln in err.splitlines() if "error:" in ln]
+        assert f"error: argument --device: {device!r}" in line
+        assert "not a torch device" in line or "CUDA device" in line
+
+
 def test_fixture_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from trainers.av.fixture import main
 

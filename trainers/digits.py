@@ -33,6 +33,7 @@ from regulator_client.profiles import PROFILE_NAMES, parse_profile_params
 from regulator_client.stats import SELECTORS
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .device import add_device_flag
 from .digits_data import DigitsSplit, load_split
 from .digits_model import ConcatFusionNet
 
@@ -261,7 +262,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    "encoders' weight matrices) or conv (4-D kernels only, the released OGM-GE rule)")
     p.add_argument("--job-id", default=None)
     p.add_argument("--record", default=None, help="write the statistics trace to this file")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_flag(p)
     p.add_argument("--on-unavailable", choices=("wait", "neutral", "last"), default="wait",
                    help="when the regulator is down: wait (then fail), or train on with zero/last coefficients")
     p.add_argument("--out", default=None, help="write the result as JSON here")

@@ -17,11 +17,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
 from regulator_client.cli_args import add_connection_flags
 from regulator_client.profiles import PROFILE_NAMES
 
+from ..device import add_device_flag
 from ..digits import client_from_args
 from .data import DATASETS, AVDataError
 from .train import AMP_DTYPES, AVConfig, train
@@ -54,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=DEFAULTS.seed)
     t.add_argument("--unimodal-loss", action=argparse.BooleanOptionalAction, default=DEFAULTS.unimodal_loss,
                    help="add the unimodal CE terms, as the released code does (default on)")
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_flag(t)
     t.add_argument("--amp", choices=tuple(AMP_DTYPES), default=None, help="mixed precision: bf16 autocast, or fp16 autocast with a GradScaler")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--max-steps-per-epoch", type=int, default=None, help="stop each epoch after N steps (quick checks)")
