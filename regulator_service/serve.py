@@ -48,10 +48,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
     """The serve flags, with REGULATOR_<FLAG> environment defaults."""
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
-    s.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one and prints it")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a pod)")
+    s.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051); 0 picks a free one and prints it")
     s.add_argument("--metrics-host", default=None, help="metrics address (default: --host)")
-    s.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port; 0 = free port, -1 = off")
+    s.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port (default 9464); 0 = free port, -1 = off")
     s.add_argument(
         "--metrics-token-file", default=None,
         help="require 'Authorization: Bearer <token>' on /metrics, token read from this file (re-read when it changes)",
@@ -65,21 +65,21 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         help="address of --health-port (default: --host); a sidecar serves RPCs on 127.0.0.1 and probes on 0.0.0.0",
     )
     s.add_argument("--uds", default=None, help="also listen on this Unix domain socket path (plaintext)")
-    s.add_argument("--state-dir", default=".regulator", help="directory of the SQLite state file")
+    s.add_argument("--state-dir", default=".regulator", help="directory of the SQLite state file (default .regulator)")
     s.add_argument("--in-memory", action="store_true", help="keep state in memory only (lost on exit)")
     s.add_argument("--token-file", default=None, help="require this bearer token (file, re-read when it changes); or set REGULATOR_TOKEN")
     s.add_argument("--tls-cert", default=None, help="server certificate chain (PEM); enables TLS")
     s.add_argument("--tls-key", default=None, help="server private key (PEM)")
     s.add_argument("--tls-client-ca", default=None, help="CA bundle for client certificates; enables mutual TLS")
-    s.add_argument("--grace", type=float, default=_SERVER.grace_seconds, help="seconds in-flight calls get on SIGTERM")
-    s.add_argument("--max-sessions", type=int, default=_LIMITS.max_open_sessions, help="open sessions before RESOURCE_EXHAUSTED")
-    s.add_argument("--max-modalities", type=int, default=_LIMITS.max_modalities, help="modalities per session")
-    s.add_argument("--max-message-bytes", type=int, default=_SERVER.max_receive_bytes, help="largest request accepted")
-    s.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S, help="expire open sessions idle this many seconds (0 = never)")
+    s.add_argument("--grace", type=float, default=_SERVER.grace_seconds, help=f"seconds in-flight calls get on SIGTERM (default {_SERVER.grace_seconds:g})")
+    s.add_argument("--max-sessions", type=int, default=_LIMITS.max_open_sessions, help=f"open sessions before RESOURCE_EXHAUSTED (default {_LIMITS.max_open_sessions})")
+    s.add_argument("--max-modalities", type=int, default=_LIMITS.max_modalities, help=f"modalities per session (default {_LIMITS.max_modalities})")
+    s.add_argument("--max-message-bytes", type=int, default=_SERVER.max_receive_bytes, help=f"largest request accepted, bytes (default {_SERVER.max_receive_bytes})")
+    s.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S, help=f"expire open sessions idle this many seconds (default {DEFAULT_SESSION_TTL_S:g}: a day; 0 = never)")
     s.add_argument(
         "--memory-budget", type=parse_bytes, default=_LIMITS.memory_budget, metavar="BYTES",
         help="bytes the session caches may hold (e.g. 256Mi, 1Gi); beyond it caches are evicted, then new "
-        f"sessions refused (default {_LIMITS.memory_budget >> 20}Mi; the process needs ~100 MB more)",
+        f"sessions refused (default {_LIMITS.memory_budget >> 20}Mi; the process needs about 50 MB more, plus messages in flight: README, Memory budget)",
     )
     s.add_argument(
         "--step-retention", type=float, default=DEFAULT_STEP_RETENTION_S, metavar="SECONDS",
@@ -88,10 +88,10 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     )
     s.add_argument(
         "--store-timeout", type=float, default=_LIMITS.store_timeout_s, metavar="SECONDS",
-        help="a state store call that takes longer is answered UNAVAILABLE (a hung or locked disk)",
+        help=f"a state store call that takes longer is answered UNAVAILABLE (a hung or locked disk; default {_LIMITS.store_timeout_s:g})",
     )
-    s.add_argument("--metrics-max-jobs", type=int, default=_SERVER.metrics_max_jobs, help="jobs with per-job metric series")
-    s.add_argument("--max-workers", type=int, default=_SERVER.max_workers, help="gRPC worker threads")
+    s.add_argument("--metrics-max-jobs", type=int, default=_SERVER.metrics_max_jobs, help=f"jobs with per-job metric series (default {_SERVER.metrics_max_jobs})")
+    s.add_argument("--max-workers", type=int, default=_SERVER.max_workers, help=f"gRPC worker threads (default {_SERVER.max_workers})")
     s.add_argument(
         "--max-concurrent-rpcs", type=int, default=_SERVER.max_concurrent_rpcs,
         help=f"RPCs admitted at once (running or queued); beyond it calls are shed with RESOURCE_EXHAUSTED, "
