@@ -2,6 +2,7 @@
 
     python -m bench.memory_budget                            # --memory-budget 64Mi, 16 modalities
     python -m bench.memory_budget --budget 256Mi --modalities 2
+    python -m bench.memory_budget --estimates                # the per-object estimates it accounts
 
 Starts ``regulator serve --memory-budget B``, then opens sessions of M modalities and reports
 into them until the server refuses a new session (RESOURCE_EXHAUSTED): the first 20 sessions
@@ -82,12 +83,26 @@ def table(r: dict[str, Any]) -> str:
     ])
 
 
+def estimates(modalities: Sequence[int] = (2, 16)) -> str:
+    """What the budget charges per object (``regulator_service/memory_budget.py``): the README's
+    table and the arithmetic under it come from these figures."""
+    from regulator_service.memory_budget import answer_bytes, epoch_bytes, session_bytes
+
+    rows = [("session in memory", session_bytes), ("closed epoch kept", epoch_bytes), ("cached answer", answer_bytes)]
+    head = "per (KiB)".ljust(20) + "".join(f"{m:>6} modalities" for m in modalities)
+    return "\n".join([head] + [name.ljust(20) + "".join(f"{fn(m) / 1024:>17.1f}" for m in modalities) for name, fn in rows])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.memory_budget", description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", default="64Mi")
     p.add_argument("--modalities", type=int, default=16)
     p.add_argument("--json", default=None)
+    p.add_argument("--estimates", action="store_true", help="print the per-object estimates and exit (starts no server)")
     args = p.parse_args(argv)
+    if args.estimates:
+        print(estimates())
+        return 0
     result = run(args.budget, args.modalities)
     print(table(result))
     if args.json:
