@@ -71,7 +71,7 @@ def server(tmp_path: Path) -> Iterator[RegulatorServer]:
 
 @pytest.fixture
 def client(server: RegulatorServer) -> Iterator[RegulatorClient]:
-    with RegulatorClient.connect(server.target, timeout=5.0) as c:
+    with RegulatorClient.connect(server.target, timeout=30.0) as c:  # a liveness bound
         yield c
 
 

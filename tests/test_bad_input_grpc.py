@@ -34,7 +34,7 @@ def report(**kw: Any) -> pb.ReportRequest:
 
 
 def snapshot(stub: pb_grpc.RegulatorStub) -> bytes:
-    return stub.GetSession(pb.GetSessionRequest(job_id=JOB, include_steps=True), timeout=5).SerializeToString(deterministic=True)
+    return stub.GetSession(pb.GetSessionRequest(job_id=JOB, include_steps=True), timeout=30).SerializeToString(deterministic=True)
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def history(client: RegulatorClient, stub: pb_grpc.RegulatorStub) -> bytes:
     step = 0
     for epoch in range(2):
         for _ in range(15):
-            stub.Report(report(epoch=epoch, step=step, stats=stats(30 + step % 3, 20 + step % 5)), timeout=5)
+            stub.Report(report(epoch=epoch, step=step, stats=stats(30 + step % 3, 20 + step % 5)), timeout=30)
             step += 1
         if epoch == 0:
             client.end_epoch(JOB, attempt=1, epoch=0)
@@ -85,25 +85,25 @@ def test_bad_report_rejected_and_history_unchanged(
     history: bytes, stub: pb_grpc.RegulatorStub, name: str, make: Callable[[], Any], code: grpc.StatusCode
 ) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        stub.Report(make(), timeout=5)
+        stub.Report(make(), timeout=30)
     assert info.value.code() == code, info.value.details()
     assert info.value.details()  # a clear message, never empty
     assert snapshot(stub) == history
 
 
 def test_gap_then_backwards_step_is_failed_precondition(history: bytes, stub: pb_grpc.RegulatorStub) -> None:
-    stub.Report(report(step=40), timeout=5)  # steps may skip forward ...
+    stub.Report(report(step=40), timeout=30)  # steps may skip forward ...
     before = snapshot(stub)
     with pytest.raises(grpc.RpcError) as info:  # ... but never go back to an unrecorded step
-        stub.Report(report(step=35), timeout=5)
+        stub.Report(report(step=35), timeout=30)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert snapshot(stub) == before
 
 
 def test_duplicate_report_gets_stored_answer_and_is_not_counted(history: bytes, stub: pb_grpc.RegulatorStub) -> None:
-    first = stub.Report(report(step=30), timeout=5)
+    first = stub.Report(report(step=30), timeout=30)
     after_first = snapshot(stub)
-    again = stub.Report(report(step=30, rank=1), timeout=5)  # another rank, same statistics
+    again = stub.Report(report(step=30, rank=1), timeout=30)  # another rank, same statistics
     assert again.duplicate and not first.duplicate
     assert again.step == first.step
     assert snapshot(stub) == after_first
@@ -135,10 +135,10 @@ BAD_OTHER: list[tuple[str, str, Callable[[], Any], grpc.StatusCode]] = [
 @pytest.mark.parametrize("name,method,make,code", BAD_OTHER, ids=[b[0] for b in BAD_OTHER])
 def test_bad_session_calls(history: bytes, stub: pb_grpc.RegulatorStub, name: str, method: str, make: Callable[[], Any], code: grpc.StatusCode) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        getattr(stub, method)(make(), timeout=5)
+        getattr(stub, method)(make(), timeout=30)
     assert info.value.code() == code, info.value.details()
     assert snapshot(stub) == history
-    sessions = stub.ListSessions(pb.ListSessionsRequest(include_inactive=True), timeout=5).sessions
+    sessions = stub.ListSessions(pb.ListSessionsRequest(include_inactive=True), timeout=30).sessions
     assert [s.job_id for s in sessions] == [JOB]  # nothing half-created
 
 
@@ -154,9 +154,9 @@ def test_idempotent_open_end_epoch_and_close(history: bytes, client: RegulatorCl
     assert closed.state == pb.SESSION_STATE_CLOSED
     assert client.close_session(JOB, attempt=1) == closed
     # a late rank's retry of an answered step still gets its stored answer after close
-    assert stub.Report(report(epoch=1, step=29, stats=stats(30 + 29 % 3, 20 + 29 % 5)), timeout=5).duplicate
+    assert stub.Report(report(epoch=1, step=29, stats=stats(30 + 29 % 3, 20 + 29 % 5)), timeout=30).duplicate
     with pytest.raises(grpc.RpcError) as info:  # but a new step is refused
-        stub.Report(report(step=31, epoch=2), timeout=5)
+        stub.Report(report(step=31, epoch=2), timeout=30)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -166,7 +166,7 @@ def test_higher_attempt_supersedes_and_fences_the_old_one(history: bytes, client
     old = client.get_session(JOB, attempt=1)
     assert old.session.state == pb.SESSION_STATE_SUPERSEDED
     with pytest.raises(grpc.RpcError) as info:
-        stub.Report(report(step=30), timeout=5)  # attempt 1 keeps reporting
+        stub.Report(report(step=30), timeout=30)  # attempt 1 keeps reporting
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "stale" in info.value.details()
     assert client.get_session(JOB).session.steps == 0  # nothing mixed into attempt 2

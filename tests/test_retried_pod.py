@@ -34,7 +34,7 @@ def open_req(job: str, **fields: Any) -> pb.OpenSessionRequest:
 
 def test_next_attempt_is_assigned_and_idempotent_per_opener_token(tmp_path: Path) -> None:
     config = ServerConfig(port=0, metrics_port=None, state_dir=tmp_path / "state", grace_seconds=1.0, limits=roomy_limits())
-    with RegulatorServer(config) as server, RegulatorClient.connect(server.target, timeout=5) as client:
+    with RegulatorServer(config) as server, RegulatorClient.connect(server.target, timeout=30) as client:
         t = client.transport
         first = t.open_session(open_req("job", next_attempt=True, open_token="pod-a"))
         assert (first.session.attempt, first.created) == (0, True)  # a new job starts at 0
@@ -59,10 +59,10 @@ def test_next_attempt_is_assigned_and_idempotent_per_opener_token(tmp_path: Path
         assert [s.attempt for s in client.list_sessions(include_inactive=True) if s.job_id == "job"] == [0, 1, 2]
 
     # The token is durable: after a restart the retried request still gets its attempt.
-    with RegulatorServer(config) as server, RegulatorClient.connect(server.target, timeout=5) as client:
+    with RegulatorServer(config) as server, RegulatorClient.connect(server.target, timeout=30) as client:
         t = client.transport
         t.open_session(open_req("tok", next_attempt=True, open_token="p1"))
-    with RegulatorServer(config) as server, RegulatorClient.connect(server.target, timeout=5) as client:
+    with RegulatorServer(config) as server, RegulatorClient.connect(server.target, timeout=30) as client:
         t = client.transport
         assert t.open_session(open_req("tok", next_attempt=True, open_token="p1")).created is False
         assert t.open_session(open_req("tok", next_attempt=True, open_token="p2")).session.attempt == 1
