@@ -435,3 +435,20 @@ def test_health_host_serves_probes_apart_from_the_loopback_only_rpcs(tmp_path: P
         with RegulatorClient.connect(srv.target) as inside:
             assert inside.list_sessions() == []
         assert f"health port {probe_host}:{srv.health_port}" in srv.output()
+
+
+def test_metrics_host_binds_metrics_apart_from_the_rpcs(tmp_path: Path) -> None:
+    """``--metrics-host``: /metrics listens on its own address only (issue 8 item 8), so it can
+    be kept where only Prometheus reaches it while the RPCs listen elsewhere."""
+    metrics_host = "127.0.0.2"
+    try:
+        socket.create_server((metrics_host, 0)).close()
+    except OSError:
+        pytest.skip(f"{metrics_host} is not a local address on this machine")
+    with serving(tmp_path, "--host", "127.0.0.1", "--metrics-host", metrics_host, "--metrics-port", "0") as srv:
+        assert metric(scrape(f"http://{metrics_host}:{srv.metrics_port}/metrics"), "inforeg_regulator_sessions_open") == 0
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # nothing serves /metrics on the RPC address
+            scrape(f"http://127.0.0.1:{srv.metrics_port}/metrics")
+        with RegulatorClient.connect(srv.target) as client:
+            assert client.list_sessions() == []
+        assert f"metrics http://{metrics_host}:{srv.metrics_port}/metrics" in srv.output()
