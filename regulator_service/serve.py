@@ -77,7 +77,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-message-bytes", type=int, default=_SERVER.max_receive_bytes, help=f"largest request accepted, bytes (default {_SERVER.max_receive_bytes})")
     s.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S, help=f"expire open sessions idle this many seconds (default {DEFAULT_SESSION_TTL_S:g}: a day; 0 = never)")
     s.add_argument(
-        "--memory-budget", type=parse_bytes, default=_LIMITS.memory_budget, metavar="BYTES",
+        "--memory-budget", type=size, default=_LIMITS.memory_budget, metavar="BYTES",
         help="bytes the session caches may hold (e.g. 256Mi, 1Gi); beyond it caches are evicted, then new "
         f"sessions refused (default {_LIMITS.memory_budget >> 20}Mi; the process needs about 50 MB more, plus messages in flight: README, Memory budget)",
     )
@@ -105,7 +105,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--ready-file", default=None, help="write {port, metrics_port, health_port, pid} as JSON once serving")
     s.add_argument("--debug-delay", type=float, default=0.0, help="fault injection: delay every Regulator RPC by this many seconds")
     s.add_argument(
-        "--debug-max-state-bytes", type=parse_bytes, default=None, metavar="BYTES",
+        "--debug-max-state-bytes", type=size, default=None, metavar="BYTES",
         help="fault injection: the state file stops growing at this size, as on a full disk",
     )
     apply_env_defaults(s)
@@ -134,9 +134,24 @@ def apply_env_defaults(parser: argparse.ArgumentParser, env: Optional[Mapping[st
         else:
             try:
                 defaults[action.dest] = action.type(raw) if action.type else raw
-            except ValueError:
-                parser.error(f"{ENV_PREFIX}{action.dest.upper()}={raw!r} is not a valid {action.option_strings[0]}")
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"{ENV_PREFIX}{action.dest.upper()}={raw!r} is not a valid {action.option_strings[0]} ({exc})")
     parser.set_defaults(**defaults)
+
+
+def size(text: str) -> int:
+    """A byte count flag ('256Mi', '1Gi', '1048576'): argparse shows what a size looks like."""
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _check_port(flag: str, port: int, off: bool) -> None:
+    """gRPC takes a port above 65535 modulo 65536 (--port 99999 listened on 34463): refuse it."""
+    low = -1 if off else 0
+    if not low <= port <= 65535:
+        raise ValueError(f"{flag} must be a port, 0 to 65535{' (-1 = off)' if off else ''}, got {port}")
 
 
 class PluginAction(argparse.Action):
@@ -175,6 +190,9 @@ def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] 
     tls = _tls_files(args.tls_cert, args.tls_key, args.tls_client_ca, "tls")
     metrics_tls = _tls_files(args.metrics_tls_cert, args.metrics_tls_key, args.metrics_tls_client_ca, "metrics-tls")
     metrics_token = TokenSource(path=Path(args.metrics_token_file)) if args.metrics_token_file else None
+    _check_port("--port", args.port, off=False)
+    _check_port("--metrics-port", args.metrics_port, off=True)
+    _check_port("--health-port", args.health_port, off=True)
     if args.health_host and args.health_port < 0:
         raise ValueError("--health-host needs --health-port")
     if args.store_timeout <= 0:

@@ -86,6 +86,10 @@ def test_other_startup_failures_are_one_line_too(tmp_path: Path) -> None:
     assert "at least 16" in one_line_error(regulator(*base, "--token-file", str(short)))
     assert "--health-port" in one_line_error(regulator(*base, "--health-host", "0.0.0.0"))
     assert "--max-concurrent-rpcs" in one_line_error(regulator(*base, "--max-concurrent-rpcs", "-1"))
+    # gRPC would listen on 99999 modulo 65536 (34463) without a word: every port is range-checked
+    for flag in ("--port", "--metrics-port", "--health-port"):
+        line = one_line_error(regulator(*base, flag, "99999"))
+        assert f"{flag} must be a port, 0 to 65535" in line and "got 99999" in line
 
 
 def test_log_level_is_accepted_after_the_subcommand(tmp_path: Path) -> None:
