@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 
 from regulator_service.security import FileWatch, TokenSource, token_from_env
 
-from .errors import Overloaded, from_rpc_error
+from .errors import InvalidArgument, Overloaded, from_rpc_error
 
 if TYPE_CHECKING:
     from regulator_service.api import RegulatorAPI
@@ -88,6 +89,18 @@ def default_target(env: Optional[dict[str, str]] = None) -> str:
     return env.get("REGULATOR_TARGET") or "127.0.0.1:50051"
 
 
+_HOST_PORT = re.compile(r"(?:dns:(?:///)?|ipv4:|ipv6:)?(\[[^\]]*\]|[^:\[\]/]*):(\d+)")
+
+
+def checked_target(target: str) -> str:
+    """``target``, unless its port is out of range: gRPC takes a port above 65535 modulo 65536
+    (``127.0.0.1:115587`` reaches port 50051), which would send a typo to another service."""
+    m = _HOST_PORT.fullmatch(target)
+    if m and int(m.group(2)) > 65535:
+        raise InvalidArgument(f"target {target!r}: {m.group(2)} is not a port (0 to 65535)")
+    return target
+
+
 class GrpcTransport:
     """A channel with a deadline on every call, retries of UNAVAILABLE, fast reconnects.
 
@@ -121,7 +134,7 @@ class GrpcTransport:
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
-        self.target = target or default_target()
+        self.target = checked_target(target or default_target())
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
         self.tls = tls

@@ -151,9 +151,21 @@ def test_unavailable_names_the_target(capsys) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
-    rc, _, err = regulator(capsys, "sessions", "--target", dead, "--timeout", "2")
+    rc, _, err = regulator(capsys, "sessions", "--target", dead, "--timeout", "30")  # retries end long before
     assert rc == 1
     assert err.startswith("regulator sessions: UNAVAILABLE: ") and f"is a regulator serving at {dead}?" in err
+
+
+def test_a_target_port_out_of_range_is_refused_not_wrapped(capsys, target: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gRPC takes a port above 65535 modulo 65536: without the check, PORT + 65536 (a typo of
+    another port) would silently reach this regulator."""
+    host, port = target.rsplit(":", 1)
+    wrapped = f"{host}:{int(port) + 65536}"
+    rc, out, err = regulator(capsys, "sessions", "--all", "--target", wrapped)
+    assert (rc, out) == (1, "")
+    assert err.strip() == f"regulator sessions: INVALID_ARGUMENT: target '{wrapped}': {int(port) + 65536} is not a port (0 to 65535)"
+    monkeypatch.setenv("REGULATOR_TARGET", wrapped)
+    assert regulator(capsys, "sessions", "--all")[0] == 1
 
 
 def test_token_and_tls(capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
