@@ -36,7 +36,7 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-SERVERS = ("echo", "sqlite", "memory", "baseline")
+SERVERS = ("echo", "echo-aio", "sqlite", "memory", "baseline")
 MODALITIES = ("audio", "visual")
 END_EVERY = 100  # an EndEpoch every this many steps, as a 100-step epoch would
 
@@ -84,8 +84,9 @@ def canned_responses() -> dict[str, Any]:
     }
 
 
-def serve_echo(ready_file: str, workers: int = 16) -> None:
-    """The floor: deserializes each request as the regulator would and answers a canned message."""
+def _echo_handlers(asynchronous: bool = False) -> tuple[str, dict[str, Any]]:
+    """(service name, handlers) answering each Regulator RPC with its canned message, after
+    deserializing the request as the regulator would."""
     import grpc
 
     from inforeg.regulator.v1 import regulator_pb2 as pb
@@ -98,19 +99,54 @@ def serve_echo(ready_file: str, workers: int = 16) -> None:
             continue
         request_type = getattr(pb, method.input_type.name)
         answer = canned[method.name]
+
+        async def answer_async(request: Any, context: Any, answer: Any = answer) -> Any:
+            return answer
+
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            lambda request, context, answer=answer: answer,
+            answer_async if asynchronous else (lambda request, context, answer=answer: answer),
             request_deserializer=request_type.FromString,
             response_serializer=type(answer).SerializeToString,
         )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    return service.full_name, handlers
+
+
+def _ready(ready_file: str, port: int) -> None:
     tmp = Path(ready_file + ".tmp")
     tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
     tmp.replace(ready_file)
+
+
+def serve_echo(ready_file: str, workers: int = 16) -> None:
+    """The floor: a synchronous grpcio server (as the regulator's) with a trivial handler."""
+    import grpc
+
+    name, handlers = _echo_handlers()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    _ready(ready_file, port)
     server.wait_for_termination()
+
+
+def serve_echo_aio(ready_file: str) -> None:
+    """The same trivial server on ``grpc.aio`` (one event loop, no worker threads), to check
+    which of the two is the faster floor on this harness (``--servers echo-aio``)."""
+    import asyncio
+
+    import grpc
+
+    async def main() -> None:
+        name, handlers = _echo_handlers(asynchronous=True)
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        _ready(ready_file, port)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
 
 
 # -- the load generator -------------------------------------------------------------------------
@@ -127,7 +163,7 @@ def _client(target: str, index: int, run_id: str, start: threading.Barrier, wind
 
 
 def _client_loop(target: str, index: int, run_id: str, start: threading.Barrier, window: list[float],
-                 stop: threading.Event) -> list[float]:
+                 stop: threading.Event) -> tuple[list[float], int]:
     import grpc
 
     from inforeg.regulator.v1 import regulator_pb2 as pb
@@ -136,6 +172,7 @@ def _client_loop(target: str, index: int, run_id: str, start: threading.Barrier,
     rng = random.Random(index)
     job = f"load-{run_id}-{index}"
     latencies: list[float] = []
+    calls = 0
     with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         stub = pb_grpc.RegulatorStub(channel)
         stub.OpenSession(
@@ -159,9 +196,11 @@ def _client_loop(target: str, index: int, run_id: str, start: threading.Barrier,
             if window[0] <= t0 and t1 <= window[1]:
                 latencies.append(t1 - t0)
             step += 1
+            calls += 1
             if step % END_EVERY == 0:
                 stub.EndEpoch(pb.EndEpochRequest(job_id=job, epoch=epoch), timeout=30)
-    return latencies
+                calls += 1
+    return latencies, calls + 1  # + OpenSession
 
 
 def load(target: str, clients: int, duration_s: float, warmup_s: float) -> dict[str, Any]:
@@ -188,12 +227,13 @@ def load(target: str, clients: int, duration_s: float, warmup_s: float) -> dict[
     failed = [x for x in out if isinstance(x, BaseException)]
     if failed:
         raise RuntimeError(f"a load client failed: {failed[0]!r}") from failed[0]
-    lat = sorted(x for per in out if per for x in per)
+    lat = sorted(x for per, _ in out for x in per)
     if not lat:
         raise RuntimeError(f"no Report completed inside the window against {target}")
     return {
         "in_flight": clients,
         "reports": len(lat),
+        "calls_total": sum(n for _, n in out),
         "qps": len(lat) / duration_s,
         "p50_ms": 1000 * lat[len(lat) // 2],
         "p90_ms": 1000 * lat[int(len(lat) * 0.9)],
@@ -214,8 +254,8 @@ class Server:
         self.kind = kind
         ready = workdir / f"{kind}-{time.time_ns()}.json"
         env = None
-        if kind == "echo":
-            cmd = [sys.executable, "-m", "bench.server_load", "--serve-echo", str(ready)]
+        if kind in ("echo", "echo-aio"):
+            cmd = [sys.executable, "-m", "bench.server_load", f"--serve-{kind}", str(ready)]
         else:
             cmd = [sys.executable, "-m", "regulator_service", "--port", "0", "--metrics-port", "-1",
                    "--ready-file", str(ready), *extra]
@@ -246,14 +286,30 @@ class Server:
         self.log.close()
 
 
+def cpu_seconds(pid: int) -> Optional[float]:
+    """User + system CPU time of a process so far (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(server: Server, clients: int, duration_s: float, warmup_s: float, cpus: Sequence[int]) -> dict[str, Any]:
-    """Runs the load generator in its own process on the load CPUs."""
+    """Runs the load generator in its own process on the load CPUs. Besides QPS and latency,
+    the server's CPU time per call over the whole run (every RPC the load sent): unlike QPS it
+    barely moves when other work shares the machine, so it is the steadier measure of cost."""
     cmd = [sys.executable, "-m", "bench.server_load", "--load", server.target, "--clients", str(clients),
            "--duration", str(duration_s), "--warmup", str(warmup_s)]
+    cpu0 = cpu_seconds(server.proc.pid)
     done = subprocess.run(**pinned(cmd, cpus), capture_output=True, text=True, timeout=duration_s + warmup_s + 120)
+    cpu1 = cpu_seconds(server.proc.pid)
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed against {server.kind}: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    if cpu0 is not None and cpu1 is not None and res.get("calls_total"):
+        res["server_us_per_call"] = 1e6 * (cpu1 - cpu0) / res["calls_total"]
+    return res
 
 
 def run(
@@ -276,14 +332,16 @@ def run(
     with tempfile.TemporaryDirectory(prefix="bench-server-load-") as tmp:
         for r in range(rounds):
             for kind in servers:
-                server = Server(kind, server_cpus, Path(tmp), server_args if kind != "echo" else (), baseline=baseline)
+                server = Server(kind, server_cpus, Path(tmp), server_args if not kind.startswith("echo") else (), baseline=baseline)
                 try:
                     for n in concurrency:
                         res = measure(server, n, duration_s, warmup_s, load_cpus)
                         samples.setdefault((kind, n), []).append(res)
                         if progress:
                             print(f"  round {r + 1}/{rounds} {kind:>6} x{n:<3} {res['qps']:8.0f} QPS  "
-                                  f"p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms", file=sys.stderr, flush=True)
+                                  f"p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms  "
+                                  f"server {res.get('server_us_per_call', float('nan')):.0f} us CPU/call",
+                                  file=sys.stderr, flush=True)
                 finally:
                     server.stop()
     rows = []
@@ -296,6 +354,8 @@ def run(
             "p90_ms": statistics.median(x["p90_ms"] for x in runs),
             "p99_ms": statistics.median(x["p99_ms"] for x in runs),
             "qps_all": [x["qps"] for x in runs],
+            "server_us_per_call": (statistics.median(x["server_us_per_call"] for x in runs)
+                                   if all("server_us_per_call" in x for x in runs) else None),
         })
     floor = {row["in_flight"]: row for row in rows if row["server"] == "echo"}
     for row in rows:
@@ -320,13 +380,15 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"server load ({result['date']}, {result['machine']}; server on CPU {result['server_cpus']}, "
         f"load on {result['load_cpus']}; {result['duration_s']:g} s per cell, median of {result['rounds']} round(s))",
-        f"{'server':<16}{'in flight':>10}{'QPS':>9}{'x floor':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99 x floor':>13}",
+        f"{'server':<16}{'in flight':>10}{'QPS':>9}{'x floor':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99 x floor':>13}"
+        f"{'CPU us/call':>13}",
     ]
-    names = {"echo": "grpcio floor", "sqlite": "regulator SQLite", "memory": "regulator memory", "baseline": "baseline SQLite"}
+    names = {"echo": "grpcio floor", "echo-aio": "grpcio aio echo", "sqlite": "regulator SQLite", "memory": "regulator memory", "baseline": "baseline SQLite"}
     for row in sorted(result["rows"], key=lambda r: (SERVERS.index(r["server"]), r["in_flight"])):
         lines.append(
             f"{names[row['server']]:<16}{row['in_flight']:>10}{row['qps']:>9.0f}{row.get('qps_vs_floor', float('nan')):>9.2f}"
             f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row.get('p99_vs_floor', float('nan')):>13.2f}"
+            f"{row.get('server_us_per_call') or float('nan'):>13.0f}"
         )
     return "\n".join(lines)
 
@@ -337,17 +399,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--servers", nargs="+", choices=SERVERS[:3], default=list(SERVERS[:3]))
+    p.add_argument("--servers", nargs="+", choices=SERVERS[:4], default=["echo", "sqlite", "memory"],
+                   help="echo-aio: the trivial server on grpc.aio too (the floor stays the synchronous echo)")
     p.add_argument("--baseline", metavar="CHECKOUT", default=None,
                    help="also measure the SQLite server of another checkout, e.g. `git worktree add /tmp/before 97b6e28`")
     p.add_argument("--json", default=None, help="also write the result here")
     # internal: the processes the benchmark starts
     p.add_argument("--serve-echo", metavar="READY_FILE", help=argparse.SUPPRESS)
+    p.add_argument("--serve-echo-aio", metavar="READY_FILE", help=argparse.SUPPRESS)
     p.add_argument("--load", metavar="TARGET", help=argparse.SUPPRESS)
     p.add_argument("--clients", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_echo:
         serve_echo(args.serve_echo)
+        return 0
+    if args.serve_echo_aio:
+        serve_echo_aio(args.serve_echo_aio)
         return 0
     if args.load:
         print(json.dumps(load(args.load, args.clients, args.duration, args.warmup)))

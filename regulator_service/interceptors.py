@@ -49,15 +49,43 @@ def method_paths(services: Iterable[Any]) -> frozenset[str]:
     return frozenset(f"/{s.full_name}/{m.name}" for s in services for m in s.methods)
 
 
+class HandlerCache:
+    """Wrapped handlers built once per inner handler, not once per call.
+
+    grpcio runs the interceptors for every call on its one polling thread; building closures,
+    handler tuples and metric label lookups there per call cost about 45 us a call (40% of a
+    whole echo call). The handlers an interceptor sees come from a fixed set (the registered
+    methods' handlers, the token interceptor's two refusal handlers), so caching by the inner
+    handler's identity (and a label key) is bounded by the server, never by its callers; past
+    ``limit`` entries it stops caching instead of growing (it would build per call, as before)."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._entries: dict[tuple[int, Any], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._limit = limit
+
+    def get(
+        self, inner: grpc.RpcMethodHandler, key: Any, build: Callable[[], grpc.RpcMethodHandler]
+    ) -> grpc.RpcMethodHandler:
+        entry = self._entries.get((id(inner), key))
+        if entry is not None and entry[0] is inner:  # the entry keeps ``inner`` alive: its id is not reused
+            return entry[1]
+        wrapped = build()
+        if len(self._entries) < self._limit:
+            self._entries[(id(inner), key)] = (inner, wrapped)
+        return wrapped
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):
     """Outermost, so that refused calls (UNAUTHENTICATED, INVALID_ARGUMENT) are counted too.
     That is safe because label values come only from ``known`` (the registered methods): any
     other path, authenticated or not, is counted as ``unknown``/``unknown``, so the number of
-    series is fixed by the server, never by its callers."""
+    series is fixed by the server, never by its callers. The wrapped handler and its metric
+    children are built once per method (``HandlerCache``)."""
 
     def __init__(self, metrics: GrpcServerMetrics, known: frozenset[str]) -> None:
         self._m = metrics
         self._known = known
+        self._cache = HandlerCache()
 
     def intercept_service(
         self,
@@ -67,8 +95,12 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        if details.method in self._known:
-            service, method = _split(details.method)
+        name = details.method if details.method in self._known else None
+        return self._cache.get(handler, name, lambda: self._wrap(handler, name))
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, name: Optional[str]) -> grpc.RpcMethodHandler:
+        if name is not None:
+            service, method = _split(name)
         else:
             service = method = UNKNOWN_METHOD
         behavior, factory = _handler_parts(handler)
@@ -79,9 +111,16 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         received = m.msg_received.labels(*labels)
         sent = m.msg_sent.labels(*labels)
         seconds = m.handling_seconds.labels(*labels)
+        handled = {code: m.handled.labels(*labels, go) for code, go in GO_CODE_NAMES.items()}
 
         def done(context: grpc.ServicerContext, t0: float, default: grpc.StatusCode) -> None:
-            m.handled.labels(*labels, _code(context, default)).inc()
+            code = context.code()
+            if code is None:
+                code = default
+            child = handled.get(code) if isinstance(code, grpc.StatusCode) else None
+            if child is None:  # not a StatusCode: labelled as it is
+                child = m.handled.labels(*labels, _code(context, default))
+            child.inc()
             seconds.observe(time.perf_counter() - t0)
 
         def wrapped(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
@@ -138,7 +177,11 @@ class _Malformed:
 
 
 class MalformedRequestInterceptor(grpc.ServerInterceptor):
-    """A request that does not decode is INVALID_ARGUMENT (grpcio would answer INTERNAL)."""
+    """A request that does not decode is INVALID_ARGUMENT (grpcio would answer INTERNAL).
+    The wrapped handler is built once per inner handler (``HandlerCache``)."""
+
+    def __init__(self) -> None:
+        self._cache = HandlerCache()
 
     def intercept_service(
         self,
@@ -148,6 +191,10 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
+        return self._cache.get(handler, None, lambda: self._wrap(handler))
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         deserialize = handler.request_deserializer
         behavior, factory = _handler_parts(handler)
 
@@ -172,6 +219,7 @@ class DelayInterceptor(grpc.ServerInterceptor):
     def __init__(self, seconds: float, service: str) -> None:
         self._seconds = seconds
         self._service = service
+        self._cache = HandlerCache()
 
     def intercept_service(
         self,
@@ -183,6 +231,9 @@ class DelayInterceptor(grpc.ServerInterceptor):
             return handler
         if details.method.lstrip("/").rpartition("/")[0] != self._service:
             return handler
+        return self._cache.get(handler, None, lambda: self._wrap(handler))
+
+    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behavior = handler.unary_unary
         seconds = self._seconds
 

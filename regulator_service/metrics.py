@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -44,6 +44,11 @@ class RegulatorMetrics:
         self.max_jobs = max_jobs
         self._lock = threading.Lock()
         self._exported: dict[str, SessionKey] = {}  # job id -> attempt whose series are exported
+        # Label children used on every Report, looked up once (a ``labels()`` call costs a few
+        # microseconds, and a Report touched seven): per exported job its step, score and
+        # proximal gauges (dropped with its series), per store operation its write histogram.
+        self._step_children: dict[str, tuple[Any, tuple[Any, ...], tuple[Any, ...]]] = {}
+        self._write_children: dict[str, tuple[Any, Any]] = {}
         r = self.registry
         Info(f"{PREFIX}_build", "Regulator build information.", registry=r).info({"version": __version__})
         self.sessions_open = Gauge(f"{PREFIX}_sessions_open", "Sessions currently open.", registry=r)
@@ -124,6 +129,8 @@ class RegulatorMetrics:
             self.sessions_ended.labels(reason)
         for op in ("create_session", "set_status", "append_step", "replace_step", "close_epoch"):
             self.store_write_failures.labels(op)
+        self._recorded = self.reports.labels("recorded")
+        self._duplicate = self.reports.labels("duplicate")
 
     def track_memory(self, budget: "MemoryBudget") -> None:
         """Gauges of the server's memory budget, read at scrape time."""
@@ -141,14 +148,18 @@ class RegulatorMetrics:
     # -- store instrumentation ----------------------------------------------------------------
 
     def timed_write(self, operation: str, fn: Callable[[], T]) -> T:
+        children = self._write_children.get(operation)
+        if children is None:  # operations are the store's method names: a fixed set
+            children = (self.store_write_seconds.labels(operation), self.store_write_failures.labels(operation))
+            self._write_children[operation] = children
         start = time.perf_counter()
         try:
             return fn()
         except Exception:
-            self.store_write_failures.labels(operation).inc()
+            children[1].inc()
             raise
         finally:
-            self.store_write_seconds.labels(operation).observe(time.perf_counter() - start)
+            children[0].observe(time.perf_counter() - start)
 
     # -- SessionObserver ----------------------------------------------------------------------
 
@@ -183,19 +194,31 @@ class RegulatorMetrics:
     def step_recorded(
         self, config: SessionConfig, record: StepRecord, window: tuple[Window, ...], duplicate: bool
     ) -> None:
-        self.reports.labels("duplicate" if duplicate else "recorded").inc()
         if duplicate:
+            self._duplicate.inc()
             return
+        self._recorded.inc()
         if record.fallback != Fallback.NONE:
             self.fallback_steps.labels(record.fallback.name.lower()).inc()
         with self._lock:
             if not self._exports(config):
                 return
             job = config.job_id
-            self.step.labels(job).set(record.step)
-            for m, s, p in zip(config.modalities, record.score_sums, record.proximal):
-                self.score.labels(job, m).set(s / record.count)
-                self.proximal.labels(job, m).set(p)
+            children = self._step_children.get(job)
+            if children is None:
+                mods = config.modalities
+                children = (
+                    self.step.labels(job),
+                    tuple(self.score.labels(job, m) for m in mods),
+                    tuple(self.proximal.labels(job, m) for m in mods),
+                )
+                self._step_children[job] = children
+            step, scores, proximal = children
+            step.set(record.step)
+            for gauge, s in zip(scores, record.score_sums):
+                gauge.set(s / record.count)
+            for gauge, p in zip(proximal, record.proximal):
+                gauge.set(p)
 
     def epoch_closed(
         self, config: SessionConfig, closed: EpochSummary, next_window: tuple[Window, ...]
@@ -219,6 +242,7 @@ class RegulatorMetrics:
             self.window_growth.labels(config.job_id, m).set(w.growth)
 
     def _remove_series(self, job: str, modalities: tuple[str, ...]) -> None:
+        self._step_children.pop(job, None)
         for gauge in (self.fisher_trace, self.window_open, self.window_growth, self.score, self.proximal):
             for m in modalities:
                 try:
