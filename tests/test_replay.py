@@ -101,6 +101,13 @@ def test_replay_rejects_malformed_trace(tmp_path: Path, capsys: pytest.CaptureFi
     assert "line 2: missing 'step'" in capsys.readouterr().err
 
 
+def test_replay_to_an_unwritable_output_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "no-such-dir" / "out.jsonl"
+    assert cli_main(["replay", str(data_file("trace_pix+mor_seed0.jsonl")), "--profile", "official", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"regulator replay: {out}: No such file or directory\n"
+
+
 OGM_CASES = [  # (modalities, replay flags, reference parameters)
     (["a", "b"], [], {}),
     (["a", "b"], ["--alpha", "2.5", "--start-epoch", "1", "--end-epoch", "3"], {"alpha": 2.5, "start_epoch": 1, "end_epoch": 3}),

@@ -50,9 +50,14 @@ def run(args: argparse.Namespace) -> int:
     except (ProfileError, ValueError) as exc:
         print(f"regulator replay: {exc}", file=sys.stderr)
         return 2
-    server: Optional[RegulatorServer] = None
     if args.embedded and args.target:
         raise SystemExit("regulator replay: --embedded and --target exclude each other")
+    try:  # before any regulator is started or reached: a bad path is one line, not a traceback
+        out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    except OSError as exc:
+        print(f"regulator replay: {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    server: Optional[RegulatorServer] = None
     target = None if args.embedded else args.target or os.environ.get("REGULATOR_TARGET") or None
     if target is None:
         server = RegulatorServer(ServerConfig(port=0, metrics_port=None, state_dir=None, profiles=registry)).start()
@@ -60,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         client = connect_from_args(args, args.timeout, target)
     job_id = args.job_id or f"replay-{uuid.uuid4().hex[:12]}"
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     t0 = time.perf_counter()
     steps = 0
     try:
