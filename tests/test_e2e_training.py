@@ -58,3 +58,22 @@ def test_trainer_cli_records_a_trace_that_replays_to_the_server_history(tmp_path
     assert len(live) == 6 * 25 and list(detail.session.modalities) == ["fac", "fou", "mor"]
     result = json.loads((tmp_path / "result.json").read_text())
     assert set(result["unimodal_acc"]) == {"fac", "fou", "mor"} and result["fused_acc"] > 0.8
+
+
+@pytest.mark.parametrize("module", ["trainers.digits", "trainers.digits_ddp", "trainers.lightning_digits"])
+@pytest.mark.parametrize("argv, message", [
+    (["--views", "fac", "nope"], "argument --views: invalid choice: 'nope'"),
+    (["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+])
+def test_digits_trainers_refuse_unknown_views_and_zero_epochs_in_one_line(
+    module: str, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unknown view used to end in a ValueError traceback, and --epochs 0 printed a result of
+    an untrained model; both are argparse errors now, before anything runs."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main([*argv, "--in-process"] if module != "trainers.digits_ddp" else argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

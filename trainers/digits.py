@@ -34,7 +34,7 @@ from regulator_client.stats import SELECTORS
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .device import add_device_flag
-from .digits_data import DigitsSplit, load_split
+from .digits_data import VIEWS, DigitsSplit, load_split
 from .digits_model import ConcatFusionNet
 
 
@@ -245,17 +245,27 @@ def train_alone(view: str, seed: int, data: DigitsSplit, epochs: int = 50, threa
     return evaluate(model, {view: torch.from_numpy(data.x_test[view])}, torch.from_numpy(data.y_test))["fused_acc"]
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts that must be at least 1 (epochs: 0 would train nothing and
+    still print a result)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_training_flags(p: argparse.ArgumentParser) -> None:
     """The flags every digits trainer shares (connection, job, profile, schedule, output)."""
     add_connection_flags(p, timeout_flag="--call-timeout", default_timeout=10.0)
     p.add_argument("--in-process", action="store_true", help="run the policy in this process (no server)")
-    p.add_argument("--views", nargs="+", default=["fac", "zer"], help="views, one modality each (default fac zer)")
+    p.add_argument("--views", nargs="+", choices=VIEWS, default=["fac", "zer"], metavar="VIEW",
+                   help=f"views, one modality each: {', '.join(VIEWS)} (default fac zer)")
     p.add_argument("--profile", choices=PROFILE_NAMES, default="official")
     p.add_argument("--reference-modality", default=None, help="official profile: reference (default: first view)")
     p.add_argument("--profile-param", action="append", default=[], metavar="NAME=VALUE",
                    help="any parameter of the profile, e.g. alpha=0.5 for ogm-ge (repeatable; see `regulator replay --help`)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--epochs", type=positive_int, default=50)
     p.add_argument("--unimodal-loss", action="store_true", help="add the unimodal CE terms (InfoReg*)")
     p.add_argument("--scale-params", choices=SELECTORS, default=TrainConfig.scale_params,
                    help="tensors a gradient scale (ogm-ge) multiplies: all, weights (default: the MLP "

@@ -32,21 +32,21 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from regulator_client.cli_args import add_connection_flags, connect_from_args
 from regulator_client.hook import InfoRegHook
 
-from .digits import TrainConfig, evaluate, loss_fn, weights_digest
+from .digits import TrainConfig, evaluate, loss_fn, positive_int, weights_digest
 from regulator_client.profiles import PROFILE_NAMES
 
-from .digits_data import load_split
+from .digits_data import VIEWS, load_split
 from .digits_model import ConcatFusionNet
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="torchrun ... -m trainers.digits_ddp", description=__doc__.split("\n\n")[0])
     add_connection_flags(p, timeout_flag="--call-timeout", default_timeout=10.0)
-    p.add_argument("--views", nargs="+", default=["fac", "zer"])
+    p.add_argument("--views", nargs="+", choices=VIEWS, default=["fac", "zer"], metavar="VIEW", help=f"views: {', '.join(VIEWS)}")
     p.add_argument("--profile", choices=PROFILE_NAMES, default="official")
     p.add_argument("--reference-modality", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--epochs", type=positive_int, default=50)
     p.add_argument("--global-batch", type=int, default=64, help="split evenly over the ranks")
     p.add_argument("--unimodal-loss", action="store_true")
     p.add_argument("--job-id", default=None, help="default: torchrun's TORCHELASTIC_RUN_ID")
