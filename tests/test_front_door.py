@@ -271,11 +271,15 @@ def _started(srv: Served, method: str) -> float:
 
 
 def test_overload_is_shed_with_resource_exhausted_and_every_delivery_mode_recovers(tmp_path: Path) -> None:
-    """--max-concurrent-rpcs 2 and every call held 1 s (--debug-delay): an open-loop burst gets
+    """--max-concurrent-rpcs 2 and every call held 2 s (--debug-delay): an open-loop burst gets
     only OK or RESOURCE_EXHAUSTED (never CANCELLED); a wait-mode client whose calls are shed
     retries with backoff and completes; a neutral-mode client falls back and delivers later; a
-    real quota (too many sessions) is RESOURCE_EXHAUSTED too, but not retried."""
-    args = ["--max-concurrent-rpcs", "2", "--debug-delay", "1.0", "--max-sessions", "2", "--metrics-port", "0"]
+    real quota (too many sessions) is RESOURCE_EXHAUSTED too, but not retried.
+
+    The wait and neutral calls must arrive while two held calls fill both slots: the hold (2 s)
+    is the margin a loaded machine has between seeing both calls started (a /metrics scrape)
+    and sending the next call."""
+    args = ["--max-concurrent-rpcs", "2", "--debug-delay", "2.0", "--max-sessions", "2", "--metrics-port", "0"]
     with serving(tmp_path, *args) as srv:
         with RegulatorClient.connect(srv.target) as setup:
             setup.open_session("burst", ["a", "b"], "none")
@@ -294,7 +298,7 @@ def test_overload_is_shed_with_resource_exhausted_and_every_delivery_mode_recove
             assert outcomes["RESOURCE_EXHAUSTED"] > 0 and outcomes["OK"] > 0, outcomes
 
             def occupy() -> list[Any]:
-                """Both admission slots held for ~1 s by calls that have started."""
+                """Both admission slots held for ~2 s by calls that have started."""
                 before = _started(srv, "ListSessions")
                 held = [stub.ListSessions.future(pb.ListSessionsRequest(), timeout=60) for _ in range(2)]
                 wait_until(lambda: _started(srv, "ListSessions") >= before + 2, "both slots are taken")
@@ -318,7 +322,7 @@ def test_overload_is_shed_with_resource_exhausted_and_every_delivery_mode_recove
             assert neutral_transport.shed_retries >= 1
             for h in held:
                 h.result()
-            neutral.call_timeout = 30.0  # every call takes 1 s here (--debug-delay)
+            neutral.call_timeout = 30.0  # every call takes 2 s here (--debug-delay)
             assert neutral.flush() and neutral.pending == 0  # the deferred step is delivered
 
             # a quota is not overload: the transport does not retry it
