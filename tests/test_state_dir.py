@@ -118,3 +118,13 @@ def test_a_new_state_file_never_replays_the_wal_of_a_removed_one(tmp_path: Path)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
     assert [p.name for p in state.glob(f"{STATE_FILE}-wal.orphaned-*")]  # kept aside, not deleted
+
+
+def test_a_state_dir_that_is_a_file_is_one_line_saying_so(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.write_text("not a directory")
+    result = serve(state)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"state dir {state} is not a directory" in lines[0], result.stderr
+    assert state.read_text() == "not a directory"  # left alone

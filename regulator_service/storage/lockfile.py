@@ -30,6 +30,8 @@ class StateDirLock:
         """The lock of ``state_dir``; ``StateDirLocked`` if another process (or another store
         of this process) holds it."""
         path = Path(state_dir) / LOCK_FILE
+        if Path(state_dir).exists() and not Path(state_dir).is_dir():
+            raise StoreError(f"state dir {Path(state_dir)} is not a directory")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
