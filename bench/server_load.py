@@ -2,7 +2,9 @@
 
     python -m bench.server_load                       # echo floor, SQLite and memory store at 1/4/16 in flight
     python -m bench.server_load --duration 10 --rounds 3 --json results/server_load.json
-    git worktree add /tmp/before 97b6e28 && python -m bench.server_load --baseline /tmp/before   # before/after
+    git worktree add /tmp/before ac79999 && python -m bench.server_load --baseline /tmp/before   # before/after
+    python -m bench.server_load --servers echo echo-interceptors echo-aio   # what the floor is made of
+    python -m bench.server_load --in-process 5000 [--baseline /tmp/before]   # the Report without gRPC
 
 Three servers take the same closed-loop load from the same load generator: a trivial grpcio
 server that answers every Regulator RPC with a canned message (the floor: what any grpcio
@@ -12,7 +14,11 @@ sends Reports with realistic statistics (two modalities, ``official`` profile) a
 every 100 steps; ``in flight`` is the number of such clients. The server runs on one CPU and the
 load generator on the others (``taskset`` where available, else ``sched_setaffinity``), so the
 floor is one core's worth of grpcio. Servers alternate within each round (A B C A B C) so that
-machine noise hits all of them alike; the summary is the median over rounds.
+machine noise hits all of them alike; the summary is the median over rounds. Besides QPS and
+latency, each cell gives the server's CPU time per call (steadier than QPS on a shared machine).
+``echo-aio`` is the same trivial server on ``grpc.aio`` (a lower floor on this harness, so the
+synchronous one stays the floor) and ``echo-interceptors`` the floor behind the regulator's own
+interceptors.
 
 ``run(...) -> dict`` is the entry point for ``make bench``; ``main()`` prints the table.
 """
@@ -36,7 +42,7 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-SERVERS = ("echo", "echo-aio", "sqlite", "memory", "baseline")
+SERVERS = ("echo", "echo-aio", "echo-interceptors", "sqlite", "memory", "baseline")
 MODALITIES = ("audio", "visual")
 END_EVERY = 100  # an EndEpoch every this many steps, as a 100-step epoch would
 
@@ -117,12 +123,27 @@ def _ready(ready_file: str, port: int) -> None:
     tmp.replace(ready_file)
 
 
-def serve_echo(ready_file: str, workers: int = 16) -> None:
-    """The floor: a synchronous grpcio server (as the regulator's) with a trivial handler."""
+def serve_echo(ready_file: str, workers: int = 16, interceptors: bool = False) -> None:
+    """The floor: a synchronous grpcio server (as the regulator's) with a trivial handler.
+    ``interceptors``: with the regulator's own interceptors and RPC limit in front of it
+    (``--servers echo-interceptors``), to measure what they cost per call."""
     import grpc
 
     name, handlers = _echo_handlers()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    options: dict[str, Any] = {}
+    if interceptors:
+        from prometheus_client import CollectorRegistry
+
+        from regulator_service.interceptors import MalformedRequestInterceptor, MetricsInterceptor
+        from regulator_service.metrics import GrpcServerMetrics
+        from regulator_service.server import DEFAULT_MAX_CONCURRENT_RPCS, REGISTERED_METHODS
+
+        metrics = GrpcServerMetrics(CollectorRegistry())
+        options = {
+            "interceptors": [MetricsInterceptor(metrics, REGISTERED_METHODS), MalformedRequestInterceptor()],
+            "maximum_concurrent_rpcs": DEFAULT_MAX_CONCURRENT_RPCS,
+        }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), **options)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -254,7 +275,7 @@ class Server:
         self.kind = kind
         ready = workdir / f"{kind}-{time.time_ns()}.json"
         env = None
-        if kind in ("echo", "echo-aio"):
+        if kind.startswith("echo"):
             cmd = [sys.executable, "-m", "bench.server_load", f"--serve-{kind}", str(ready)]
         else:
             cmd = [sys.executable, "-m", "regulator_service", "--port", "0", "--metrics-port", "-1",
@@ -376,6 +397,63 @@ def run(
     }
 
 
+def in_process(reports: int, stores: Sequence[str] = ("sqlite", "memory")) -> dict[str, float]:
+    """CPU microseconds per Report through the regulator's servicer, called in a loop in this
+    process (one session, the load generator's requests, an EndEpoch every 100 steps, the
+    answer serialized): the Report's own work, without gRPC and without other threads."""
+    from inforeg.regulator.v1 import regulator_pb2 as pb
+
+    from regulator_service.server import RegulatorServer, ServerConfig
+    from regulator_service.servicer import RegulatorServicer
+
+    class Context:
+        def abort(self, code: Any, details: str) -> None:
+            raise RuntimeError(f"{code}: {details}")
+
+    out = {}
+    warm = min(1000, reports)
+    rng = random.Random(0)
+    stats = [[pb.ModalityStats(modality=m, score_sum=64 * rng.uniform(0.2, 0.95), fisher=abs(rng.gauss(0, 1e-4)))
+              for m in MODALITIES] for _ in range(101)]
+    for store in stores:
+        with tempfile.TemporaryDirectory(prefix="bench-in-process-") as tmp:
+            server = RegulatorServer(ServerConfig(port=0, state_dir=Path(tmp) if store == "sqlite" else None))
+            server.manager.restore()
+            api, context = server.api, Context()
+            servicer = RegulatorServicer(api, server.metrics)
+            api.open_session(pb.OpenSessionRequest(job_id="job", modalities=list(MODALITIES),
+                                                   profile=pb.Profile(official=pb.OfficialProfile())))
+            requests = [pb.ReportRequest(job_id="job", epoch=s // END_EVERY, step=s, count=64, stats=stats[s % 101])
+                        for s in range(warm + reports)]
+            t0 = 0.0
+            for s, request in enumerate(requests):
+                if s == warm:
+                    t0 = time.process_time()
+                servicer.Report(request, context).SerializeToString()
+                if (s + 1) % END_EVERY == 0:
+                    api.end_epoch(pb.EndEpochRequest(job_id="job", epoch=s // END_EVERY))
+            out[store] = 1e6 * (time.process_time() - t0) / reports
+            server.stop(0)  # never started: closes the store and releases the state dir
+    return out
+
+
+def in_process_of(checkout: str, reports: int) -> dict[str, float]:
+    """``in_process`` run on the regulator of another checkout (``--baseline``): this file as
+    a script, with that checkout's packages first on the path."""
+    root = str(Path(checkout).resolve())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "proto")])}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--in-process", str(reports), "--emit-json"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"in-process run of {checkout} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def in_process_table(result: dict[str, float], prefix: str = "") -> str:
+    return "\n".join(f"{prefix}Report in-process, {store:<7} store: {us:6.1f} us CPU per Report"
+                     for store, us in result.items())
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"server load ({result['date']}, {result['machine']}; server on CPU {result['server_cpus']}, "
@@ -383,7 +461,7 @@ def table(result: dict[str, Any]) -> str:
         f"{'server':<16}{'in flight':>10}{'QPS':>9}{'x floor':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99 x floor':>13}"
         f"{'CPU us/call':>13}",
     ]
-    names = {"echo": "grpcio floor", "echo-aio": "grpcio aio echo", "sqlite": "regulator SQLite", "memory": "regulator memory", "baseline": "baseline SQLite"}
+    names = {"echo": "grpcio floor", "echo-aio": "grpcio aio echo", "echo-interceptors": "echo+intercept.", "sqlite": "regulator SQLite", "memory": "regulator memory", "baseline": "baseline SQLite"}
     for row in sorted(result["rows"], key=lambda r: (SERVERS.index(r["server"]), r["in_flight"])):
         lines.append(
             f"{names[row['server']]:<16}{row['in_flight']:>10}{row['qps']:>9.0f}{row.get('qps_vs_floor', float('nan')):>9.2f}"
@@ -399,14 +477,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--servers", nargs="+", choices=SERVERS[:4], default=["echo", "sqlite", "memory"],
-                   help="echo-aio: the trivial server on grpc.aio too (the floor stays the synchronous echo)")
+    p.add_argument("--servers", nargs="+", choices=SERVERS[:5], default=["echo", "sqlite", "memory"],
+                   help="echo-aio: the trivial server on grpc.aio (the floor stays the synchronous echo); "
+                        "echo-interceptors: the floor behind the regulator's interceptors")
+    p.add_argument("--in-process", type=int, metavar="N", default=0,
+                   help="instead: the Report's own CPU time, N Reports called in this process without gRPC")
     p.add_argument("--baseline", metavar="CHECKOUT", default=None,
-                   help="also measure the SQLite server of another checkout, e.g. `git worktree add /tmp/before 97b6e28`")
+                   help="also measure the SQLite server of another checkout, e.g. `git worktree add /tmp/before "
+                        "ac79999` (with --in-process: its Report alone)")
     p.add_argument("--json", default=None, help="also write the result here")
     # internal: the processes the benchmark starts
     p.add_argument("--serve-echo", metavar="READY_FILE", help=argparse.SUPPRESS)
     p.add_argument("--serve-echo-aio", metavar="READY_FILE", help=argparse.SUPPRESS)
+    p.add_argument("--serve-echo-interceptors", metavar="READY_FILE", help=argparse.SUPPRESS)
+    p.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--load", metavar="TARGET", help=argparse.SUPPRESS)
     p.add_argument("--clients", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -415,6 +499,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.serve_echo_aio:
         serve_echo_aio(args.serve_echo_aio)
+        return 0
+    if args.serve_echo_interceptors:
+        serve_echo(args.serve_echo_interceptors, interceptors=True)
+        return 0
+    if args.in_process:
+        if args.emit_json:
+            print(json.dumps(in_process(args.in_process)))
+            return 0
+        print(in_process_table(in_process(args.in_process)))
+        if args.baseline:
+            print(in_process_table(in_process_of(args.baseline, args.in_process), "baseline "))
         return 0
     if args.load:
         print(json.dumps(load(args.load, args.clients, args.duration, args.warmup)))
