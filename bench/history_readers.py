@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -89,9 +90,11 @@ def run(
     duration_s: float = 8.0,
     warmup_s: float = 2.0,
     progress: bool = True,
+    server_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Report p50/p90 of another job without and with ``readers`` clients paging through a
-    ``steps``-step history; medians over ``rounds`` alternations, and the with/without ratios."""
+    ``steps``-step history; medians over ``rounds`` alternations, and the with/without ratios.
+    ``server_args``: extra ``regulator serve`` flags (e.g. ``--history-read-rate 0`` unpaced)."""
     server_cpus, load_cpus = placement()
     phases: dict[int, list[dict[str, Any]]] = {0: [], readers: []}
     reads: list[dict[str, Any]] = []
@@ -101,7 +104,7 @@ def run(
         write_history(state, steps)
         if progress:
             print(f"  wrote a {steps}-step history in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        server = Server("sqlite", server_cpus, Path(tmp), state_dir=state)
+        server = Server("sqlite", server_cpus, Path(tmp), list(server_args), state_dir=state)
         try:
             # one read first, as on a server that has served this history before: every block
             # is encoded once, then kept (the phases measure continuous reading, not that once)
@@ -135,6 +138,7 @@ def run(
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
         "server_cpus": server_cpus,
+        "server_args": list(server_args),
         "load_cpus": load_cpus,
         "history_steps": steps,
         "readers": readers,
@@ -155,7 +159,8 @@ def table(result: dict[str, Any]) -> str:
     readers = f"{result['readers']} readers of {result['history_steps']:,} steps"
     return "\n".join([
         f"history readers ({result['date']}, {result['machine']}; server on CPU {result['server_cpus']}; "
-        f"median of {result['rounds']} round(s) x {result['duration_s']:g} s)",
+        f"median of {result['rounds']} round(s) x {result['duration_s']:g} s"
+        + (f"; serve {' '.join(result['server_args'])}" if result.get("server_args") else "") + ")",
         f"{'another job, Report at 1 in flight':<36}{'p50 ms':>8}{'p90 ms':>8}{'Reports/s':>11}",
         f"{'  no readers':<36}{w['p50_ms']:>8.2f}{w['p90_ms']:>8.2f}{w['qps']:>11.0f}",
         f"{'  ' + readers:<36}{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}{r['qps']:>11.0f}",
@@ -172,12 +177,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per phase")
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--server-args", default="", metavar="FLAGS",
+                   help="extra `regulator serve` flags, e.g. '--history-read-rate 0 --max-history-readers 0' (unpaced)")
     p.add_argument("--read", metavar="TARGET", help=argparse.SUPPRESS)  # internal: one reader process
     args = p.parse_args(argv)
     if args.read:
         print(json.dumps(read_loop(args.read, args.duration)))
         return 0
-    result = run(args.steps, args.readers, args.rounds, args.duration)
+    result = run(args.steps, args.readers, args.rounds, args.duration, server_args=shlex.split(args.server_args))
     print(table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -27,11 +27,14 @@ from regulator_service.errors import (
 # What grpcio's server answers when ``maximum_concurrent_rpcs`` (``serve --max-concurrent-rpcs``)
 # sheds a call before any handler ran: the only RESOURCE_EXHAUSTED that is about load, not quota.
 SHED_DETAILS = "Concurrent RPC limit exceeded!"
+# What the regulator answers when every paged history-read slot is taken (``serve
+# --max-history-readers``): RESOURCE_EXHAUSTED whose message starts with this; nothing ran.
+HISTORY_BUSY = "history reads busy"
 
 
 class Overloaded(Unavailable, ResourceExhausted):
-    """The server shed the call (RESOURCE_EXHAUSTED from its concurrency limit) without running
-    it: nothing happened, and the same call may be retried after a backoff. It is an
+    """The server shed the call (RESOURCE_EXHAUSTED from its concurrency limit, or all its
+    history-read slots taken) without running it: nothing happened, and the same call may be retried after a backoff. It is an
     ``Unavailable``, so every delivery mode treats it like a server that is briefly down; real
     quotas (too many sessions, modalities or bytes) stay plain ``ResourceExhausted`` and are
     never retried."""
@@ -42,7 +45,7 @@ class Overloaded(Unavailable, ResourceExhausted):
 def from_rpc_error(exc: grpc.RpcError) -> RegulatorError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details == SHED_DETAILS:
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (details == SHED_DETAILS or details.startswith(HISTORY_BUSY)):
         err: RegulatorError = Overloaded(f"the regulator is overloaded and shed the call ({details})")
     else:
         err = error_for_code(code, details or code.name)

@@ -14,6 +14,7 @@ from . import convert, history
 from .errors import InvalidArgument
 from .manager import SessionManager
 from .model import Limits, SessionView
+from .read_pacing import ReadPacer
 from .policy import BUILTIN_PROFILES, ProfileRegistry
 from .observer import SessionObserver
 from .storage import MemoryStore, StateStore
@@ -23,6 +24,8 @@ class RegulatorAPI:
     def __init__(self, manager: SessionManager, profiles: ProfileRegistry = BUILTIN_PROFILES) -> None:
         self.manager = manager
         self.profiles = profiles  # the profiles OpenSession accepts
+        limits = manager.limits
+        self.read_pacer = ReadPacer(limits.history_read_rate, limits.max_history_readers)
 
     def open_session(self, req: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
         config = convert.config_from_request(req, self.manager.limits, self.profiles)
@@ -55,7 +58,17 @@ class RegulatorAPI:
         return pb.GetSessionResponse.FromString(self.get_session_bytes(req))
 
     def get_session_bytes(self, req: pb.GetSessionRequest) -> bytes:
-        """A serialized ``GetSessionResponse``, assembled from its fields: steps come as cached
+        """A serialized ``GetSessionResponse``; a page of steps holds one of the paced history
+        read slots (``read_pacing.py``) while it is built and while its bytes are paid for."""
+        if not req.include_steps:
+            return self._session_bytes(req)
+        with self.read_pacer.slot():  # HistoryBusy (RESOURCE_EXHAUSTED, retried by clients) when full
+            data = self._session_bytes(req)
+            self.read_pacer.pace(len(data))
+            return data
+
+    def _session_bytes(self, req: pb.GetSessionRequest) -> bytes:
+        """The response assembled from its fields: steps come as cached
         wire bytes (``history.py``), so a page costs no message building under the GIL, and no
         session lock is held while it is put together.
 

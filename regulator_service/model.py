@@ -288,6 +288,10 @@ class Limits:
     # step records of sessions ended longer ago than this are pruned (epochs kept); 0 = never
     step_retention_s: float = 0.0
     store_timeout_s: float = 2.0  # a store call (or a wait for a busy session) taking longer is UNAVAILABLE
+    # history pages (GetSession with steps): bytes/s sent at most (0 = unpaced), reads at once
+    # (0 = unbounded); read_pacing.py says why
+    history_read_rate: int = 32 << 20
+    max_history_readers: int = 2
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,16 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         "--store-timeout", type=float, default=_LIMITS.store_timeout_s, metavar="SECONDS",
         help=f"a state store call that takes longer is answered UNAVAILABLE (a hung or locked disk; default {_LIMITS.store_timeout_s:g})",
     )
+    s.add_argument(
+        "--history-read-rate", type=size_or_off, default=_LIMITS.history_read_rate, metavar="BYTES",
+        help="bytes per second that history pages (GetSession with steps: show --steps, export) are sent at most, "
+        f"so that readers never take the CPU Reports need (e.g. 32Mi; 0 = unpaced; default {_LIMITS.history_read_rate >> 20}Mi)",
+    )
+    s.add_argument(
+        "--max-history-readers", type=int, default=_LIMITS.max_history_readers, metavar="N",
+        help="paged history reads at once; one more is RESOURCE_EXHAUSTED at once and retried by the client "
+        f"(0 = unbounded; default {_LIMITS.max_history_readers})",
+    )
     s.add_argument("--metrics-max-jobs", type=int, default=_SERVER.metrics_max_jobs, help=f"jobs with per-job metric series (default {_SERVER.metrics_max_jobs})")
     s.add_argument("--max-workers", type=int, default=_SERVER.max_workers, help=f"gRPC worker threads (default {_SERVER.max_workers})")
     s.add_argument(
@@ -147,6 +157,11 @@ def size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def size_or_off(text: str) -> int:
+    """A byte count flag where 0 turns the thing off."""
+    return 0 if text.strip() == "0" else size(text)
+
+
 def _check_port(flag: str, port: int, off: bool) -> None:
     """gRPC takes a port above 65535 modulo 65536 (--port 99999 listened on 34463): refuse it."""
     low = -1 if off else 0
@@ -201,6 +216,8 @@ def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] 
         raise ValueError(f"--step-retention must be >= 0 (0 = keep forever), got {args.step_retention}")
     if args.max_concurrent_rpcs < 0:
         raise ValueError(f"--max-concurrent-rpcs must be >= 0, got {args.max_concurrent_rpcs}")
+    if args.max_history_readers < 0:
+        raise ValueError(f"--max-history-readers must be >= 0 (0 = unbounded), got {args.max_history_readers}")
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -223,6 +240,8 @@ def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] 
             memory_budget=args.memory_budget,
             step_retention_s=args.step_retention,
             store_timeout_s=args.store_timeout,
+            history_read_rate=args.history_read_rate,
+            max_history_readers=args.max_history_readers,
         ),
         metrics_max_jobs=args.metrics_max_jobs,
         profiles=load_registry(plugin_list(args.plugin)),

@@ -86,6 +86,10 @@ def test_other_startup_failures_are_one_line_too(tmp_path: Path) -> None:
     assert "at least 16" in one_line_error(regulator(*base, "--token-file", str(short)))
     assert "--health-port" in one_line_error(regulator(*base, "--health-host", "0.0.0.0"))
     assert "--max-concurrent-rpcs" in one_line_error(regulator(*base, "--max-concurrent-rpcs", "-1"))
+    assert "--max-history-readers" in one_line_error(regulator(*base, "--max-history-readers", "-1"))
+    bad_rate = regulator(*base, "--history-read-rate", "fast")  # an argparse error: usage, then one line
+    assert bad_rate.returncode == 2 and "Traceback" not in bad_rate.stderr
+    assert "--history-read-rate: not a size: 'fast'" in bad_rate.stderr.strip().splitlines()[-1]
     # gRPC would listen on 99999 modulo 65536 (34463) without a word: every port is range-checked
     for flag in ("--port", "--metrics-port", "--health-port"):
         line = one_line_error(regulator(*base, flag, "99999"))

@@ -8,7 +8,7 @@ SIGTERM). Every answer is checked as it arrives, and at the end:
    alive until SIGTERM and then exits 0;
 2. only documented status codes come back (OK, INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
    FAILED_PRECONDITION, RESOURCE_EXHAUSTED), RESOURCE_EXHAUSTED only for a request over the 1 MiB
-   limit or over a documented limit (modalities, open sessions), and where the generator knows
+   limit or over a documented limit (modalities, open sessions, paged history reads at once), and where the generator knows
    the answer (a poisoned request, an exact replay, a step of a modelled session) the code is one
    that the request's poisons can produce;
 3. the sessions created before the storm (official 2-modality, paper 3-modality, none; closed
@@ -64,6 +64,7 @@ from hypothesis import strategies as st
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_service.convert import JOB_ID, MAX_STRENGTH, MODALITY
+from regulator_service.read_pacing import HISTORY_BUSY
 from regulator_service.manager import Limits
 from regulator_service.server import RegulatorServer, ServerConfig
 from trainers.serverproc import ServerProcess
@@ -420,6 +421,8 @@ def _problem(op: Op, payload: bytes, code: grpc.StatusCode, details: str, respon
         return f"undocumented status {code.name}"
     if len(payload) > MAX_MESSAGE:
         return None if code == EXHAUSTED else "request over the 1 MiB limit not RESOURCE_EXHAUSTED"
+    if code == EXHAUSTED and _busy_history_read(op, details):
+        return None  # every read slot taken by the storm's other reads: refused at once, retryable
     if code == EXHAUSTED and not _legit_exhaustion(op, payload, details):
         return "RESOURCE_EXHAUSTED for a request under every documented limit"
     if _beyond_index(op):  # refused whatever else the request would have met
@@ -464,6 +467,12 @@ def _may_overflow(op: Op) -> bool:
         e.WhichOneof("fisher_source") == "fisher_terms" or e.fisher >= 1e300 or e.applied.proximal >= 1e300
         for e in op.request.stats
     )
+
+
+def _busy_history_read(op: Op, details: str) -> bool:
+    """A paged history read beyond ``--max-history-readers`` (read_pacing.py)."""
+    paged = op.method == "GetSession" and not isinstance(op.request, bytes) and op.request.include_steps
+    return paged and details.startswith(HISTORY_BUSY)
 
 
 def _legit_exhaustion(op: Op, payload: bytes, details: str) -> bool:
