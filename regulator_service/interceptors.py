@@ -4,6 +4,7 @@ INVALID_ARGUMENT, and an optional injected delay for fault tests."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -213,12 +214,17 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
 
 
 class DelayInterceptor(grpc.ServerInterceptor):
-    """Fault injection for tests and drills (``serve --debug-delay``): every call to
-    ``service`` sleeps first, as a saturated or swapping server would."""
+    """Fault injection for tests and drills (``serve --debug-delay``, ``--debug-hold-file``):
+    every call to ``service`` sleeps first, as a saturated or swapping server would, and/or
+    waits while ``hold_file`` exists (a call held for exactly as long as a test needs, not for
+    a duration it hopes is long enough)."""
 
-    def __init__(self, seconds: float, service: str) -> None:
+    HOLD_POLL_S = 0.01
+
+    def __init__(self, seconds: float, service: str, hold_file: Optional[str] = None) -> None:
         self._seconds = seconds
         self._service = service
+        self._hold_file = hold_file
         self._cache = HandlerCache()
 
     def intercept_service(
@@ -235,10 +241,13 @@ class DelayInterceptor(grpc.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behavior = handler.unary_unary
-        seconds = self._seconds
+        seconds, hold_file, poll = self._seconds, self._hold_file, self.HOLD_POLL_S
 
         def slow(request: Any, context: grpc.ServicerContext) -> Any:
-            time.sleep(seconds)
+            while hold_file and os.path.exists(hold_file) and context.is_active():
+                time.sleep(poll)
+            if seconds > 0:
+                time.sleep(seconds)
             return behavior(request, context)
 
         return grpc.unary_unary_rpc_method_handler(

@@ -115,6 +115,11 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--ready-file", default=None, help="write {port, metrics_port, health_port, pid} as JSON once serving")
     s.add_argument("--debug-delay", type=float, default=0.0, help="fault injection: delay every Regulator RPC by this many seconds")
     s.add_argument(
+        "--debug-hold-file", default=None, metavar="PATH",
+        help="fault injection: every Regulator RPC, once admitted, waits while this file exists (up to its deadline); "
+        "drills and tests hold calls for exactly as long as they need",
+    )
+    s.add_argument(
         "--debug-max-state-bytes", type=size, default=None, metavar="BYTES",
         help="fault injection: the state file stops growing at this size, as on a full disk",
     )
@@ -248,6 +253,7 @@ def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] 
         token=token,
         tls=tls,
         debug_delay_s=args.debug_delay,
+        debug_hold_file=args.debug_hold_file,
         debug_max_state_bytes=args.debug_max_state_bytes,
     )
 

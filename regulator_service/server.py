@@ -78,6 +78,7 @@ class ServerConfig:
     token: Optional[TokenSource] = None  # bearer token required on Regulator RPCs
     tls: Optional[TlsFiles] = None
     debug_delay_s: float = 0.0  # fault injection: every Regulator RPC sleeps this long first
+    debug_hold_file: Optional[str] = None  # fault injection: every Regulator RPC waits while this file exists
     debug_max_state_bytes: Optional[int] = None  # fault injection: the state file stops growing here (disk full)
 
 
@@ -120,8 +121,8 @@ class RegulatorServer:
         if config.token is not None:
             interceptors.append(BearerTokenInterceptor(config.token))
         interceptors.append(MalformedRequestInterceptor())
-        if config.debug_delay_s > 0:
-            interceptors.append(DelayInterceptor(config.debug_delay_s, SERVICE_NAME))
+        if config.debug_delay_s > 0 or config.debug_hold_file:
+            interceptors.append(DelayInterceptor(config.debug_delay_s, SERVICE_NAME, config.debug_hold_file))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="regulator-rpc"),
             interceptors=interceptors,

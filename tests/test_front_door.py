@@ -13,6 +13,7 @@ import socket
 import ssl
 import string
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -285,58 +286,67 @@ def _started(srv: Served, method: str) -> float:
 
 
 def test_overload_is_shed_with_resource_exhausted_and_every_delivery_mode_recovers(tmp_path: Path) -> None:
-    """--max-concurrent-rpcs 2 and every call held 2 s (--debug-delay): an open-loop burst gets
-    only OK or RESOURCE_EXHAUSTED (never CANCELLED); a wait-mode client whose calls are shed
-    retries with backoff and completes; a neutral-mode client falls back and delivers later; a
-    real quota (too many sessions) is RESOURCE_EXHAUSTED too, but not retried.
-
-    The wait and neutral calls must arrive while two held calls fill both slots: the hold (2 s)
-    is the margin a loaded machine has between seeing both calls started (a /metrics scrape)
-    and sending the next call."""
-    args = ["--max-concurrent-rpcs", "2", "--debug-delay", "2.0", "--max-sessions", "2", "--metrics-port", "0"]
+    """--max-concurrent-rpcs 2, and calls held at the server while a hold file exists
+    (--debug-hold-file): an open-loop burst gets only OK or RESOURCE_EXHAUSTED (never
+    CANCELLED); a wait-mode client whose calls are shed retries with backoff and completes; a
+    neutral-mode client falls back and delivers later; a real quota (too many sessions) is
+    RESOURCE_EXHAUSTED too, but not retried. The held calls stay held until the test has seen
+    what it needs, however slow the machine: nothing here depends on timing."""
+    hold = tmp_path / "hold"
+    args = ["--max-concurrent-rpcs", "2", "--debug-hold-file", str(hold), "--max-sessions", "2", "--metrics-port", "0"]
     with serving(tmp_path, *args) as srv:
         with RegulatorClient.connect(srv.target) as setup:
             setup.open_session("burst", ["a", "b"], "none")
             setup.open_session("waiter", ["a", "b"], "none")
         with grpc.insecure_channel(srv.target) as channel:
             stub = pb_grpc.RegulatorStub(channel)
-            # open loop: 200 Reports fired at once, no client retries
-            calls = [stub.Report.future(_report("burst"), timeout=60) for _ in range(200)]
-            outcomes = Counter()
-            for call in calls:
-                code = call.code()
-                outcomes[code.name] += 1
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    assert call.details() == SHED_DETAILS
-            assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}, outcomes
-            assert outcomes["RESOURCE_EXHAUSTED"] > 0 and outcomes["OK"] > 0, outcomes
 
-            def occupy() -> list[Any]:
-                """Both admission slots held for ~2 s by calls that have started."""
-                before = _started(srv, "ListSessions")
-                held = [stub.ListSessions.future(pb.ListSessionsRequest(), timeout=60) for _ in range(2)]
-                wait_until(lambda: _started(srv, "ListSessions") >= before + 2, "both slots are taken")
+            def occupy(method: str, make: Any) -> list[Any]:
+                """Both admission slots taken by two calls held at the server (the hold file exists)."""
+                hold.touch()
+                before = _started(srv, method)
+                held = [getattr(stub, method).future(make(i), timeout=120) for i in range(2)]
+                wait_until(lambda: _started(srv, method) >= before + 2, "both slots are taken")
                 return held
 
-            # wait mode: shed, retried with backoff inside the transport, then answered
-            transport = GrpcTransport(srv.target, timeout=30.0)
-            waiting = Delivery(transport, mode="wait", call_timeout=30.0, wait_timeout=120.0)
-            held = occupy()
-            answer = waiting.report(_report("waiter", step=0))
-            assert answer is not None and answer.step.step == 0
-            assert transport.shed_retries >= 1 and all(h.code() == grpc.StatusCode.OK for h in held)
+            def release(held: list[Any]) -> None:
+                hold.unlink()
+                assert all(h.code() == grpc.StatusCode.OK for h in held)
+
+            # open loop: with both slots held, 200 Reports fired at once, no client retries
+            held = occupy("Report", lambda i: _report("burst"))
+            calls = [stub.Report.future(_report("burst"), timeout=60) for _ in range(200)]
+            outcomes = Counter(call.code().name for call in calls)  # every one answered while the slots are held
+            release(held)
+            assert outcomes == {"RESOURCE_EXHAUSTED": 200}, outcomes
+            assert all(call.details() == SHED_DETAILS for call in calls)
+            # and a burst against a free server: only OK or RESOURCE_EXHAUSTED, never CANCELLED
+            calls = [stub.Report.future(_report("burst"), timeout=60) for _ in range(200)]
+            assert set(Counter(call.code().name for call in calls)) <= {"OK", "RESOURCE_EXHAUSTED"}
+
+            # wait mode: shed, retried with backoff inside the transport, answered once a slot frees
+            transport = GrpcTransport(srv.target, timeout=60.0)
+            waiting = Delivery(transport, mode="wait", call_timeout=60.0, wait_timeout=120.0)
+            held = occupy("ListSessions", lambda i: pb.ListSessionsRequest())
+            answers: list[Any] = []
+            waiter = threading.Thread(target=lambda: answers.append(waiting.report(_report("waiter", step=0))))
+            waiter.start()
+            wait_until(lambda: transport.shed_retries >= 1, "the wait-mode call is shed and retried")
+            assert waiter.is_alive()  # still waiting: it neither failed nor fell back
+            release(held)
+            waiter.join(timeout=120)
+            assert len(answers) == 1 and answers[0] is not None and answers[0].step.step == 0
 
             # neutral mode: the step falls back within one call_timeout, and is delivered later
-            neutral_transport = GrpcTransport(srv.target, timeout=30.0)
+            neutral_transport = GrpcTransport(srv.target, timeout=60.0)
             neutral = Delivery(neutral_transport, mode="neutral", call_timeout=0.3, wait_timeout=120.0)
-            held = occupy()
+            held = occupy("ListSessions", lambda i: pb.ListSessionsRequest())
             request = _report("waiter", step=1)
-            assert neutral.report(request) is None
+            assert neutral.report(request) is None  # shed until its 0.3 s were spent: the fallback
             neutral.defer_fallback(request, [0.0, 0.0])
             assert neutral_transport.shed_retries >= 1
-            for h in held:
-                h.result()
-            neutral.call_timeout = 30.0  # every call takes 2 s here (--debug-delay)
+            release(held)
+            neutral.call_timeout = 60.0
             assert neutral.flush() and neutral.pending == 0  # the deferred step is delivered
 
             # a quota is not overload: the transport does not retry it
