@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--skip-missing", action="store_true", help="drop rows whose WAV or frame folder is missing (the released loader does) instead of failing")
     d.add_argument("--fps", type=int, default=DEFAULTS.fps, help="frames sampled per clip (default 3)")
     d.add_argument("--image-size", type=int, default=DEFAULTS.image_size, help="frame side in pixels (default 224; lower for quick checks)")
-    d.add_argument("--workers", type=int, default=DEFAULTS.workers, help="DataLoader worker processes (default 4)")
+    d.add_argument("--workers", type=int, default=DEFAULTS.workers, help=f"DataLoader worker processes (default 4, at most the CPUs: {DEFAULTS.workers} here)")
     t = p.add_argument_group("training")
     t.add_argument("--profile", choices=PROFILE_NAMES, default=DEFAULTS.profile)
     t.add_argument("--reference-modality", choices=("audio", "visual"), default="audio", help="official profile: the reference (default audio)")

@@ -14,6 +14,7 @@ scaler is disabled and each of its calls is a no-op; bf16 needs no scaler.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
@@ -33,6 +34,11 @@ from .data import AVData, Layout, collate, describe, load_data, raise_failures
 from .model import MODALITIES, AVClassifier
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_workers() -> int:
+    """DataLoader workers: 4, or fewer on a machine with fewer CPUs (torch warns beyond them)."""
+    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 @dataclass
@@ -60,7 +66,7 @@ class AVConfig:
     unimodal_loss: bool = True  # the released code's L_fused + L_audio + L_visual
     device: str = "cpu"
     amp: Optional[str] = None  # None, "bf16" or "fp16"
-    workers: int = 4
+    workers: int = field(default_factory=lambda: default_workers())
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     max_steps_per_epoch: Optional[int] = None  # a quick check: stop each epoch early
     eval_every: int = 1  # test accuracy every N epochs (and always after the last); 0 = at the end only
