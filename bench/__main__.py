@@ -12,11 +12,9 @@ writes every number, with date and machine, to ``--json`` (default ``results/ben
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 PARTS = ("av", "digits", "server", "ddp")
@@ -32,7 +30,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers it started, too
 
-    from . import ddp_fanin, hook_step
+    from . import ddp_fanin, hook_step, server_load
+    from .output import write_json
 
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -41,8 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results[name] = result
         print(text + "\n", flush=True)
         if args.json:  # after every part, so an interrupted run keeps what it measured
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(results, indent=2))
+            write_json(args.json, results)
 
     if "av" in args.parts:
         r = hook_step.run("av", rounds=args.av_rounds, block=1, threads=2)
@@ -51,13 +49,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         r = hook_step.run("digits", rounds=args.digits_rounds, block=25, threads=1)
         done("digits", r, hook_step.table(r))
     if "server" in args.parts:
-        try:
-            from . import server_load
-        except ImportError as exc:  # pragma: no cover - bench/server_load.py is STORAGE's part
-            print(f"server load: bench.server_load is not available ({exc})\n", flush=True)
-        else:
-            r = server_load.run(duration_s=args.server_duration)
-            done("server_load", r, server_load.table(r))
+        r = server_load.run(duration_s=args.server_duration)
+        done("server_load", r, server_load.table(r))
     if "ddp" in args.parts:
         r = ddp_fanin.run(nproc=2, epochs=2)
         done("ddp_fanin", r, ddp_fanin.table(r))

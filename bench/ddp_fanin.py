@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from .output import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 25  # 1,600 training samples, global batch 64
@@ -83,11 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     result = run(args.nproc, args.epochs)
-    print(table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return emit(result, table(result), args.json)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .output import emit
 from .server_load import MODALITIES, Server, measure, pinned, placement
 
 JOB = "long-history"
@@ -185,11 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(read_loop(args.read, args.duration)))
         return 0
     result = run(args.steps, args.readers, args.rounds, args.duration, server_args=shlex.split(args.server_args))
-    print(table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return emit(result, table(result), args.json)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import signal
 import os
 import platform
@@ -43,6 +42,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .output import emit
 
 PLAIN = "plain"
 UNIMODAL = "plain + unimodal CE"
@@ -378,11 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.threads or (1 if digits else 2), args.device, args.batch, args.image, args.frames, args.amp, args.only,
         overlap={"auto": "auto", "on": True, "off": False}[args.overlap],
     )
-    print(table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return emit(result, table(result), args.json)
 
 
 if __name__ == "__main__":

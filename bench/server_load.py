@@ -42,6 +42,8 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .output import emit
+
 SERVERS = ("echo", "echo-aio", "echo-interceptors", "sqlite", "memory", "baseline")
 MODALITIES = ("audio", "visual")
 END_EVERY = 100  # an EndEpoch every this many steps, as a 100-step epoch would
@@ -515,11 +517,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(load(args.load, args.clients, args.duration, args.warmup)))
         return 0
     result = run(args.concurrency, args.duration, args.warmup, args.rounds, args.servers, baseline=args.baseline)
-    print(table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return emit(result, table(result), args.json)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,15 @@ from regulator_service.errors import (
     Unavailable,
     error_for_code,
 )
+# HISTORY_BUSY: the regulator answers RESOURCE_EXHAUSTED with this message prefix when every paged
+# history-read slot is taken (``serve --max-history-readers``); nothing ran.
+from regulator_service.read_pacing import HISTORY_BUSY
 
 
 # What grpcio's server answers when ``maximum_concurrent_rpcs`` (``serve --max-concurrent-rpcs``)
-# sheds a call before any handler ran: the only RESOURCE_EXHAUSTED that is about load, not quota.
+# sheds a call before any handler ran. It and HISTORY_BUSY are the RESOURCE_EXHAUSTED answers that
+# are about load, not quota: retryable.
 SHED_DETAILS = "Concurrent RPC limit exceeded!"
-# What the regulator answers when every paged history-read slot is taken (``serve
-# --max-history-readers``): RESOURCE_EXHAUSTED whose message starts with this; nothing ran.
-HISTORY_BUSY = "history reads busy"
 
 
 class Overloaded(Unavailable, ResourceExhausted):

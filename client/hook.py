@@ -387,9 +387,7 @@ class InfoRegHook:
         self._require_epoch("after_forward")
         if self._flight is not None:
             raise RuntimeError("after_forward() twice in one step: call after_backward() after the backward pass")
-        t0 = time.perf_counter()
-        self._flight = self._send_scores(self.local_scores(logits, labels, scores=scores, count=count), early=True)
-        self.timings.scores_s += time.perf_counter() - t0
+        self._start(logits, labels, scores, count, early=True)
 
     def after_backward(self, logits: Logits = None, labels: Optional[Tensor] = None, *,
                        scores: Scores = None, count: Optional[int] = None) -> StepResult:
@@ -402,9 +400,7 @@ class InfoRegHook:
         if logits is not None or scores is not None:
             if self._flight is not None:
                 raise RuntimeError("this step's scores went to after_forward() already; call after_backward() without them")
-            t0 = time.perf_counter()
-            self._flight = self._send_scores(self.local_scores(logits, labels, scores=scores, count=count), early=False)
-            self.timings.scores_s += time.perf_counter() - t0
+            self._start(logits, labels, scores, count, early=False)
         elif self._flight is None:
             raise RuntimeError(
                 "after_backward() without the step's scores: call after_forward(logits=..., labels=...) "
@@ -425,6 +421,11 @@ class InfoRegHook:
         tm.apply_s += t2 - t1
         tm.fisher_s += time.perf_counter() - t2
         return result
+
+    def _start(self, logits: Logits, labels: Optional[Tensor], scores: Scores, count: Optional[int], early: bool) -> None:
+        t0 = time.perf_counter()
+        self._flight = self._send_scores(self.local_scores(logits, labels, scores=scores, count=count), early=early)
+        self.timings.scores_s += time.perf_counter() - t0
 
     # -- measure ------------------------------------------------------------------------------
 

@@ -274,16 +274,25 @@ class SessionManager:
 
     # -- lookups ----------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self, session: Session) -> Iterator[None]:
+    def _acquire(self, session: Session) -> None:
+        """The session's lock, within the store timeout; then no write of its job may be in doubt
+        (one may have gone in doubt while we waited). The caller releases it."""
         if not session.lock.acquire(timeout=self._wait_s):
             raise Unavailable(
                 f"session {session.key} is busy: a call on it has not finished within {self._wait_s:g}s "
                 "(is the state store slow?); retry"
             )
-        try:
-            if self._in_doubt:  # a write of this job went in doubt while we waited for the lock
+        if self._in_doubt:
+            try:
                 self._check_doubt(session.key.job_id)
+            except BaseException:
+                session.lock.release()
+                raise
+
+    @contextlib.contextmanager
+    def _locked(self, session: Session) -> Iterator[None]:
+        self._acquire(session)
+        try:
             yield
         finally:
             session.lock.release()
@@ -516,14 +525,8 @@ class SessionManager:
         """Answers one step; returns the session's config with the outcome."""
         session = self._live(raw.key)
         lock = session.lock
-        if not lock.acquire(timeout=self._wait_s):
-            raise Unavailable(
-                f"session {session.key} is busy: a call on it has not finished within {self._wait_s:g}s "
-                "(is the state store slow?); retry"
-            )
+        self._acquire(session)  # inline try/finally, not _locked: this is the per-step path
         try:
-            if self._in_doubt:  # a write of this job went in doubt while we waited for the lock
-                self._check_doubt(raw.key.job_id)
             # store reads go through _load: a failing store is UNAVAILABLE, never INTERNAL
             outcome = session.plan_report(
                 raw,

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 from .errors import ResourceExhausted
 
-# The client library recognises this in a RESOURCE_EXHAUSTED message (regulator_client.errors).
+# The client library (regulator_client.errors) recognises this prefix of a RESOURCE_EXHAUSTED message.
 HISTORY_BUSY = "history reads busy"
 
 

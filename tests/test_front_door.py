@@ -168,23 +168,30 @@ def _http_status(url: str, **kw: Any) -> int:
         return exc.code
 
 
+METRICS_TOKEN = "scrape-token-0123456789"
+
+
+def protected_metrics(tmp_path: Path, pki: Any) -> list[str]:
+    """serve flags for a /metrics listener behind a token file (METRICS_TOKEN) and TLS."""
+    token = tmp_path / "metrics-token"
+    token.write_text(METRICS_TOKEN)
+    return ["--metrics-port", "0", "--metrics-token-file", str(token),
+            "--metrics-tls-cert", str(pki.server_cert), "--metrics-tls-key", str(pki.server_key)]
+
+
 def test_metrics_endpoint_requires_its_token_and_serves_https_with_client_certificates(tmp_path: Path) -> None:
     pki = make_pki(tmp_path)
-    metrics_token = tmp_path / "metrics-token"
-    metrics_token.write_text("scrape-token-0123456789")
-    args = ["--metrics-port", "0", "--metrics-token-file", str(metrics_token),
-            "--metrics-tls-cert", str(pki.server_cert), "--metrics-tls-key", str(pki.server_key)]
-    with serving(tmp_path, *args) as srv:
+    with serving(tmp_path, *protected_metrics(tmp_path, pki)) as srv:
         url = f"https://localhost:{srv.metrics_port}/metrics"
         trusted = _https_context(pki.ca)
         assert _http_status(url, context=trusted) == 401
         assert _http_status(url, token="wrong-token-0123456789", context=trusted) == 401
-        text = scrape(url, token="scrape-token-0123456789", context=trusted)
+        text = scrape(url, token=METRICS_TOKEN, context=trusted)
         assert metric(text, "inforeg_regulator_sessions_open") == 0
         with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext HTTP is not served
-            scrape(f"http://localhost:{srv.metrics_port}/metrics", token="scrape-token-0123456789")
+            scrape(f"http://localhost:{srv.metrics_port}/metrics", token=METRICS_TOKEN)
         with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
-            scrape(url, token="scrape-token-0123456789", context=ssl.create_default_context())
+            scrape(url, token=METRICS_TOKEN, context=ssl.create_default_context())
         assert "https://127.0.0.1:" in srv.output() and "token required" in srv.output()
 
     # mutual TLS on the metrics listener: a scraper needs a certificate from the client CA
@@ -241,15 +248,11 @@ def test_prometheus_scrapes_the_protected_endpoint_with_the_shipped_scrape_confi
     if prometheus is None:
         pytest.fail("prometheus is not on PATH (Debian package `prometheus`, which also brings promtool)")
     pki = make_pki(tmp_path)
-    token = tmp_path / "metrics-token"
-    token.write_text("scrape-token-0123456789")
-    args = ["--metrics-port", "0", "--metrics-token-file", str(token),
-            "--metrics-tls-cert", str(pki.server_cert), "--metrics-tls-key", str(pki.server_key)]
-    with serving(tmp_path, *args) as srv:
+    with serving(tmp_path, *protected_metrics(tmp_path, pki)) as srv:
         (job,) = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
         job.update(scrape_interval="1s", scrape_timeout="1s", scheme="https", tls_config={"ca_file": str(pki.ca)},
                    static_configs=[{"targets": [f"localhost:{srv.metrics_port}"]}])
-        job["authorization"]["credentials_file"] = str(token)
+        job["authorization"]["credentials_file"] = str(tmp_path / "metrics-token")
         anonymous = {k: v for k, v in job.items() if k != "authorization"} | {"job_name": "without-token"}
         config = tmp_path / "prometheus.yml"
         config.write_text(yaml.safe_dump({"scrape_configs": [job, anonymous]}))

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -233,6 +232,15 @@ def test_a_write_of_unknown_outcome_blocks_only_its_job_until_it_is_settled(tmp_
     store.close()
 
 
+def queued(writer: Any, submit: Any, n: int) -> list[threading.Thread]:
+    """``n`` threads, thread k calling ``submit(k)``, started and seen waiting in the writer's queue."""
+    threads = [threading.Thread(target=submit, args=(k,)) for k in range(n)]
+    for th in threads:
+        th.start()
+    wait_until(lambda: len(writer._queue) == n, f"{n} ops queued behind the running commit")
+    return threads
+
+
 def held_commit(tmp_path: Path) -> tuple[SQLiteStore, threading.Event, threading.Thread]:
     """A real SQLite store with a table ``t`` whose group-commit writer is inside a commit that
     waits for the returned gate: ops submitted meanwhile queue for the next transaction."""
@@ -262,10 +270,7 @@ def test_group_commit_shares_one_transaction_and_a_bad_op_fails_alone(tmp_path: 
         except StoreError as exc:
             results[k] = exc
 
-    threads = [threading.Thread(target=put, args=(k,)) for k in range(16)]  # 0 and 15: the same row
-    for th in threads:
-        th.start()
-    wait_until(lambda: len(writer._queue) == 16, "16 ops queued behind the running commit")
+    threads = queued(writer, put, 16)  # 0 and 15: the same row
     commits_before = writer.commits
     gate.set()
     for th in threads + [first]:
@@ -284,10 +289,7 @@ def test_group_commit_shares_one_transaction_and_a_bad_op_fails_alone(tmp_path: 
 def test_sixteen_queued_writes_commit_together(tmp_path: Path) -> None:
     store, gate, first = held_commit(tmp_path)
     writer = store._writer
-    threads = [threading.Thread(target=writer.submit, args=(WriteOp([("INSERT INTO t VALUES (?)", (k,), 1)]),)) for k in range(16)]
-    for th in threads:
-        th.start()
-    wait_until(lambda: len(writer._queue) == 16, "16 ops queued behind the running commit")
+    threads = queued(writer, lambda k: writer.submit(WriteOp([("INSERT INTO t VALUES (?)", (k,), 1)])), 16)
     before = writer.commits
     gate.set()
     for th in threads + [first]:

@@ -1,0 +1,20 @@
+"""What every benchmark command does with its result: print the table, write the JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+
+def write_json(path: str, data: Any) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2))
+
+
+def emit(result: dict[str, Any], text: str, json_path: Optional[str]) -> int:
+    """Prints ``text`` (the result's table), writes ``result`` to ``json_path`` if given; exit 0."""
+    print(text)
+    if json_path:
+        write_json(json_path, result)
+    return 0
