@@ -4,7 +4,8 @@
     python -m bench.server_load --duration 10 --rounds 3 --json results/server_load.json
     git worktree add /tmp/before ac79999 && python -m bench.server_load --baseline /tmp/before   # before/after
     python -m bench.server_load --servers echo echo-interceptors echo-aio   # what the floor is made of
-    python -m bench.server_load --in-process 5000 [--baseline /tmp/before]   # the Report without gRPC
+    python -m bench.server_load --servers echo echo-busy echo-stream --concurrency 16   # the room above the floor
+    python -m bench.server_load --in-process 5000 [--baseline /tmp/before]   # the Report without gRPC, SQLite alone
 
 Three servers take the same closed-loop load from the same load generator: a trivial grpcio
 server that answers every Regulator RPC with a canned message (the floor: what any grpcio
@@ -18,7 +19,11 @@ machine noise hits all of them alike; the summary is the median over rounds. Bes
 latency, each cell gives the server's CPU time per call (steadier than QPS on a shared machine).
 ``echo-aio`` is the same trivial server on ``grpc.aio`` (a lower floor on this harness, so the
 synchronous one stays the floor) and ``echo-interceptors`` the floor behind the regulator's own
-interceptors.
+interceptors. Two more measure the room a Python server has above the floor: ``echo-busy`` spends
+``--busy-us`` microseconds of pure-Python CPU in each handler before answering (the regulator's
+whole per-Report budget if it is to keep 80% of the floor), and ``echo-stream`` answers Reports
+sent as the messages of one bidirectional stream per client (what grpcio costs per message when
+the Report is not a call of its own).
 
 ``run(...) -> dict`` is the entry point for ``make bench``; ``main()`` prints the table.
 """
@@ -42,9 +47,9 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .output import emit
-
-SERVERS = ("echo", "echo-aio", "echo-interceptors", "sqlite", "memory", "baseline")
+SERVERS = ("echo", "echo-aio", "echo-interceptors", "echo-busy", "echo-stream", "sqlite", "memory", "baseline")
+STREAM_METHOD = "/bench.Echo/ReportStream"  # echo-stream: Reports as messages of one bidi stream per client
+DEFAULT_BUSY_US = 30.0
 MODALITIES = ("audio", "visual")
 END_EVERY = 100  # an EndEpoch every this many steps, as a 100-step epoch would
 
@@ -125,13 +130,61 @@ def _ready(ready_file: str, port: int) -> None:
     tmp.replace(ready_file)
 
 
-def serve_echo(ready_file: str, workers: int = 16, interceptors: bool = False) -> None:
+def spin(seconds: float) -> None:
+    """Pure-Python work: runs bytecode until this thread has used ``seconds`` of CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def _busy(handler: Any, seconds: float) -> Any:
+    """``handler`` (unary) with ``seconds`` of pure-Python CPU work before it answers."""
+    import grpc
+
+    inner = handler.unary_unary
+
+    def busy(request: Any, context: Any) -> Any:
+        spin(seconds)
+        return inner(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        busy, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+
+
+def _stream_handlers() -> tuple[str, dict[str, Any]]:
+    """(service, handlers) of ``echo-stream``: one bidi stream per client whose every
+    ReportRequest message gets the canned ReportResponse (decoded and encoded as the unary floor)."""
+    import grpc
+
+    from inforeg.regulator.v1 import regulator_pb2 as pb
+
+    answer = canned_responses()["Report"]
+
+    def reports(requests: Any, context: Any) -> Any:
+        for _ in requests:
+            yield answer
+
+    service, method = STREAM_METHOD.strip("/").split("/")
+    return service, {method: grpc.stream_stream_rpc_method_handler(
+        reports, request_deserializer=pb.ReportRequest.FromString, response_serializer=pb.ReportResponse.SerializeToString
+    )}
+
+
+def serve_echo(ready_file: str, workers: int = 16, interceptors: bool = False, busy_us: float = 0.0,
+               stream: bool = False) -> None:
     """The floor: a synchronous grpcio server (as the regulator's) with a trivial handler.
     ``interceptors``: with the regulator's own interceptors and RPC limit in front of it
-    (``--servers echo-interceptors``), to measure what they cost per call."""
+    (``--servers echo-interceptors``), to measure what they cost per call. ``busy_us``: that
+    much pure-Python CPU per call first (``echo-busy``). ``stream``: also the Report stream of
+    ``echo-stream`` (one worker thread per open stream, so as many workers as clients may come)."""
     import grpc
 
     name, handlers = _echo_handlers()
+    if busy_us > 0:
+        handlers = {method: _busy(h, busy_us * 1e-6) for method, h in handlers.items()}
+    if stream:
+        workers = max(workers, 64)
     options: dict[str, Any] = {}
     if interceptors:
         from prometheus_client import CollectorRegistry
@@ -147,6 +200,8 @@ def serve_echo(ready_file: str, workers: int = 16, interceptors: bool = False) -
         }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), **options)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    if stream:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(*_stream_handlers()),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     _ready(ready_file, port)
@@ -176,17 +231,32 @@ def serve_echo_aio(ready_file: str) -> None:
 
 
 def _client(target: str, index: int, run_id: str, start: threading.Barrier, window: list[float],
-            stop: threading.Event, out: list[Any]) -> None:
+            stop: threading.Event, out: list[Any], stream: bool) -> None:
     try:
-        out[index] = _client_loop(target, index, run_id, start, window, stop)
+        out[index] = _client_loop(target, index, run_id, start, window, stop, stream)
     except BaseException as exc:  # noqa: BLE001 - reported by load()
         out[index] = exc
         start.abort()
         stop.set()
 
 
+class _Outbox:
+    """The request side of a client's Report stream: yields what ``put`` hands it, ends on None."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self.put = self._queue.put
+
+    def __iter__(self) -> Any:
+        return iter(self._queue.get, None)
+
+
 def _client_loop(target: str, index: int, run_id: str, start: threading.Barrier, window: list[float],
-                 stop: threading.Event) -> tuple[list[float], int]:
+                 stop: threading.Event, stream: bool = False) -> tuple[list[float], int]:
+    """One closed-loop client. ``stream``: Reports go as the messages of one bidi stream
+    (``STREAM_METHOD``) and each waits for its answer before the next is sent."""
     import grpc
 
     from inforeg.regulator.v1 import regulator_pb2 as pb
@@ -198,6 +268,17 @@ def _client_loop(target: str, index: int, run_id: str, start: threading.Barrier,
     calls = 0
     with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         stub = pb_grpc.RegulatorStub(channel)
+        outbox = _Outbox()
+        answers = channel.stream_stream(
+            STREAM_METHOD, request_serializer=pb.ReportRequest.SerializeToString,
+            response_deserializer=pb.ReportResponse.FromString,
+        )(iter(outbox), timeout=3600) if stream else None
+
+        def report(request: Any, timeout: float) -> Any:
+            if answers is None:
+                return stub.Report(request, timeout=timeout)
+            outbox.put(request)
+            return next(answers)
         stub.OpenSession(
             pb.OpenSessionRequest(job_id=job, modalities=list(MODALITIES), profile=pb.Profile(official=pb.OfficialProfile())),
             timeout=30, wait_for_ready=True,
@@ -214,7 +295,7 @@ def _client_loop(target: str, index: int, run_id: str, start: threading.Barrier,
                 ],
             )
             t0 = time.perf_counter()
-            stub.Report(req, timeout=30)
+            report(req, timeout=30)
             t1 = time.perf_counter()
             if window[0] <= t0 and t1 <= window[1]:
                 latencies.append(t1 - t0)
@@ -223,19 +304,23 @@ def _client_loop(target: str, index: int, run_id: str, start: threading.Barrier,
             if step % END_EVERY == 0:
                 stub.EndEpoch(pb.EndEpochRequest(job_id=job, epoch=epoch), timeout=30)
                 calls += 1
+        outbox.put(None)
+        if answers is not None:
+            for _ in answers:  # the server ends the stream once the requests have ended
+                pass
     return latencies, calls + 1  # + OpenSession
 
 
-def load(target: str, clients: int, duration_s: float, warmup_s: float) -> dict[str, Any]:
+def load(target: str, clients: int, duration_s: float, warmup_s: float, stream: bool = False) -> dict[str, Any]:
     """Closed-loop load: ``clients`` threads, each its own channel and session; Report latency
-    and QPS inside the measurement window (after ``warmup_s``)."""
+    and QPS inside the measurement window (after ``warmup_s``). ``stream``: see ``_client_loop``."""
     run_id = f"{os.getpid()}-{time.time_ns()}"
     start = threading.Barrier(clients + 1, timeout=120)
     stop = threading.Event()
     window = [float("inf"), float("inf")]
     out: list[Any] = [None] * clients
     threads = [
-        threading.Thread(target=_client, args=(target, i, run_id, start, window, stop, out), daemon=True)
+        threading.Thread(target=_client, args=(target, i, run_id, start, window, stop, out, stream), daemon=True)
         for i in range(clients)
     ]
     for t in threads:
@@ -271,14 +356,16 @@ class Server:
     """A server process (echo floor or ``regulator serve``) on the server CPUs."""
 
     def __init__(self, kind: str, cpus: Sequence[int], workdir: Path, extra: Sequence[str] = (),
-                 state_dir: Optional[Path] = None, baseline: Optional[str] = None) -> None:
+                 state_dir: Optional[Path] = None, baseline: Optional[str] = None,
+                 busy_us: float = DEFAULT_BUSY_US) -> None:
         """``kind`` "baseline": the SQLite server of another checkout (``baseline``, e.g. a
-        ``git worktree`` of an older commit), run from its own sources."""
+        ``git worktree`` of an older commit), run from its own sources. ``busy_us``: the work
+        per call of ``echo-busy``."""
         self.kind = kind
         ready = workdir / f"{kind}-{time.time_ns()}.json"
         env = None
         if kind.startswith("echo"):
-            cmd = [sys.executable, "-m", "bench.server_load", f"--serve-{kind}", str(ready)]
+            cmd = [sys.executable, "-m", "bench.server_load", f"--serve-{kind}", str(ready), "--busy-us", str(busy_us)]
         else:
             cmd = [sys.executable, "-m", "regulator_service", "--port", "0", "--metrics-port", "-1",
                    "--ready-file", str(ready), *extra]
@@ -324,6 +411,8 @@ def measure(server: Server, clients: int, duration_s: float, warmup_s: float, cp
     barely moves when other work shares the machine, so it is the steadier measure of cost."""
     cmd = [sys.executable, "-m", "bench.server_load", "--load", server.target, "--clients", str(clients),
            "--duration", str(duration_s), "--warmup", str(warmup_s)]
+    if server.kind == "echo-stream":
+        cmd.append("--stream")
     cpu0 = cpu_seconds(server.proc.pid)
     done = subprocess.run(**pinned(cmd, cpus), capture_output=True, text=True, timeout=duration_s + warmup_s + 120)
     cpu1 = cpu_seconds(server.proc.pid)
@@ -344,10 +433,12 @@ def run(
     server_args: Sequence[str] = (),
     progress: bool = True,
     baseline: Optional[str] = None,
+    busy_us: float = DEFAULT_BUSY_US,
 ) -> dict[str, Any]:
     """The server-load table: per server and in-flight count, Report QPS, p50/p90/p99 (ms) and
     the ratios to the echo floor measured in the same run (medians over ``rounds``).
-    ``baseline``: also the SQLite server of that checkout (an older commit), for a before/after."""
+    ``baseline``: also the SQLite server of that checkout (an older commit), for a before/after.
+    ``busy_us``: the pure-Python work per call of ``echo-busy``."""
     if baseline is not None and "baseline" not in servers:
         servers = (*servers, "baseline")
     server_cpus, load_cpus = placement()
@@ -355,7 +446,8 @@ def run(
     with tempfile.TemporaryDirectory(prefix="bench-server-load-") as tmp:
         for r in range(rounds):
             for kind in servers:
-                server = Server(kind, server_cpus, Path(tmp), server_args if not kind.startswith("echo") else (), baseline=baseline)
+                server = Server(kind, server_cpus, Path(tmp), server_args if not kind.startswith("echo") else (),
+                                baseline=baseline, busy_us=busy_us)
                 try:
                     for n in concurrency:
                         res = measure(server, n, duration_s, warmup_s, load_cpus)
@@ -395,6 +487,7 @@ def run(
         "duration_s": duration_s,
         "warmup_s": warmup_s,
         "rounds": rounds,
+        "busy_us": busy_us if "echo-busy" in servers else None,
         "rows": rows,
     }
 
@@ -439,6 +532,36 @@ def in_process(reports: int, stores: Sequence[str] = ("sqlite", "memory")) -> di
     return out
 
 
+def sqlite_rows(rows: int, batch: int = 16) -> float:
+    """CPU microseconds per step row of SQLite alone, from Python: the steps table of the state
+    file (same columns, key and pragmas: WAL, ``synchronous=NORMAL``), ``batch`` rows per
+    ``executemany`` and commit as a full group commit at 16 in flight would have them. What the
+    durable part of a Report costs at the very least, whatever the code around it."""
+    import sqlite3
+
+    record = json.dumps({"epoch": 3, "step": 312, "count": 64, "modalities": [
+        {"modality": m, "score_sum": 40.53125, "fisher": 1.2543e-4, "proximal": 0.3321, "regulated": True}
+        for m in MODALITIES]})
+    with tempfile.TemporaryDirectory(prefix="bench-sqlite-rows-") as tmp:
+        conn = sqlite3.connect(os.path.join(tmp, "state.db"), isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("CREATE TABLE steps (job_id TEXT NOT NULL, attempt INTEGER NOT NULL, step INTEGER NOT NULL, "
+                     "epoch INTEGER NOT NULL, record TEXT NOT NULL, at_ms INTEGER NOT NULL, "
+                     "PRIMARY KEY (job_id, attempt, step)) WITHOUT ROWID")
+        insert = "INSERT INTO steps (job_id, attempt, step, epoch, record, at_ms) VALUES (?,?,?,?,?,?)"
+        batches = [[(f"job-{j}", 0, i, i // END_EVERY, record, 1_700_000_000_000 + i) for j in range(batch)]
+                   for i in range(max(1, rows // batch))]
+        t0 = time.process_time()
+        for params in batches:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(insert, params)
+            conn.execute("COMMIT")
+        spent = time.process_time() - t0
+        conn.close()
+    return 1e6 * spent / (len(batches) * batch)
+
+
 def in_process_of(checkout: str, reports: int) -> dict[str, float]:
     """``in_process`` run on the regulator of another checkout (``--baseline``): this file as
     a script, with that checkout's packages first on the path."""
@@ -453,6 +576,8 @@ def in_process_of(checkout: str, reports: int) -> dict[str, float]:
 
 def in_process_table(result: dict[str, float], prefix: str = "") -> str:
     return "\n".join(f"{prefix}Report in-process, {store:<7} store: {us:6.1f} us CPU per Report"
+                      if store != "sqlite_rows" else
+                      f"{prefix}SQLite alone, 16 step rows per commit: {us:6.1f} us CPU per row"
                      for store, us in result.items())
 
 
@@ -463,7 +588,9 @@ def table(result: dict[str, Any]) -> str:
         f"{'server':<16}{'in flight':>10}{'QPS':>9}{'x floor':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99 x floor':>13}"
         f"{'CPU us/call':>13}",
     ]
-    names = {"echo": "grpcio floor", "echo-aio": "grpcio aio echo", "echo-interceptors": "echo+intercept.", "sqlite": "regulator SQLite", "memory": "regulator memory", "baseline": "baseline SQLite"}
+    names = {"echo": "grpcio floor", "echo-aio": "grpcio aio echo", "echo-interceptors": "echo+intercept.",
+             "echo-busy": f"echo+{result.get('busy_us') or 0:g}us Python", "echo-stream": "echo, a stream",
+             "sqlite": "regulator SQLite", "memory": "regulator memory", "baseline": "baseline SQLite"}
     for row in sorted(result["rows"], key=lambda r: (SERVERS.index(r["server"]), r["in_flight"])):
         lines.append(
             f"{names[row['server']]:<16}{row['in_flight']:>10}{row['qps']:>9.0f}{row.get('qps_vs_floor', float('nan')):>9.2f}"
@@ -479,9 +606,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--servers", nargs="+", choices=SERVERS[:5], default=["echo", "sqlite", "memory"],
+    p.add_argument("--servers", nargs="+", choices=[s for s in SERVERS if s != "baseline"],
+                   default=["echo", "sqlite", "memory"],
                    help="echo-aio: the trivial server on grpc.aio (the floor stays the synchronous echo); "
-                        "echo-interceptors: the floor behind the regulator's interceptors")
+                        "echo-interceptors: the floor behind the regulator's interceptors; echo-busy: the floor "
+                        "plus --busy-us of pure-Python CPU per call; echo-stream: Reports as messages of one "
+                        "bidi stream per client")
+    p.add_argument("--busy-us", type=float, default=DEFAULT_BUSY_US, metavar="US",
+                   help=f"pure-Python CPU per call of echo-busy (default {DEFAULT_BUSY_US:g})")
     p.add_argument("--in-process", type=int, metavar="N", default=0,
                    help="instead: the Report's own CPU time, N Reports called in this process without gRPC")
     p.add_argument("--baseline", metavar="CHECKOUT", default=None,
@@ -492,6 +624,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--serve-echo", metavar="READY_FILE", help=argparse.SUPPRESS)
     p.add_argument("--serve-echo-aio", metavar="READY_FILE", help=argparse.SUPPRESS)
     p.add_argument("--serve-echo-interceptors", metavar="READY_FILE", help=argparse.SUPPRESS)
+    p.add_argument("--serve-echo-busy", metavar="READY_FILE", help=argparse.SUPPRESS)
+    p.add_argument("--serve-echo-stream", metavar="READY_FILE", help=argparse.SUPPRESS)
+    p.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--load", metavar="TARGET", help=argparse.SUPPRESS)
     p.add_argument("--clients", type=int, default=1, help=argparse.SUPPRESS)
@@ -505,18 +640,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.serve_echo_interceptors:
         serve_echo(args.serve_echo_interceptors, interceptors=True)
         return 0
+    if args.serve_echo_busy:
+        serve_echo(args.serve_echo_busy, busy_us=args.busy_us)
+        return 0
+    if args.serve_echo_stream:
+        serve_echo(args.serve_echo_stream, stream=True)
+        return 0
     if args.in_process:
         if args.emit_json:
             print(json.dumps(in_process(args.in_process)))
             return 0
-        print(in_process_table(in_process(args.in_process)))
+        print(in_process_table({**in_process(args.in_process), "sqlite_rows": sqlite_rows(16 * args.in_process)}))
         if args.baseline:
             print(in_process_table(in_process_of(args.baseline, args.in_process), "baseline "))
         return 0
     if args.load:
-        print(json.dumps(load(args.load, args.clients, args.duration, args.warmup)))
+        print(json.dumps(load(args.load, args.clients, args.duration, args.warmup, args.stream)))
         return 0
-    result = run(args.concurrency, args.duration, args.warmup, args.rounds, args.servers, baseline=args.baseline)
+    if args.busy_us < 0:
+        p.error("--busy-us must be >= 0")
+    result = run(args.concurrency, args.duration, args.warmup, args.rounds, args.servers, baseline=args.baseline,
+                 busy_us=args.busy_us)
+    # imported here: ``in_process_of`` runs this file as a plain script (no package) beside
+    # another checkout's packages, and that path must not need the bench package
+    from bench.output import emit
+
     return emit(result, table(result), args.json)
 
 

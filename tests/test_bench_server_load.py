@@ -1,0 +1,58 @@
+"""`python -m bench.server_load` works end to end: every kind of server it starts answers its
+load generator (unary and stream), the table names them, and the in-process mode runs beside
+another checkout. Timings are not checked (they belong to the benchmark), only that each cell
+was measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "bench.server_load", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_each_server_kind_is_measured_and_named_in_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    done = bench("--servers", "echo", "echo-busy", "echo-stream", "sqlite", "--concurrency", "2",
+                 "--duration", "0.4", "--warmup", "0.1", "--busy-us", "5", "--json", str(out))
+    result = json.loads(out.read_text())
+    rows = {row["server"]: row for row in result["rows"]}
+    assert set(rows) == {"echo", "echo-busy", "echo-stream", "sqlite"}
+    for row in rows.values():
+        assert row["in_flight"] == 2 and row["qps"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
+        assert row["qps_vs_floor"] > 0
+    assert rows["echo"]["qps_vs_floor"] == 1.0
+    assert result["busy_us"] == 5.0
+    for name in ("grpcio floor", "echo+5us Python", "echo, a stream", "regulator SQLite"):
+        assert name in done.stdout
+
+
+def test_in_process_mode_measures_this_checkout_and_a_baseline() -> None:
+    # the baseline is this checkout itself: what matters is that the script path runs
+    done = bench("--in-process", "30", "--baseline", str(ROOT))
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("Report in-process, sqlite") for line in lines)
+    assert any(line.startswith("SQLite alone, 16 step rows per commit") for line in lines)
+    assert any(line.startswith("baseline Report in-process, memory") for line in lines)
+
+
+def test_spin_uses_at_least_the_cpu_time_asked_for() -> None:
+    import time
+
+    from bench.server_load import spin
+
+    t0 = time.thread_time()
+    spin(0.002)
+    assert time.thread_time() - t0 >= 0.002
