@@ -148,10 +148,10 @@ def test_not_found_is_a_clear_error(capsys, target: str) -> None:
 
 
 def test_unavailable_names_the_target(capsys) -> None:
-    with socket.socket() as s:  # a port nobody listens on
+    with socket.socket() as s:  # bound, never listening: refuses connections, and no one else can take the port
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
-    rc, _, err = regulator(capsys, "sessions", "--target", dead, "--timeout", "30")  # retries end long before
+        rc, _, err = regulator(capsys, "sessions", "--target", dead, "--timeout", "30")  # retries end long before
     assert rc == 1
     assert err.startswith("regulator sessions: UNAVAILABLE: ") and f"is a regulator serving at {dead}?" in err
 
