@@ -539,9 +539,10 @@ def sqlite_rows(rows: int, batch: int = 16) -> float:
     durable part of a Report costs at the very least, whatever the code around it."""
     import sqlite3
 
-    record = json.dumps({"epoch": 3, "step": 312, "count": 64, "modalities": [
-        {"modality": m, "score_sum": 40.53125, "fisher": 1.2543e-4, "proximal": 0.3321, "regulated": True}
-        for m in MODALITIES]})
+    # shaped as the store's step record (storage/codec.py), about 170 characters
+    record = json.dumps({"count": 64, "score_sums": [40.123456789, 38.5], "fishers": [0.000123456789, 4.2e-05],
+                         "proximal": [0.3321, 0.0], "fallback": 0, "digest": "b5e19901bf573958eca02488f99c9323"},
+                        separators=(",", ":"))
     with tempfile.TemporaryDirectory(prefix="bench-sqlite-rows-") as tmp:
         conn = sqlite3.connect(os.path.join(tmp, "state.db"), isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
