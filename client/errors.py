@@ -43,11 +43,16 @@ class Overloaded(Unavailable, ResourceExhausted):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def shed(details: str) -> Overloaded:
+    """The error of a call the regulator shed (``details``: its answer), on either transport."""
+    return Overloaded(f"the regulator is overloaded and shed the call ({details})")
+
+
 def from_rpc_error(exc: grpc.RpcError) -> RegulatorError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (details == SHED_DETAILS or details.startswith(HISTORY_BUSY)):
-        err: RegulatorError = Overloaded(f"the regulator is overloaded and shed the call ({details})")
+        err: RegulatorError = shed(details)
     else:
         err = error_for_code(code, details or code.name)
     err.__cause__ = exc
@@ -68,4 +73,5 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "from_rpc_error",
+    "shed",
 ]

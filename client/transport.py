@@ -14,21 +14,24 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence, TypeVar
 
 import grpc
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 
+from regulator_service.read_pacing import HistoryBusy
 from regulator_service.security import FileWatch, TokenSource, token_from_env
 
-from .errors import InvalidArgument, Overloaded, from_rpc_error
+from .errors import InvalidArgument, Overloaded, from_rpc_error, shed
 
 if TYPE_CHECKING:
     from regulator_service.api import RegulatorAPI
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Regulator"].full_name
+SHED_BACKOFF_S = (0.05, 1.0)  # first and largest pause between retries of a shed call
+T = TypeVar("T")
 
 # Every Regulator RPC is idempotent by contract (per-step answers are stored), so UNAVAILABLE
 # may be retried on all of them. Retries only work inside a methodConfig with a name list.
@@ -101,6 +104,24 @@ def checked_target(target: str) -> str:
     return target
 
 
+def retry_while_shed(attempt: Callable[[float], T], budget_s: float, on_retry: Callable[[], None]) -> T:
+    """``attempt(seconds left)`` until it does not raise ``Overloaded`` (a call shed before it
+    ran), with exponential backoff and jitter, within ``budget_s``; after that the last
+    ``Overloaded`` reaches the caller. ``on_retry`` counts the retries."""
+    deadline = time.monotonic() + budget_s
+    pause = SHED_BACKOFF_S[0]
+    while True:
+        try:
+            return attempt(max(deadline - time.monotonic(), 0.001))
+        except Overloaded:
+            sleep = random.uniform(pause / 2, pause)
+            if time.monotonic() + sleep >= deadline:
+                raise
+            time.sleep(sleep)
+            pause = min(pause * 2, SHED_BACKOFF_S[1])
+            on_retry()
+
+
 class GrpcTransport:
     """A channel with a deadline on every call, retries of UNAVAILABLE, fast reconnects.
 
@@ -116,8 +137,6 @@ class GrpcTransport:
     ``tls_recheck_s`` seconds; when they changed (a renewed certificate), the next call opens a
     channel with the new credentials.
     """
-
-    SHED_BACKOFF_S = (0.05, 1.0)  # first and largest pause between retries of a shed call
 
     def __init__(
         self,
@@ -190,29 +209,22 @@ class GrpcTransport:
             return self._stub
 
     def _call(self, method: str, req, timeout: Optional[float] = None, wait_for_ready: Optional[bool] = None):  # type: ignore[no-untyped-def]
-        budget = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
-        pause = self.SHED_BACKOFF_S[0]
-        while True:
+        def attempt(seconds_left: float):  # type: ignore[no-untyped-def]
             fn = getattr(self._get_stub(), method)
             try:
                 return fn(
                     req,
-                    timeout=max(deadline - time.monotonic(), 0.001),
+                    timeout=seconds_left,
                     metadata=self._metadata(),
                     wait_for_ready=self.wait_for_ready if wait_for_ready is None else wait_for_ready,
                 )
             except grpc.RpcError as exc:
-                err = from_rpc_error(exc)
-            if not isinstance(err, Overloaded):
-                raise err from None
-            # Shed before it ran: retry after a jittered pause, within this call's deadline.
-            sleep = random.uniform(pause / 2, pause)
-            if time.monotonic() + sleep >= deadline:
-                raise err from None
-            time.sleep(sleep)
-            pause = min(pause * 2, self.SHED_BACKOFF_S[1])
-            self.shed_retries += 1
+                raise from_rpc_error(exc) from None
+
+        return retry_while_shed(attempt, self.timeout if timeout is None else timeout, self._count_retry)
+
+    def _count_retry(self) -> None:
+        self.shed_retries += 1
 
     def open_session(self, req: pb.OpenSessionRequest, **call: object) -> pb.OpenSessionResponse:
         return self._call("OpenSession", req, **call)  # type: ignore[arg-type]
@@ -246,19 +258,34 @@ class InProcessTransport:
     """Runs the server's own API object in this process: no server, the same answers.
 
     Requests and answers cross a serialization round trip, as on the wire, so that nothing
-    (a float32 field, a missing presence bit) can differ between the two transports.
+    (a float32 field, a missing presence bit) can differ between the two transports. A history
+    page refused because every read slot is taken is ``Overloaded`` and retried as the gRPC
+    transport retries it, for up to ``shed_wait_s``.
     """
 
-    def __init__(self, api: Optional["RegulatorAPI"] = None) -> None:
+    def __init__(self, api: Optional["RegulatorAPI"] = None, shed_wait_s: float = 10.0) -> None:
         if api is None:
             from regulator_service.api import build_api
 
             api = build_api()
+        if shed_wait_s <= 0:
+            raise ValueError(f"shed_wait_s must be > 0, got {shed_wait_s}")
         self.api = api
+        self.shed_wait_s = shed_wait_s
+        self.shed_retries = 0  # history pages refused for want of a read slot and retried
 
     def _call(self, fn, req):  # type: ignore[no-untyped-def]
-        resp = fn(type(req).FromString(req.SerializeToString()))
-        return type(resp).FromString(resp.SerializeToString())
+        def attempt(seconds_left: float):  # type: ignore[no-untyped-def]
+            try:
+                resp = fn(type(req).FromString(req.SerializeToString()))
+            except HistoryBusy as exc:  # what a remote client sees as a shed call
+                raise shed(exc.message) from None
+            return type(resp).FromString(resp.SerializeToString())
+
+        return retry_while_shed(attempt, self.shed_wait_s, self._count_retry)
+
+    def _count_retry(self) -> None:
+        self.shed_retries += 1
 
     def open_session(self, req: pb.OpenSessionRequest, **call: object) -> pb.OpenSessionResponse:
         return self._call(self.api.open_session, req)

@@ -8,6 +8,7 @@ starve writers)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -95,6 +96,36 @@ def test_a_read_beyond_the_bound_is_refused_at_once_retried_and_never_blocks_rep
                 assert [s.step for s in first.result().steps] == list(range(50))
                 assert retried == [list(range(50))]
                 assert pacer.active == 0
+
+
+def test_in_process_a_busy_history_read_is_overloaded_and_retried_as_over_grpc() -> None:
+    """The in-process transport gives the same error and retries as the gRPC one: a page
+    refused for want of a read slot is ``Overloaded``, retried until a slot frees, and after
+    ``shed_wait_s`` reaches the caller."""
+    from regulator_client.transport import InProcessTransport
+    from regulator_service.api import build_api
+
+    api = build_api(limits=roomy_limits(max_history_readers=1))
+    client = RegulatorClient(InProcessTransport(api, shed_wait_s=0.2))
+    client.open_session("long", ["a", "b"], "official")
+    for step in range(5):
+        client.report("long", attempt=0, epoch=0, step=step, count=8, score_sums={"a": 4.0, "b": 2.0}, fisher={"a": 0.1, "b": 0.2})
+    with api.read_pacer.slot():  # another reader holds the only slot throughout
+        with pytest.raises(Overloaded, match=HISTORY_BUSY):
+            list(client.steps("long"))
+    assert client.transport.shed_retries >= 1
+
+    patient = RegulatorClient(InProcessTransport(api, shed_wait_s=60))
+    read: list[list[int]] = []
+    t = threading.Thread(target=lambda: read.append([s.step for s in patient.steps("long")]))
+    with contextlib.ExitStack() as held:
+        held.enter_context(api.read_pacer.slot())
+        t.start()
+        wait_until(lambda: patient.transport.shed_retries >= 1, "the in-process read is retried")
+    t.join(timeout=60)
+    assert read == [list(range(5))]
+    with pytest.raises(ValueError, match="shed_wait_s"):
+        InProcessTransport(api, shed_wait_s=0)
 
 
 def test_serve_flags_and_their_defaults() -> None:
