@@ -53,6 +53,11 @@ def from_rpc_error(exc: grpc.RpcError) -> RegulatorError:
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (details == SHED_DETAILS or details.startswith(HISTORY_BUSY)):
         err: RegulatorError = shed(details)
+    elif code == grpc.StatusCode.CANCELLED:
+        # This library never cancels its own calls, so a CANCELLED it receives is the server's:
+        # a call that reached a regulator as it shut down (seen during SIGTERM drains). Every
+        # Regulator RPC is idempotent, so it is a transient outage, like UNAVAILABLE.
+        err = Unavailable(f"the regulator cancelled the call; is it shutting down? ({details or 'no details'})")
     else:
         err = error_for_code(code, details or code.name)
     err.__cause__ = exc

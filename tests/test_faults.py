@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_client import RegulatorClient
 from regulator_client.errors import DeadlineExceeded, FailedPrecondition, Unavailable
+from regulator_client.delivery import Delivery, RegulatorUnreachable
 from regulator_client.transport import GrpcTransport
 from regulator_service.storage.sqlite import STATE_FILE
 from trainers.digits import TrainConfig, train
@@ -130,6 +131,34 @@ def test_kill9_in_neutral_mode_never_blocks_and_marks_unregulated_steps(tmp_path
         server.kill()
         if crasher.restarted is not None:
             crasher.restarted.stop()
+
+
+def test_a_call_the_server_cancels_is_a_transient_outage() -> None:
+    """A call that reaches a regulator as it shuts down can come back CANCELLED (seen in the
+    drain test below) although the client never cancels its calls: it must be ``Unavailable``,
+    so that a delivery mode falls back or waits instead of the training job failing. A real
+    gRPC server on loopback whose Report answers CANCELLED stands in for the shutting-down one."""
+    import grpc
+
+    cancelled = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: context.abort(grpc.StatusCode.CANCELLED, ""),
+        request_deserializer=pb.ReportRequest.FromString, response_serializer=pb.ReportResponse.SerializeToString,
+    )
+    server = grpc.server(ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inforeg.regulator.v1.Regulator", {"Report": cancelled}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        transport = GrpcTransport(f"127.0.0.1:{port}", timeout=10)
+        request = pb.ReportRequest(job_id="j", count=8)
+        with pytest.raises(Unavailable, match="cancelled the call"):
+            transport.report(request)
+        assert Delivery(transport, mode="neutral").report(request) is None  # the step falls back
+        with pytest.raises(RegulatorUnreachable):  # wait mode waits it out, then says so
+            Delivery(transport, mode="wait", call_timeout=1.0, wait_timeout=0.5).report(request)
+        transport.close()
+    finally:
+        server.stop(0)
 
 
 def test_sigterm_drains_in_flight_calls_and_flushes_state(tmp_path: Path) -> None:
