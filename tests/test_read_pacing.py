@@ -113,7 +113,6 @@ def test_in_process_a_busy_history_read_is_overloaded_and_retried_as_over_grpc()
     with api.read_pacer.slot():  # another reader holds the only slot throughout
         with pytest.raises(Overloaded, match=HISTORY_BUSY):
             list(client.steps("long"))
-    assert client.transport.shed_retries >= 1
 
     patient = RegulatorClient(InProcessTransport(api, shed_wait_s=60))
     read: list[list[int]] = []
