@@ -16,12 +16,13 @@ resident memory grew (VmRSS, Linux): the accounting is meant to be an upper boun
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from .output import emit
 
 
 def rss(pid: int) -> int:
@@ -104,10 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(estimates())
         return 0
     result = run(args.budget, args.modalities)
-    print(table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return emit(result, table(result), args.json)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,10 @@ SHED_DETAILS = "Concurrent RPC limit exceeded!"
 
 class Overloaded(Unavailable, ResourceExhausted):
     """The server shed the call (RESOURCE_EXHAUSTED from its concurrency limit, or all its
-    history-read slots taken) without running it: nothing happened, and the same call may be retried after a backoff. It is an
-    ``Unavailable``, so every delivery mode treats it like a server that is briefly down; real
-    quotas (too many sessions, modalities or bytes) stay plain ``ResourceExhausted`` and are
-    never retried."""
+    history-read slots taken) without running it: nothing happened, and the same call may be
+    retried after a backoff. It is an ``Unavailable``, so every delivery mode treats it like a
+    server that is briefly down; real quotas (too many sessions, modalities or bytes) stay plain
+    ``ResourceExhausted`` and are never retried."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -275,14 +275,8 @@ class InProcessTransport:
         self.shed_retries = 0  # history pages refused for want of a read slot and retried
 
     def _call(self, fn, req):  # type: ignore[no-untyped-def]
-        def attempt(seconds_left: float):  # type: ignore[no-untyped-def]
-            try:
-                resp = fn(type(req).FromString(req.SerializeToString()))
-            except HistoryBusy as exc:  # what a remote client sees as a shed call
-                raise shed(exc.message) from None
-            return type(resp).FromString(resp.SerializeToString())
-
-        return retry_while_shed(attempt, self.shed_wait_s, self._count_retry)
+        resp = fn(type(req).FromString(req.SerializeToString()))
+        return type(resp).FromString(resp.SerializeToString())
 
     def _count_retry(self) -> None:
         self.shed_retries += 1
@@ -297,7 +291,14 @@ class InProcessTransport:
         return self._call(self.api.end_epoch, req)
 
     def get_session(self, req: pb.GetSessionRequest) -> pb.GetSessionResponse:
-        return self._call(self.api.get_session, req)
+        # the one call that can be refused for load (a history page, every read slot taken)
+        def attempt(seconds_left: float) -> pb.GetSessionResponse:
+            try:
+                return self._call(self.api.get_session, req)
+            except HistoryBusy as exc:  # what a remote client sees as a shed call
+                raise shed(exc.message) from None
+
+        return retry_while_shed(attempt, self.shed_wait_s, self._count_retry)
 
     def list_sessions(self, req: pb.ListSessionsRequest) -> pb.ListSessionsResponse:
         return self._call(self.api.list_sessions, req)

@@ -134,6 +134,16 @@ def health(target: str, service: str = SERVICE_NAME) -> int:
         return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
 
 
+def free_port() -> int:
+    """A loopback port free right now, for a program that must be told its port (Prometheus, a
+    torchrun rendezvous); it may be taken before that program binds it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def wait_until(predicate: Any, what: str, timeout: float = 60.0) -> None:
     """Polls ``predicate`` (a liveness bound for a slow machine, not a performance threshold)."""
     import time

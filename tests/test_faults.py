@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
@@ -138,8 +139,6 @@ def test_a_call_the_server_cancels_is_a_transient_outage() -> None:
     drain test below) although the client never cancels its calls: it must be ``Unavailable``,
     so that a delivery mode falls back or waits instead of the training job failing. A real
     gRPC server on loopback whose Report answers CANCELLED stands in for the shutting-down one."""
-    import grpc
-
     cancelled = grpc.unary_unary_rpc_method_handler(
         lambda request, context: context.abort(grpc.StatusCode.CANCELLED, ""),
         request_deserializer=pb.ReportRequest.FromString, response_serializer=pb.ReportResponse.SerializeToString,

@@ -36,7 +36,7 @@ from regulator_client.transport import GrpcTransport, TlsConfig
 from regulator_service.security import TlsFiles
 from regulator_service.server import SERVICE_NAME, RegulatorServer, ServerConfig
 
-from .conftest import ROOT, metric, wait_until
+from .conftest import ROOT, free_port, metric, wait_until
 from .pki import Pki, make_pki
 from .serving import Served, serving
 
@@ -205,12 +205,6 @@ def test_metrics_endpoint_requires_its_token_and_serves_https_with_client_certif
                 scrape(url, context=_https_context(pki.ca, cert, key))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _targets(prom_port: int) -> dict[str, dict[str, Any]]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/targets", timeout=5) as resp:
@@ -225,7 +219,7 @@ def _start_prometheus(prometheus: str, config: Path, tmp_path: Path) -> tuple[su
     another process took meanwhile is retried with another; any other failure is final."""
     log_path = tmp_path / "prometheus.log"
     for attempt in range(3):
-        port = _free_port()
+        port = free_port()
         with open(log_path, "wb") as log:
             prom = subprocess.Popen(
                 [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / f'tsdb-{attempt}'}",

@@ -19,6 +19,8 @@ from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 from regulator_client import RegulatorClient
 from regulator_client.errors import HISTORY_BUSY, Overloaded, from_rpc_error
+from regulator_client.transport import InProcessTransport
+from regulator_service.api import build_api
 from regulator_service.read_pacing import HistoryBusy, ReadPacer
 from regulator_service.server import RegulatorServer, ServerConfig
 
@@ -102,9 +104,6 @@ def test_in_process_a_busy_history_read_is_overloaded_and_retried_as_over_grpc()
     """The in-process transport gives the same error and retries as the gRPC one: a page
     refused for want of a read slot is ``Overloaded``, retried until a slot frees, and after
     ``shed_wait_s`` reaches the caller."""
-    from regulator_client.transport import InProcessTransport
-    from regulator_service.api import build_api
-
     api = build_api(limits=roomy_limits(max_history_readers=1))
     client = RegulatorClient(InProcessTransport(api, shed_wait_s=0.2))
     client.open_session("long", ["a", "b"], "official")

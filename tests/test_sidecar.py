@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_client import RegulatorClient
 from trainers.serverproc import ServerProcess
 
-from .conftest import ROOT, read_jsonl
+from .conftest import ROOT, free_port, read_jsonl
 
 pytestmark = pytest.mark.e2e
 
@@ -67,11 +66,6 @@ def test_the_sidecars_history_comes_back_from_the_trace(tmp_path: Path) -> None:
     key = lambda e: (e.epoch, e.closed, e.steps, [(m.modality, m.fisher_trace, m.window.open) for m in e.modalities])  # noqa: E731
     assert [key(e) for e in restored] == [key(e) for e in lost]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_two_pods(targets: list[str], logs: list[Path], job: str) -> None:

@@ -66,7 +66,7 @@ class AVConfig:
     unimodal_loss: bool = True  # the released code's L_fused + L_audio + L_visual
     device: str = "cpu"
     amp: Optional[str] = None  # None, "bf16" or "fp16"
-    workers: int = field(default_factory=lambda: default_workers())
+    workers: int = field(default_factory=default_workers)
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     max_steps_per_epoch: Optional[int] = None  # a quick check: stop each epoch early
     eval_every: int = 1  # test accuracy every N epochs (and always after the last); 0 = at the end only
