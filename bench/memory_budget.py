@@ -85,7 +85,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def estimates(modalities: Sequence[int] = (2, 16)) -> str:
-    """What the budget charges per object (``regulator_service/memory_budget.py``): the README's
+    """What the budget charges per object (``regulator_service/memory_budget.py``): docs/performance.md's
     table and the arithmetic under it come from these figures."""
     from regulator_service.memory_budget import answer_bytes, epoch_bytes, session_bytes
 

@@ -1,19 +1,36 @@
-"""``regulator``: run the server, replay traces, inspect sessions."""
+"""``regulator``: run the server, replay traces, inspect sessions.
+
+Every mistake a user can make on the command line ends in one line on stderr, never a
+traceback: ``regulator CMD: CODE: message`` with exit code 1 for what the regulator (or the
+network) answered, ``regulator CMD: message`` with exit code 2 for what is wrong on this side
+(a flag, a file, a token too short), as argparse's own usage errors.
+
+Nothing that imports ``grpc`` is imported at module level: gRPC core reads its log settings
+once, on import, and a client command keeps them quiet (``grpc_env``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from types import ModuleType
 from typing import Optional, Sequence
 
-from regulator_service import __version__, serve
-from regulator_service.errors import RegulatorError
+from .grpc_env import quiet_grpc_core
 
-from .commands import inspect, plot, replay
-
-SUBCOMMANDS = (serve, replay, inspect, plot)
 DEFAULT_LOG_LEVEL = "INFO"
+log = logging.getLogger("regulator")
+
+
+def subcommands() -> tuple[ModuleType, ...]:
+    """The modules that add a subcommand each (``add_parser(sub)``, ``set_defaults(func=...)``)."""
+    from regulator_service import serve
+
+    from .commands import inspect, plot, replay
+
+    return (serve, replay, inspect, plot)
 
 
 def _log_level_flag(parser: argparse.ArgumentParser, default: object) -> None:
@@ -24,11 +41,13 @@ def _log_level_flag(parser: argparse.ArgumentParser, default: object) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from regulator_service import __version__
+
     parser = argparse.ArgumentParser(prog="regulator", description="InfoReg regulation service")
     parser.add_argument("--version", action="version", version=f"regulator {__version__}")
     _log_level_flag(parser, DEFAULT_LOG_LEVEL)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in SUBCOMMANDS:
+    for module in subcommands():
         module.add_parser(sub)
     # `regulator serve --log-level DEBUG` as well as `regulator --log-level DEBUG serve`: the
     # subcommand's copy only overrides when given (SUPPRESS leaves the top-level value alone).
@@ -44,7 +63,38 @@ def log_level(name: str) -> int:
     return level
 
 
+def one_line(text: object) -> str:
+    """A message as one line: gRPC's details and OS errors may carry newlines."""
+    return " ".join(str(text).split())
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``args.func(args)``, with every expected failure turned into one line on stderr."""
+    from regulator_service.errors import RegulatorError
+
+    from .connection import FlagError
+
+    name = f"regulator {args.command}"
+    try:
+        return int(args.func(args))
+    except RegulatorError as exc:  # the regulator's (or the network's) answer
+        print(f"{name}: {exc.code.name}: {one_line(exc.message)}", file=sys.stderr)
+        return 1
+    except FlagError as exc:
+        print(f"{name}: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # a client-side mistake no check above foresaw
+        log.debug("%s failed", name, exc_info=True)  # --log-level DEBUG shows where
+        print(f"{name}: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_grpc_core(argv, os.environ)  # before anything imports grpc
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -52,11 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return int(args.func(args))
-    except RegulatorError as exc:
-        print(f"regulator {args.command}: {exc.code.name}: {exc.message}", file=sys.stderr)
-        return 1
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ def add_profile_flags(p: argparse.ArgumentParser, registry: ProfileRegistry = BU
         else:
             g.add_argument(_flag(name), type=info.kind, default=None, metavar=info.kind.__name__.upper(), help=text)
     g.add_argument(
-        "--param", action="append", default=[], metavar="NAME=VALUE",
-        help="set any parameter of the chosen profile (e.g. a plugin's); repeatable",
+        "--param", "--profile-param", dest="param", action="append", default=[], metavar="NAME=VALUE",
+        help="set any parameter of the chosen profile (e.g. a plugin's, or arithmetic=released); repeatable",
     )
 
 

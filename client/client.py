@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
-from .profiles import ProfileLike, make_profile
+from .profiles import ProfileLike, default_profile, make_profile
 from .transport import GrpcTransport, InProcessTransport, Transport
 
 FisherLike = Union[float, pb.FisherTerms, tuple[float, float, float], None]
@@ -64,6 +64,11 @@ class RegulatorClient:
         return not isinstance(self.transport, InProcessTransport)
 
     @property
+    def target(self) -> str:
+        """Where calls go (the gRPC target, or ``in-process``), for messages."""
+        return str(getattr(self.transport, "target", None) or "in-process")
+
+    @property
     def timeout(self) -> Optional[float]:
         """The transport's default deadline per call (None: in-process, no deadline)."""
         return getattr(self.transport, "timeout", None)
@@ -86,13 +91,16 @@ class RegulatorClient:
         self,
         job_id: str,
         modalities: Sequence[str],
-        profile: ProfileLike = "paper",
+        profile: ProfileLike = None,
         *,
         attempt: int = 0,
         world_size: int = 1,
         resume_epoch: int = 0,
         **profile_params: Any,
     ) -> pb.OpenSessionResponse:
+        """``profile`` None: ``default_profile`` (``official`` for two modalities, else ``paper``)."""
+        if profile is None:
+            profile = default_profile(len(modalities))
         return self.transport.open_session(
             pb.OpenSessionRequest(
                 job_id=job_id,

@@ -45,12 +45,18 @@ from torch import Tensor, nn
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
+from . import snapshot as regulation_snapshot
 from .client import RegulatorClient
-from .delivery import Delivery, DeliveryStats
+from .delivery import Delivery, DeliveryStats, target_of
+from .environment import DISABLED, ClientEnvironment
+from .errors import DeadlineExceeded, Unavailable
+from .notice import notice
 from .identity import AttemptLike, JobIdentity, agree_on_attempt
-from .profiles import ProfileLike, make_profile, profile_name
-from .stats import DEFAULT_PROXIMAL, DEFAULT_SCALE, FISHER_MODULES, EncoderProbe, Selector, noise_seed, score_sums
+from .profiles import ProfileLike, default_profile, make_profile, profile_name, profile_params as params_of
+from .released import device_proximal, released_gains
+from .stats import DEFAULT_PROXIMAL, DEFAULT_SCALE, FISHER_MODULES, RELEASED, EncoderProbe, Selector, arithmetic_of, noise_seed, score_sums
 from .trace import TraceWriter
+from .training_metrics import UNSCALED_PROFILES, flat_metrics
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +140,8 @@ class _State:
     in_epoch: bool = False
     session: Optional[pb.SessionInfo] = None
     history: list[StepResult] = field(default_factory=list)
+    # the closed epochs as the regulator answered them, for checkpoints (``snapshot.py``)
+    snapshot: Optional[pb.SessionSnapshot] = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,14 @@ class _Answer:
         )
 
 
+class _OpenDeferred(Exception):
+    """A fallback mode's OpenSession got no answer in time: the job starts without a session."""
+
+    def __init__(self, request: pb.OpenSessionRequest) -> None:
+        super().__init__("OpenSession deferred")
+        self.request = request
+
+
 @dataclass
 class _InFlight:
     """A step between its scores and its answer."""
@@ -197,19 +213,31 @@ class InfoRegHook:
             the environment (see ``JobIdentity.resolve``). ``attempt="next"`` (the default
             outside torchrun, or ``REGULATOR_ATTEMPT=next``): the regulator assigns the attempt
             after the job's latest, so a retried process continues the job.
-        profile: ``"paper"`` (default), ``"official"``, ``"ogm-ge"``, ``"none"`` or a
-            ``pb.Profile``; ``profile_params`` are its parameters (e.g.
-            ``reference_modality="audio"``).
+        profile: ``"official"``, ``"paper"``, ``"ogm-ge"``, ``"none"`` or a ``pb.Profile``;
+            ``profile_params`` are its parameters (e.g. ``reference_modality="audio"``). Default
+            (``None``): ``"official"`` (the released code's rules) for two modalities, ``"paper"``
+            for any other number (``profiles.default_profile``). The session's opening logs the
+            profile and parameters in force.
         record: path of a statistics trace to write (replayable by ``regulator replay``).
         process_group: the group of the job's ranks (default: the world, when initialised).
             Its rank 0 is the job's leader: the only rank that reports; the others receive
             each step's answer in one broadcast.
         keep_history: keep every ``StepResult`` in ``hook.history`` (per-rank logging, tests).
         close_session: send CloseSession on ``close()`` (default: rank 0 only).
-        on_unavailable: ``"wait"`` (default: block up to ``wait_timeout`` s, then raise),
+        on_unavailable: ``"wait"`` (block up to ``wait_timeout`` s, then raise),
             ``"neutral"`` (zero coefficients) or ``"last"`` (last factors) after one
             ``call_timeout``; fallback steps are reported later and marked in the history.
             Under DDP the leader decides and the broadcast tells the other ranks what to apply.
+            Default (``None``): ``REGULATOR_ON_UNAVAILABLE``, else ``"wait"``. In a fallback mode
+            a regulator that does not answer the OpenSession within one call's deadline (the
+            client's ``timeout``, else ``call_timeout``) does not hold the job: it starts with
+            zero coefficients and the session opens (with the steps so far, marked as fallback
+            steps) once the regulator answers.
+        warn_every_s: while a call waits for the regulator, a warning names the target, the call
+            and how long it keeps trying, then again every ``warn_every_s`` s: the OpenSession's
+            first after ``min(5, warn_every_s)`` s, a step's (``wait`` mode) at its first failure.
+        ``REGULATOR_DISABLED=1`` in the environment: the hook makes no connection and applies
+        nothing (the gradients of plain training), and says so once in a log line.
         start_epoch, start_step: where an elastic restart resumes from its checkpoint. With a
             higher ``attempt`` the new session inherits the previous attempt's closed epochs
             before ``start_epoch`` (traces and windows), so regulation continues as if
@@ -241,16 +269,17 @@ class InfoRegHook:
         attempt: AttemptLike = None,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
-        profile: ProfileLike = "paper",
+        profile: ProfileLike = None,
         profile_params: Optional[Mapping[str, Any]] = None,
         record: Union[str, os.PathLike[str], None] = None,
         process_group: Any = None,
         fisher_modules: tuple[type[nn.Module], ...] = FISHER_MODULES,
         keep_history: bool = False,
         close_session: Optional[bool] = None,
-        on_unavailable: str = "wait",
+        on_unavailable: Optional[str] = None,
         call_timeout: float = 10.0,
         wait_timeout: float = 300.0,
+        warn_every_s: float = 15.0,
         start_epoch: int = 0,
         start_step: int = 0,
         proximal_params: Union[Selector, Mapping[str, Selector]] = DEFAULT_PROXIMAL,
@@ -264,13 +293,18 @@ class InfoRegHook:
             raise ValueError(f"InfoReg needs at least 2 modalities, got {list(encoders)}")
         if grad_scaler is not None and optimizer is None:
             raise ValueError("grad_scaler needs the optimizer whose gradients it scales (optimizer=...)")
+        env = ClientEnvironment.read()  # REGULATOR_ON_UNAVAILABLE, REGULATOR_DISABLED
+        self.disabled = env.disabled
         self.client = client
         self.modalities = tuple(encoders)
         self.identity = JobIdentity.resolve(job_id, attempt, rank, world_size)
-        self.profile = make_profile(profile, **dict(profile_params or {}))
+        name = default_profile(len(self.modalities)) if profile is None else profile
+        self.profile = make_profile(name, **dict(profile_params or {}))
         self.probe = EncoderProbe(
-            encoders, fisher_modules, proximal_params=proximal_params, scale_params=scale_params, fisher_dtype=fisher_dtype
+            encoders, fisher_modules, proximal_params=proximal_params, scale_params=scale_params, fisher_dtype=fisher_dtype,
+            arithmetic=arithmetic_of(self.profile),
         )
+        self._released_gains: Optional[tuple[float, ...]] = None  # official with arithmetic=released
         self.record_path = record
         self.process_group = process_group
         self.keep_history = keep_history
@@ -282,13 +316,14 @@ class InfoRegHook:
         self.grad_scaler = grad_scaler
         self.optimizer = optimizer
         self.timings = HookTimings()
-        self.delivery = Delivery(client, on_unavailable, call_timeout, wait_timeout)
+        self.delivery = Delivery(client, env.mode(on_unavailable), call_timeout, wait_timeout, warn_every_s=warn_every_s)
         if start_epoch < 0 or start_step < 0:
             raise ValueError("start_epoch and start_step must be >= 0")
         self.start_epoch = start_epoch
         self._state = _State(epoch=start_epoch, step=start_step)
         self._trace: Optional[TraceWriter] = None
         self._last = _Answer.neutral(len(self.modalities))
+        self._last_epoch_end: Optional[pb.EndEpochResponse] = None  # for metrics()
         self._flight: Optional[_InFlight] = None
         self._pending: Optional[_Measured] = None  # the last step's Fisher values, not yet sent
         self._late: Optional[pb.ReportRequest] = None  # the last step's queued fallback report
@@ -296,6 +331,8 @@ class InfoRegHook:
         self._dist: Optional[bool] = None  # torch.distributed in use (decided on first use)
         self._leader = 0
         self._reporter = True
+        self._deferred = False  # started without a session (fallback mode); the OpenSession is queued
+        self._said_disabled = False
 
     # -- properties -----------------------------------------------------------------------------
 
@@ -327,29 +364,95 @@ class InfoRegHook:
         self._distributed()
         return self._reporter
 
+    def metrics(self) -> dict[str, float]:
+        """The regulation as flat scalars for a training log (``inforeg/<modality>/proximal``,
+        ``.../window_open``, ``.../fisher_trace``, ``inforeg/fallbacks/...``; the keys are listed in
+        ``regulator_client.training_metrics``). Host values only: cheap enough for every step.
+        Empty under ``REGULATOR_DISABLED``: nothing is regulated."""
+        if self.disabled:
+            return {}
+        st = self._state
+        return flat_metrics(
+            self.modalities,
+            epoch=st.epoch if st.in_epoch else st.epoch - 1,
+            last_step=self._last if self.timings.steps else None,
+            last_epoch_end=self._last_epoch_end,
+            delivery=self.delivery.stats,
+            scaled=profile_name(self.profile) not in UNSCALED_PROFILES,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def open(self) -> pb.SessionInfo:
-        """Opens (or rejoins) the session of this job and attempt. Whatever the mode, this waits
-        for the regulator (up to ``wait_timeout``): a job does not start unregulated. With attempt
-        ``"next"`` the regulator assigns it first (the leader asks, see ``agree_on_attempt``)."""
-        if self.identity.next_attempt:
-            token = uuid.uuid4().hex  # one per process start: a retried request gets the same attempt
-            assigned = agree_on_attempt(
-                lambda: self._open_session(next_attempt=True, open_token=token).attempt,
-                distributed=self._distributed(), process_group=self.process_group, device=self.probe.device,
-            )
-            self.identity = self.identity.assigned(assigned)
-        ident = self.identity
-        session = self._open_session(attempt=ident.attempt)
+    def open(self) -> Optional[pb.SessionInfo]:
+        """Opens (or rejoins) the session of this job and attempt. In ``wait`` mode this waits
+        for the regulator (up to ``wait_timeout``): a job does not start unregulated. In a
+        fallback mode it tries for one call's deadline, then starts the job without a session
+        (None; see ``on_unavailable``). With attempt ``"next"`` the regulator assigns it first (the
+        leader asks, see ``agree_on_attempt``). ``REGULATOR_DISABLED``: None, nothing sent."""
+        if self.disabled:
+            if not self._said_disabled:
+                self._said_disabled = True
+                log.warning("%s is set: InfoReg regulation is off for job %s (no regulator contacted, "
+                            "gradients untouched)", DISABLED, self.identity.job_id)
+            return None
+        if self._deferred:
+            return None
+        try:
+            if self.identity.next_attempt:
+                token = uuid.uuid4().hex  # one per process start: a retried request gets the same attempt
+                assigned = agree_on_attempt(
+                    lambda: self._open_session(next_attempt=True, open_token=token).attempt,
+                    distributed=self._distributed(), process_group=self.process_group, device=self.probe.device,
+                )
+                self.identity = self.identity.assigned(assigned)
+            session = self._open_session(attempt=self.identity.attempt)
+        except _OpenDeferred as deferred:
+            self._defer_open(deferred.request)
+            return None
+        self._opened(session)
+        return session
+
+    def _opened(self, session: pb.SessionInfo) -> None:
+        """The session is open (now, or late after a fallback start): the trace, and one line
+        saying which profile and parameters are in force."""
         self._state.session = session
-        if self.record_path is not None and self._trace is None and ident.rank == 0:
+        self.probe.arithmetic = arithmetic_of(session.profile)  # the profile as the regulator resolved it
+        self._released_gains = released_gains(session.profile, self.modalities)
+        if self._state.snapshot is None:
+            self._state.snapshot = regulation_snapshot.start(self.modalities, session.profile)
+        if self.record_path is not None and self._trace is None and self.identity.rank == 0:
             ref = None
             if profile_name(session.profile) == "official":
                 ref = session.profile.official.reference_modality
             self._trace = TraceWriter(self.record_path, self.modalities, ref)
-        return session
+        if self.identity.rank == 0:
+            params = ", ".join(f"{k}={v!r}" for k, v in params_of(session.profile).items())
+            notice(log, "InfoReg session of job %s (attempt %d, regulator %s): profile %s (%s), modalities %s, on_unavailable=%s",
+                   self.identity.job_id, session.attempt, target_of(self.client), profile_name(session.profile),
+                   params or "its defaults", ", ".join(self.modalities), self.delivery.mode)
+
+    def _defer_open(self, req: pb.OpenSessionRequest) -> None:
+        """A fallback mode's start without the regulator: zero coefficients until it answers;
+        the OpenSession goes first in the delivery queue, the steps follow as fallback steps."""
+        self._deferred = True
+        self.delivery.defer_open(req, self._opened_late)
+        log.warning(
+            "regulator at %s did not answer OpenSession within %gs: job %s starts without regulation "
+            "(on_unavailable=%r, zero coefficients); its session opens when the regulator answers, "
+            "and the steps until then are reported as fallback steps",
+            target_of(self.client), self.client.timeout or self.delivery.call_timeout, self.identity.job_id, self.delivery.mode,
+        )
+        if self.record_path is not None and self._trace is None and self.identity.rank == 0:
+            ref = self.profile.official.reference_modality if profile_name(self.profile) == "official" else None
+            self._trace = TraceWriter(self.record_path, self.modalities, ref or None)
+
+    def _opened_late(self, resp: pb.OpenSessionResponse) -> None:
+        if self.identity.next_attempt:
+            self.identity = self.identity.assigned(resp.session.attempt)
+        self._deferred = False
+        log.warning("regulator at %s answered: the session of job %s is open; regulation starts with the next step",
+                    target_of(self.client), self.identity.job_id)
+        self._opened(resp.session)
 
     def _open_session(self, **fields: Any) -> pb.SessionInfo:
         ident = self.identity
@@ -361,10 +464,22 @@ class InfoRegHook:
             resume_epoch=self.start_epoch,
             **fields,
         )
-        return self.delivery.waiting(
-            lambda timeout: self.client.send(req, timeout=timeout, wait_for_ready=True),
-            self.client.timeout or self.delivery.call_timeout,
-        ).session
+        resumed = regulation_snapshot.for_resume(self._state.snapshot, self.start_epoch)
+        if resumed is not None:  # restores the job on a regulator that lost it (preemption)
+            req.snapshot.CopyFrom(resumed)
+        delivery = self.delivery
+        per_call = self.client.timeout or delivery.call_timeout
+        send = lambda timeout: self.client.send(req, timeout=timeout, wait_for_ready=True)  # noqa: E731
+        if delivery.mode == "wait" or (self.identity.next_attempt and self._distributed()):
+            # (a leader that assigns the attempt for its ranks cannot leave them without one)
+            return delivery.waiting(send, per_call, what="OpenSession").session
+        try:
+            return delivery.waiting(  # one call's deadline: a slow regulator still opens the session
+                send, per_call, what="OpenSession", budget_s=per_call,
+                then=f"starting the job without regulation (on_unavailable={delivery.mode!r})",
+            ).session
+        except (Unavailable, DeadlineExceeded):
+            raise _OpenDeferred(req) from None
 
     def on_epoch_start(self, epoch: Optional[int] = None) -> None:
         """Snapshots the encoders' weights as this epoch's proximal anchors."""
@@ -372,7 +487,8 @@ class InfoRegHook:
             self.open()
         if epoch is not None and epoch != self._state.epoch:
             raise ValueError(f"epoch {epoch} starts out of order: the hook is at epoch {self._state.epoch}")
-        self.probe.snapshot()
+        if not self.disabled:
+            self.probe.snapshot()
         self._state.in_epoch = True
 
     # -- one step: measure, exchange, apply ---------------------------------------------------
@@ -385,6 +501,8 @@ class InfoRegHook:
         Pass the unimodal ``logits`` (per modality) with the ``labels``, or ready per-modality
         ``scores`` (sums of true-class probabilities over the local batch) with ``count``."""
         self._require_epoch("after_forward")
+        if self.disabled:
+            return
         if self._flight is not None:
             raise RuntimeError("after_forward() twice in one step: call after_backward() after the backward pass")
         self._start(logits, labels, scores, count, early=True)
@@ -397,6 +515,14 @@ class InfoRegHook:
         value. Give the scores here (``logits``/``labels`` or ``scores``/``count``, as for
         ``after_forward``) if ``after_forward`` was not called for this step."""
         self._require_epoch("after_backward")
+        if self.disabled:  # REGULATOR_DISABLED: nothing applied, nothing sent
+            zeros = {m: 0.0 for m in self.modalities}
+            result = StepResult(step=self._state.step, epoch=self._state.epoch, proximal=zeros, window={},
+                                duplicate=False, _modalities=self.modalities)
+            if self.keep_history:
+                self._state.history.append(result)
+            self._state.step += 1
+            return result
         if logits is not None or scores is not None:
             if self._flight is not None:
                 raise RuntimeError("this step's scores went to after_forward() already; call after_backward() without them")
@@ -445,7 +571,7 @@ class InfoRegHook:
                 seq = list(logits)
                 if len(seq) != len(self.modalities):
                     raise ValueError(f"{len(seq)} logits for {len(self.modalities)} modalities")
-            sums = score_sums(seq, labels).to(device)
+            sums = score_sums(seq, labels, released=self.probe.arithmetic == RELEASED).to(device)
             n = torch.tensor([float(labels.numel())], dtype=torch.float64, device=device)
             return torch.cat([sums, n])
         if scores is None or count is None:
@@ -587,7 +713,12 @@ class InfoRegHook:
 
     def _answer_of(self, req: pb.ReportRequest, resp: Optional[pb.ReportResponse]) -> _Answer:
         if resp is not None:
-            return _Answer.of(resp)
+            answer = _Answer.of(resp)
+            if self._released_gains is not None:  # tanh and exp as the device rounds them (client/released.py)
+                sums = [s.score_sum for s in req.stats]
+                proximal = device_proximal(answer.proximal, sums, self._released_gains, self.probe.device)
+                answer = _Answer(proximal, answer.grad_scale, answer.noise_scale, answer.window, duplicate=answer.duplicate)
+            return answer
         last = self._last  # fallback: nothing or the last factors, reported late as applied
         answer = _Answer.neutral(len(self.modalities)) if self.delivery.mode == "neutral" else _Answer(
             last.proximal, last.grad_scale, last.noise_scale, (), answered=False
@@ -638,6 +769,10 @@ class InfoRegHook:
         self._require_epoch("on_epoch_end")
         if self._flight is not None:
             raise RuntimeError("on_epoch_end() inside a step: after_forward() was not followed by after_backward()")
+        if self.disabled:
+            self._state.epoch += 1
+            self._state.in_epoch = False
+            return None
         t0 = time.perf_counter()
         resp: Optional[pb.EndEpochResponse] = None
         failure: Optional[BaseException] = None
@@ -669,6 +804,10 @@ class InfoRegHook:
             self._trace.epoch_end(self._state.epoch)
         self._state.epoch += 1
         self._state.in_epoch = False
+        if resp is not None:
+            self._last_epoch_end = resp
+            if self._state.snapshot is not None:
+                regulation_snapshot.add_closed(self._state.snapshot, resp.closed)
         return resp
 
     def close(self) -> None:
@@ -687,9 +826,9 @@ class InfoRegHook:
         if self._trace is not None:
             self._trace.close()
             self._trace = None
-        if self._state.session is None:
+        if self._state.session is None and not self._deferred:
             return
-        delivered = self.delivery.flush()
+        delivered = self.delivery.flush()  # (a deferred OpenSession first, if the job started without one)
         if not delivered:
             log.error(
                 "the regulator is unreachable: %d deferred message(s) of job %s were not delivered; "
@@ -740,10 +879,13 @@ class InfoRegHook:
         """Where the job stands, to save with the model and optimizer in a training checkpoint.
 
         ``epoch``/``step`` are the numbers of the next epoch and step (after ``on_epoch_end`` the
-        epoch has moved on); ``in_epoch`` marks a checkpoint taken inside an epoch. Plain values
-        only, so ``torch.save``/``torch.load(weights_only=True)`` and Lightning can store it."""
+        epoch has moved on); ``in_epoch`` marks a checkpoint taken inside an epoch. ``snapshot``
+        (once a session was opened) holds the session's profile and closed epochs, with which a
+        regulator that lost the job - a preempted pod's new sidecar - continues it exactly
+        (``snapshot.py``). Plain values only, so ``torch.save``/``torch.load(weights_only=True)``,
+        Lightning and a Hugging Face trainer state (JSON) can store it."""
         st = self._state
-        return {
+        state: dict[str, Any] = {
             "format": 1,
             "job_id": self.identity.job_id,
             "attempt": self.identity.attempt,
@@ -752,6 +894,9 @@ class InfoRegHook:
             "step": st.step,
             "in_epoch": st.in_epoch,
         }
+        if st.snapshot is not None:
+            state["snapshot"] = regulation_snapshot.encode(st.snapshot)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continues a job from ``state_dict()``; call before ``open()`` (or ``with hook:``).
@@ -759,9 +904,11 @@ class InfoRegHook:
         The session resumes at the checkpoint's epoch and step as the job's next attempt (the
         regulator assigns it, or the saved attempt + 1 when attempts are numbered by hand), and
         that attempt inherits the closed epochs before the checkpoint's epoch, so its windows
-        are those of an uninterrupted run. A checkpoint taken inside epoch e resumes at epoch e:
-        the regulator's record of that epoch then holds only the steps after the resume, and
-        ``on_epoch_start`` takes the anchors from the resumed weights."""
+        are those of an uninterrupted run - from the regulator's own history, or, on a regulator
+        that holds no attempt of the job (a preempted pod's new sidecar), from the checkpoint's
+        ``snapshot`` of those epochs, which it restores. A checkpoint taken inside epoch e
+        resumes at epoch e: the regulator's record of that epoch then holds only the steps after
+        the resume, and ``on_epoch_start`` takes the anchors from the resumed weights."""
         import dataclasses
 
         if self._state.session is not None:
@@ -778,7 +925,9 @@ class InfoRegHook:
         epoch, step, saved = int(state["epoch"]), int(state["step"]), int(state["attempt"])
         if epoch < 0 or step < 0:
             raise ValueError(f"bad checkpoint position: epoch {epoch}, step {step}")
+        text = state.get("snapshot")
+        loaded = regulation_snapshot.decode(text, self.modalities) if text else None
         self.start_epoch = epoch
-        self._state = _State(epoch=epoch, step=step)
+        self._state = _State(epoch=epoch, step=step, snapshot=loaded)
         if not getattr(self.identity, "next_attempt", False) and self.identity.attempt <= saved:
             self.identity = dataclasses.replace(self.identity, attempt=saved + 1)

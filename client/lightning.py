@@ -86,9 +86,11 @@ class InfoRegCallback(pl.Callback):
         encoders: modality -> encoder module, or a function of the LightningModule returning it
             (resolved at fit start, once the model sits on its device).
         job_id, attempt: the session; ``None`` = the torchrun environment (``JobIdentity``).
-        profile, profile_params: the regulation profile, as for ``InfoRegHook``.
-        log_metrics: log each closed epoch's ``inforeg/<modality>/{fisher_trace, window_open,
-            mean_proximal}`` through ``pl_module.log``.
+        profile, profile_params: the regulation profile, as for ``InfoRegHook``. The environment
+            switches (``REGULATOR_ON_UNAVAILABLE``, ``REGULATOR_DISABLED``) apply: the hook reads them.
+        log_metrics: log ``hook.metrics()`` at each epoch end through ``pl_module.log``
+            (``inforeg/<modality>/{fisher_trace, window_open, mean_proximal, proximal, ...}``,
+            ``inforeg/fallbacks/...``: the keys of ``regulator_client.training_metrics``).
         hook_options: any other ``InfoRegHook`` keyword (``record``, ``keep_history``,
             ``close_session``, ``process_group``, ...); rank and world size come from the trainer.
     """
@@ -100,7 +102,7 @@ class InfoRegCallback(pl.Callback):
         *,
         job_id: Optional[str] = None,
         attempt: Optional[int] = None,
-        profile: ProfileLike = "paper",
+        profile: ProfileLike = None,  # None: the hook's default (official for two modalities)
         profile_params: Optional[Mapping[str, Any]] = None,
         log_metrics: bool = True,
         **hook_options: Any,
@@ -214,10 +216,8 @@ class InfoRegCallback(pl.Callback):
         if self.log_metrics and end is not None:  # to the trainer's loggers (TensorBoard, W&B, ...) and callback_metrics
             # every rank holds the same values; sync_dist only keeps Lightning from warning under DDP
             opts = dict(on_epoch=True, sync_dist=trainer.world_size > 1)
-            for m in end.closed.modalities:
-                pl_module.log(f"inforeg/{m.modality}/fisher_trace", m.fisher_trace, **opts)
-                pl_module.log(f"inforeg/{m.modality}/window_open", float(m.window.open), **opts)
-                pl_module.log(f"inforeg/{m.modality}/mean_proximal", m.mean_proximal, **opts)
+            for key, value in self._require_hook().metrics().items():  # the keys every integration logs
+                pl_module.log(key, value, **opts)
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.hook is not None:

@@ -16,7 +16,9 @@ reports them once, right before the optimizer steps:
             optimizer.step(); optimizer.zero_grad()
 
 Used by the Hugging Face integration (``regulator_client.hf_trainer``) and the Accelerate recipe
-in the README; the Lightning callback does the same in its hooks.
+(docs/integrations.md: with ``accelerator.register_for_checkpointing(hook)`` for ``save_state``/
+``load_state``, and ``accelerator.log(hook.metrics(), step=...)``); the Lightning callback does
+the same in its hooks.
 """
 
 from __future__ import annotations

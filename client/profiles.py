@@ -20,6 +20,17 @@ ProfileLike = Union[str, pb.Profile, None]
 # The built-in profiles' names, for ``choices=`` of command lines.
 PROFILE_NAMES: tuple[str, ...] = BUILTIN_PROFILES.names()
 
+# What a job that names no profile gets: the released InfoReg code's rules, which reproduce the
+# paper's published results and are defined for two modalities; the paper's rules otherwise.
+DEFAULT_TWO_MODALITIES = "official"
+DEFAULT_OTHERWISE = "paper"
+
+
+def default_profile(n_modalities: int) -> str:
+    """The profile of a session that names none (the hook, the integrations, ``open_session``):
+    ``official`` for two modalities, ``paper`` (defined for any number) for more."""
+    return DEFAULT_TWO_MODALITIES if n_modalities == 2 else DEFAULT_OTHERWISE
+
 
 def make_profile(name: ProfileLike = "paper", *, registry: ProfileRegistry = BUILTIN_PROFILES, **params: Any) -> pb.Profile:
     """``make_profile("official", reference_modality="audio")`` -> ``pb.Profile``.

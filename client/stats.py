@@ -10,7 +10,15 @@ probe applies them to the encoder's gradients, in this order:
   the encoder, as the released InfoReg code), ``w_anchor`` the weights at the epoch's start.
 
 Nothing is computed for a modality whose factors are neutral (``a == 0``, ``k == 1``, ``n == 0``):
-no ``w - w_anchor`` deltas, no extra pass. Then the Fisher value: per modality
+no ``w - w_anchor`` deltas, no extra pass. The official profile's ``released`` arithmetic
+instead does what the released InfoReg code does: the proximal term with the product rounded
+on its own (``d = w - w_anchor``, ``d = a * d``, ``grad = grad + d``, each rounded to float32;
+``exact`` fuses the last two into one rounding) and, on
+every modality whose coefficient is 0, ``grad += 0 * (w - w_anchor)`` (which turns a ``-0.0``
+gradient into ``+0.0`` where the weight has not moved down); its score sums add the batch's
+probabilities one by one in float32 (see docs/profiles.md).
+
+Then the Fisher value: per modality
 ``sum over weight tensors W of sum(grad(W)**2) / numel(W)`` of the final gradient, one pass per
 tensor, each tensor reduced in float32 (the released InfoReg code accumulates its Fisher
 information in float32 too) and the per-tensor results summed in float64; ``fisher_dtype=
@@ -36,6 +44,16 @@ SELECTORS = ("all", "weights", "conv")
 DEFAULT_PROXIMAL: Selector = "all"  # InfoReg: grad += a (w - w_anchor) on every encoder parameter
 DEFAULT_SCALE: Selector = "conv"  # OGM-GE: only the 4-D (convolution) weight tensors
 NOISE_EPS = 1e-8  # OGM-GE: N(0, std(grad) + 1e-8)
+EXACT, RELEASED = "exact", "released"  # the official profile's `arithmetic` parameter
+
+
+def arithmetic_of(profile: object) -> str:
+    """The arithmetic a session's ``pb.Profile`` asks of the probe: ``released`` only for the
+    official profile with ``arithmetic="released"``."""
+    kind = profile.WhichOneof("kind") if profile is not None else None  # type: ignore[attr-defined]
+    if kind == "official" and profile.official.arithmetic == RELEASED:  # type: ignore[attr-defined]
+        return RELEASED
+    return EXACT
 
 
 def fisher_weights(module: nn.Module, kinds: tuple[type[nn.Module], ...] = FISHER_MODULES) -> list[nn.Parameter]:
@@ -50,10 +68,13 @@ def fisher_weights(module: nn.Module, kinds: tuple[type[nn.Module], ...] = FISHE
     return out
 
 
-def score_sums(logits: Sequence[Tensor], labels: Tensor) -> Tensor:
+def score_sums(logits: Sequence[Tensor], labels: Tensor, *, released: bool = False) -> Tensor:
     """Per modality, the batch sum of the true-class softmax probability (float64, on device):
     probabilities in float32, summed in float64; all modalities in one pass when they agree in
-    shape (they do for a shared head's unimodal logits)."""
+    shape (they do for a shared head's unimodal logits). ``released``: summed in float32, one
+    sample after the other in batch order, as the released InfoReg code sums them."""
+    if released:
+        return _sequential_float32_sums(logits, labels)
     if len({tuple(lg.shape) for lg in logits}) == 1:
         stacked = torch.stack([lg.detach() for lg in logits]).float()  # [M, B, C]
         idx = labels.reshape(1, -1, 1).expand(len(logits), -1, 1)
@@ -62,6 +83,19 @@ def score_sums(logits: Sequence[Tensor], labels: Tensor) -> Tensor:
     return torch.stack(
         [torch.softmax(lg.detach().float(), dim=1).gather(1, idx).double().sum() for lg in logits]
     )
+
+
+def _sequential_float32_sums(logits: Sequence[Tensor], labels: Tensor) -> Tensor:
+    """``((p_0 + p_1) + p_2) + ...`` in float32 per modality (no host sync: one small add per
+    sample), returned as float64 (exactly the float32 values)."""
+    idx = labels.reshape(-1, 1)
+    probs = torch.stack([torch.softmax(lg.detach().float(), dim=1).gather(1, idx).squeeze(1) for lg in logits])
+    if probs.shape[1] == 0:
+        return torch.zeros(len(logits), dtype=torch.float64, device=probs.device)
+    total = probs[:, 0].clone()
+    for i in range(1, probs.shape[1]):
+        total += probs[:, i]
+    return total.double()
 
 
 def noise_seed(job_id: str, step: int, index: int) -> int:
@@ -105,9 +139,13 @@ class EncoderProbe:
         proximal_params: Union[Selector, Mapping[str, Selector]] = DEFAULT_PROXIMAL,
         scale_params: Union[Selector, Mapping[str, Selector]] = DEFAULT_SCALE,
         fisher_dtype: torch.dtype = torch.float32,
+        arithmetic: str = EXACT,
     ) -> None:
         if fisher_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"fisher_dtype must be torch.float32 or torch.float64, got {fisher_dtype}")
+        if arithmetic not in (EXACT, RELEASED):
+            raise ValueError(f"arithmetic must be {EXACT!r} or {RELEASED!r}, got {arithmetic!r}")
+        self.arithmetic = arithmetic
         self.names = tuple(encoders)
         self.fisher_dtype = fisher_dtype
         self.params: list[nn.Parameter] = []
@@ -198,7 +236,10 @@ class EncoderProbe:
                 n = noise_scale[m] if noise_scale else 0.0
                 if k != 1.0 or n > 0.0:
                     self._scale(self.scale_idx[m], k, n, seed)
-                if a != 0.0:
+                if self.arithmetic == RELEASED:
+                    if a != 0.0 or self.anchors:
+                        self._proximal_released(self.proximal_idx[m], a)
+                elif a != 0.0:
                     self._proximal(self.proximal_idx[m], a)
 
     def _scale(self, idx: Sequence[int], k: float, n: float, seed: Optional[Callable[[int], int]]) -> None:
@@ -238,6 +279,23 @@ class EncoderProbe:
                 p.grad = d.mul_(a)
             else:
                 p.grad.add_(d, alpha=a)
+
+    def _proximal_released(self, idx: Sequence[int], a: float) -> None:
+        """The released code's ``grad += a * (w - w_anchor)``: ``w - w_anchor``, times ``a``,
+        added to the gradient, each rounded; with ``a == 0`` too (it can turn -0.0 into +0.0).
+        A parameter without a gradient gets ``a * (w - w_anchor)`` when ``a != 0``."""
+        if not idx:
+            return
+        params = [self.params[i] for i in idx]
+        deltas = torch._foreach_sub(params, [self.anchors[i] for i in idx])  # under no_grad
+        torch._foreach_mul_(deltas, a)
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_add_(grads, [d for p, d in zip(params, deltas) if p.grad is not None])  # type: ignore[arg-type]
+        if a != 0.0:
+            for p, d in zip(params, deltas):
+                if p.grad is None:
+                    p.grad = d
 
     def _noise_generator(self) -> torch.Generator:
         if self._generator is None:

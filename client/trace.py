@@ -1,4 +1,4 @@
-"""Statistics traces (../shared/spec/trace-format.md): read, write, and replay them."""
+"""Statistics traces (docs/trace-format.md): read, write, and replay them."""
 
 from __future__ import annotations
 

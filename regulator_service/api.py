@@ -29,7 +29,8 @@ class RegulatorAPI:
 
     def open_session(self, req: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
         config = convert.config_from_request(req, self.manager.limits, self.profiles)
-        view, created = self.manager.open(config, next_attempt=req.next_attempt)
+        snapshot = convert.snapshot_from_request(req, config, self.profiles) if req.HasField("snapshot") else ()
+        view, created = self.manager.open(config, next_attempt=req.next_attempt, snapshot=snapshot)
         return pb.OpenSessionResponse(session=convert.session_info(view), created=created)
 
     def report(self, req: pb.ReportRequest) -> pb.ReportResponse:

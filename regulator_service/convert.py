@@ -136,6 +136,79 @@ def config_from_request(
     )
 
 
+# A snapshot restores at most this many epochs (a 1 MiB request holds about 8,000 of two
+# modalities; a job with more needs a regulator that keeps its state).
+MAX_SNAPSHOT_EPOCHS = 10_000
+SCORE_MEAN_SLACK = 1e-6  # a mean true-class probability may exceed 1 by float rounding, not more
+
+
+def snapshot_from_request(
+    req: pb.OpenSessionRequest, config: SessionConfig, profiles: ProfileRegistry = BUILTIN_PROFILES
+) -> tuple[EpochSummary, ...]:
+    """The closed epochs an OpenSession's ``snapshot`` restores, validated field by field against
+    the request it came with (INVALID_ARGUMENT, nothing touched): the same modalities and
+    profile, exactly the epochs 0 .. resume_epoch - 1, finite statistics in range. Whether its
+    windows are the profile's is checked with the policy (``restore.check_windows``)."""
+    snap = req.snapshot
+    n = config.resume_epoch
+    if n == 0:
+        raise InvalidArgument("a snapshot restores the epochs before resume_epoch: set resume_epoch > 0")
+    if n > MAX_SNAPSHOT_EPOCHS:
+        raise InvalidArgument(f"a snapshot restores at most {MAX_SNAPSHOT_EPOCHS} epochs, resume_epoch is {n}")
+    if tuple(snap.modalities) != config.modalities:
+        raise InvalidArgument(
+            f"the snapshot's modalities {list(snap.modalities)} differ from the session's {list(config.modalities)}"
+        )
+    profile = profile_from_proto(snap.profile if snap.HasField("profile") else None, config.modalities, profiles)
+    if profile != config.profile:
+        raise InvalidArgument(
+            f"the snapshot's profile ({profile.name} {profile.values()}) differs from the session's "
+            f"({config.profile.name} {config.profile.values()})"
+        )
+    if len(snap.epochs) != n:
+        raise InvalidArgument(f"the snapshot holds {len(snap.epochs)} epoch(s); resuming at epoch {n} needs epochs 0..{n - 1}")
+    return tuple(_restored_epoch(i, e, config.modalities) for i, e in enumerate(snap.epochs))
+
+
+def _restored_epoch(i: int, e: pb.EpochRecord, modalities: tuple[str, ...]) -> EpochSummary:
+    if e.epoch != i:
+        raise InvalidArgument(f"snapshot epoch {i} is numbered {e.epoch}: the epochs must be 0, 1, ... without gaps")
+    if not e.closed:
+        raise InvalidArgument(f"snapshot epoch {i} is not closed")
+    steps = _index(f"steps of snapshot epoch {i}", e.steps)
+    if not 0 <= e.fallback_steps <= steps:
+        raise InvalidArgument(f"fallback_steps of snapshot epoch {i} must be in [0, {steps}], got {e.fallback_steps}")
+    names = tuple(m.modality for m in e.modalities)
+    if names != modalities:
+        raise InvalidArgument(f"snapshot epoch {i} has modalities {list(names)}, the session {list(modalities)}")
+    windows, fisher, regulated, prox_sum, prox_max, score_sum = [], [], [], [], [], []
+    for m in e.modalities:
+        what = f"of {shown(m.modality)} in snapshot epoch {i}"
+        w = m.window
+        if w.modality not in ("", m.modality):
+            raise InvalidArgument(f"the window {what} names modality {shown(w.modality)}")
+        if math.isinf(w.growth):
+            raise InvalidArgument(f"the window growth {what} must be finite or NaN (undefined), got {w.growth}")
+        if not 0 <= m.regulated_steps <= steps:
+            raise InvalidArgument(f"regulated_steps {what} must be in [0, {steps}], got {m.regulated_steps}")
+        mean_score = _finite(f"mean_score {what}", m.mean_score, nonneg=True)
+        if mean_score > 1.0 + SCORE_MEAN_SLACK:
+            raise InvalidArgument(f"mean_score {what} is a mean probability, at most 1; got {mean_score}")
+        windows.append(Window(open=w.open, growth=w.growth))
+        fisher.append(_finite(f"fisher_trace {what}", m.fisher_trace, nonneg=True))
+        regulated.append(int(m.regulated_steps))
+        # the epoch keeps sums (mean x steps), which must stay finite like every recorded value
+        mean_proximal = _finite(f"mean_proximal {what}", m.mean_proximal, nonneg=True)
+        prox_sum.append(_finite(f"mean_proximal x steps {what}", mean_proximal * steps))
+        prox_max.append(_finite(f"max_proximal {what}", m.max_proximal, nonneg=True))
+        score_sum.append(mean_score * steps)
+    return EpochSummary(
+        epoch=i, windows=tuple(windows), steps=steps, fallback_steps=int(e.fallback_steps), fisher=tuple(fisher),
+        regulated_steps=tuple(regulated), proximal_sum=tuple(prox_sum), proximal_max=tuple(prox_max),
+        score_mean_sum=tuple(score_sum), closed=True, restored=True,
+    )
+
+
 def _open_token(req: pb.OpenSessionRequest) -> str:
     """The opener's token; only with ``next_attempt``, whose ``attempt`` the server assigns."""
     if not req.next_attempt:
@@ -293,6 +366,7 @@ def epoch_record(modalities: tuple[str, ...], e: EpochSummary) -> pb.EpochRecord
             )
             for i, m in enumerate(modalities)
         ],
+        restored=e.restored,
     )
 
 

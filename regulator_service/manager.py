@@ -45,6 +45,7 @@ from .model import (
     StepRecord,
 )
 from .observer import NullObserver, SessionObserver
+from . import restore
 from .session import EpochOutcome, Session, StepOutcome
 from .storage import StateStore, StoreError
 from .storage.base import CorruptRecord, Quarantined, StoreInDoubt
@@ -416,10 +417,14 @@ class SessionManager:
 
     # -- operations -------------------------------------------------------------------------
 
-    def open(self, config: SessionConfig, next_attempt: bool = False) -> tuple[SessionView, bool]:
+    def open(
+        self, config: SessionConfig, next_attempt: bool = False, snapshot: tuple[EpochSummary, ...] = ()
+    ) -> tuple[SessionView, bool]:
         """Creates a session, or returns the identical open one (``created`` False).
 
-        ``next_attempt``: the server assigns the attempt (see ``_assigned``)."""
+        ``next_attempt``: the server assigns the attempt (see ``_assigned``). ``snapshot``: the
+        closed epochs a resuming job's checkpoint carries (``restore.py``), restored only if this
+        regulator holds no attempt of the job."""
         job = config.job_id
         with self._jobs.hold(job, self._wait_s):
             self._check_doubt(job)
@@ -448,6 +453,8 @@ class SessionManager:
                                 "configuration; use a new job id or a higher attempt"
                             )
                         previous.require_open()
+                        if snapshot:
+                            restore.check_agrees(job, snapshot, previous.epochs())
                         return previous.view(), False
             with self._lock:
                 n_open = len(self._open)
@@ -455,7 +462,7 @@ class SessionManager:
                 raise ResourceExhausted(f"{n_open} sessions are open, the limit is {self.limits.max_open_sessions}")
             if quarantined is not None and config.resume_epoch:
                 raise DataLoss(f"cannot resume job {job!r}: {quarantine_message(quarantined)}")
-            inherited = self._inherited(config, previous)
+            inherited = self._inherited(config, previous, snapshot, held=latest is not None)
             m = len(config.modalities)
             # room for the session and the few answers it always keeps
             if not self.budget.make_room(session_bytes(m) + len(inherited) * epoch_bytes(m) + ANSWER_FLOOR * answer_bytes(m)):
@@ -497,15 +504,25 @@ class SessionManager:
                 return replace(config, attempt=latest)
         return replace(config, attempt=latest + 1)
 
-    def _inherited(self, config: SessionConfig, previous: Optional[Session]) -> tuple[EpochSummary, ...]:
-        """The closed epochs an elastic restart resumes after (job lock held)."""
+    def _inherited(
+        self, config: SessionConfig, previous: Optional[Session], snapshot: tuple[EpochSummary, ...] = (),
+        held: bool = True,
+    ) -> tuple[EpochSummary, ...]:
+        """The closed epochs an elastic restart resumes after (job lock held): the previous
+        attempt's, which the ``snapshot`` must agree with, else - for a job this regulator does
+        not hold at all (not ``held``) - the snapshot's."""
         n = config.resume_epoch
         if n == 0:
             return ()
         if previous is None:
-            raise FailedPrecondition(
-                f"cannot resume job {config.job_id!r} at epoch {n}: it has no previous attempt"
+            if snapshot and not held:
+                restore.check_windows(config, snapshot)  # INVALID_ARGUMENT: another profile's, or altered
+                log.info("job %r: no attempt here; restoring its %d closed epoch(s) from its checkpoint", config.job_id, n)
+                return snapshot
+            hint = "" if snapshot else (
+                ", and the request carries no snapshot of its epochs (InfoRegHook.state_dict puts one in a checkpoint)"
             )
+            raise FailedPrecondition(f"cannot resume job {config.job_id!r} at epoch {n}: it has no previous attempt{hint}")
         with self._locked(previous):
             prev = previous.config
             if (prev.modalities, prev.profile) != (config.modalities, config.profile):
@@ -519,6 +536,8 @@ class SessionManager:
                 f"cannot resume job {config.job_id!r} at epoch {n}: attempt {prev.attempt} closed only "
                 f"{len(closed)} epoch(s)"
             )
+        if snapshot:
+            restore.check_agrees(config.job_id, snapshot, closed[:n])
         return tuple(closed[:n])
 
     def report(self, raw: RawReport) -> tuple[SessionConfig, StepOutcome]:

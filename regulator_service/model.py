@@ -223,6 +223,9 @@ class EpochSummary:
     proximal_max: tuple[float, ...] = ()
     score_mean_sum: tuple[float, ...] = ()  # sum over steps of the step mean score_sum / count
     closed: bool = False
+    # restored from a job's checkpoint (OpenSession's snapshot) by a regulator that did not hold
+    # the job: its values are the checkpoint's, not observed here
+    restored: bool = False
 
     @classmethod
     def start(cls, epoch: int, windows: tuple[Window, ...]) -> "EpochSummary":

@@ -79,7 +79,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--memory-budget", type=size, default=_LIMITS.memory_budget, metavar="BYTES",
         help="bytes the session caches may hold (e.g. 256Mi, 1Gi); beyond it caches are evicted, then new "
-        f"sessions refused (default {_LIMITS.memory_budget >> 20}Mi; the process needs about 50 MB more, plus messages in flight: README, Memory budget)",
+        f"sessions refused (default {_LIMITS.memory_budget >> 20}Mi; the process needs about 50 MB more, plus messages in flight: docs/performance.md, Memory budget)",
     )
     s.add_argument(
         "--step-retention", type=float, default=DEFAULT_STEP_RETENTION_S, metavar="SECONDS",

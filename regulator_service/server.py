@@ -40,6 +40,11 @@ from .wire_handlers import add_regulator_servicer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Regulator"].full_name
+# Health names (kubelet probes): readiness follows the store (NOT_SERVING while it fails: a
+# restart cannot empty a full disk or repair a corrupt file); liveness answers for the process,
+# SERVING from start until shutdown, so that only what a restart cures restarts the regulator.
+READINESS_NAMES = ("", SERVICE_NAME)
+LIVENESS_NAME = "inforeg.regulator.v1.Liveness"
 # Every method this server registers; only these get their own grpc_method label value.
 REGISTERED_METHODS = method_paths(
     (
@@ -220,8 +225,9 @@ class RegulatorServer:
             if self.store_error is None
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for service in ("", SERVICE_NAME):
+        for service in READINESS_NAMES:
             self.health.set(service, status)
+        self.health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
         if c.limits.session_ttl_s > 0:
             self._sweeper = threading.Thread(target=self._sweep, name="regulator-ttl", daemon=True)
             self._sweeper.start()
@@ -273,7 +279,7 @@ class RegulatorServer:
                     else:
                         log.error("state store failing, health NOT_SERVING: %s", problem)
                     status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
-                    for service in ("", SERVICE_NAME):
+                    for service in READINESS_NAMES:
                         self.health.set(service, status)
                     self.metrics.store_healthy.set(1 if healthy else 0)
                 if healthy and retention > 0 and time.monotonic() >= next_prune:

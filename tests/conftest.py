@@ -15,8 +15,8 @@ from regulator_service.model import Limits
 from regulator_service.server import SERVICE_NAME, RegulatorServer, ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-FIXTURES = ROOT / "tests" / "fixtures"
+# The traces the docs' examples and the tests use ship with the repository.
+TRACES = ROOT / "examples" / "traces"
 
 # Every store call, and every wait for a busy session, is bounded by --store-timeout (default 2 s;
 # past it the call is UNAVAILABLE). On a loaded 2-core machine a plain read or commit can take
@@ -38,11 +38,10 @@ def _roomy_store_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def data_file(name: str) -> Path:
-    """A trace from ../shared/data, else the copy committed under tests/fixtures."""
-    for base in (SHARED_DATA, FIXTURES):
-        if (base / name).exists():
-            return base / name
-    pytest.skip(f"trace {name} not found in {SHARED_DATA} or {FIXTURES}")
+    """A trace shipped under examples/traces (missing is a failure, never a skip)."""
+    path = TRACES / name
+    assert path.exists(), f"trace {name} not found in {TRACES}"
+    return path
 
 
 def require_promtool() -> str:

@@ -1,5 +1,5 @@
-"""An independent, deliberately plain implementation of ../shared/spec/inforeg.md, written from
-the spec text alone, used as the oracle for random traces. It shares no code with the service."""
+"""An independent, deliberately plain implementation of the profiles' rules (docs/profiles.md), written
+from that text alone, used as the oracle for random traces. It shares no code with the service."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import pytest
 from regulator_client import RegulatorClient
 from regulator_client.trace import TraceEpochEnd, TraceStep, read_trace, replay_events
 from regulator_cli import main as cli
-from regulator_cli.commands import inspect, plot
+from regulator_cli.commands import inspect
 from regulator_service.server import RegulatorServer, ServerConfig
 
 from .conftest import data_file, read_jsonl, roomy_limits
@@ -24,12 +24,9 @@ SYN3 = "synthetic_3mod_seed11.jsonl"
 
 
 def regulator(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """``regulator ARGV`` through cli.main, with the inspect commands registered (once)."""
-    mods = tuple(m for m in cli.SUBCOMMANDS if m not in (inspect, plot)) + (inspect, plot)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "SUBCOMMANDS", mods)
-        capsys.readouterr()
-        rc = cli.main(list(argv))
+    """``regulator ARGV`` through cli.main, in this process."""
+    capsys.readouterr()
+    rc = cli.main(list(argv))
     out, err = capsys.readouterr()
     return rc, out, err
 

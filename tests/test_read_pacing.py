@@ -3,8 +3,8 @@ concurrency bounded (``read_pacing.py``); a read beyond the bound is refused at 
 by the client, and it never holds a worker thread that a Report needs.
 
 What the pacing buys is measured, not asserted here: ``python -m bench.history_readers``
-(another job's Report p50/p90 with 4 readers of a 30,000-step session; README, Readers never
-starve writers)."""
+(another job's Report p50/p90 with 4 readers of a 30,000-step session; docs/performance.md,
+Readers never starve writers)."""
 
 from __future__ import annotations
 

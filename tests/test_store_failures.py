@@ -1,6 +1,7 @@
 """A hung or full disk (issue 8, item 5): store calls are bounded in time (UNAVAILABLE, never a
 stall), one job's stuck write never holds up another job, health is NOT_SERVING while the store
-fails and SERVING again once it recovers, and a full disk says "disk full".
+fails and SERVING again once it recovers (liveness stays SERVING: a restart cures none of
+these), and a full disk says "disk full".
 
 The hung store is another process holding SQLite's write lock on the real file; the full disk
 is a real 2 MiB tmpfs where the machine allows mounting one in a user namespace
@@ -31,6 +32,7 @@ from regulator_client.errors import Unavailable
 from regulator_service.api import RegulatorAPI
 from regulator_service.manager import SessionManager
 from regulator_service.model import Limits, SessionKey
+from regulator_service.server import LIVENESS_NAME
 from regulator_service.storage import SQLiteStore, StoreError
 from regulator_service.storage.group_commit import WriteOp
 from regulator_service.storage.sqlite import STATE_FILE
@@ -82,6 +84,7 @@ def test_a_locked_store_answers_unavailable_in_time_and_other_jobs_are_not_held_
             assert raw_call(t, "GetSession", pb.GetSessionRequest(job_id="stuck", include_steps=True))[0] == grpc.StatusCode.OK
             assert raw_call(t, "OpenSession", open_req("other"))[0] == grpc.StatusCode.UNAVAILABLE
             wait_until(lambda: health(t) == NOT_SERVING, "health is NOT_SERVING while the store is locked")
+            assert health(t, LIVENESS_NAME) == SERVING, "a locked store is no reason to restart the regulator"
             assert "inforeg_regulator_state_store_healthy 0.0" in scrape(server.metrics_port)  # type: ignore[arg-type]
         finally:
             holder.execute("ROLLBACK")
@@ -112,6 +115,7 @@ def test_a_full_database_says_disk_full_and_changes_nothing(tmp_path: Path) -> N
         answered, msg = fill_until_full(server.target, "full")
         assert "disk full" in msg and "no transaction is active" not in msg, msg
         wait_until(lambda: health(server.target) == NOT_SERVING, "health is NOT_SERVING on a full disk")
+        assert health(server.target, LIVENESS_NAME) == SERVING, "a restart cannot empty a disk"
         with RegulatorClient.connect(server.target) as client:
             detail = client.get_session("full", include_steps=True)
         assert detail.session.steps == answered  # the refused step left nothing behind
@@ -163,6 +167,7 @@ def test_a_full_disk_says_disk_full_and_serving_resumes_once_space_is_freed(tmp_
             answered += 1
         assert "disk full" in msg, msg
         wait_until(lambda: health(target) == NOT_SERVING, "health is NOT_SERVING on the full disk")
+        assert health(target, LIVENESS_NAME) == SERVING, "a restart cannot empty a disk"
         filler.unlink()
         wait_until(lambda: health(target) == SERVING, "health is SERVING again once space is free")
         assert raw_call(target, "Report", report_req("job", answered))[0] == grpc.StatusCode.OK

@@ -4,13 +4,15 @@ the new checkpoint, never half of one.
 
 With it a Kubernetes Job's retried pod continues the job: it resumes at the checkpoint's epoch,
 and the regulator's next attempt inherits the closed epochs before it (``resume_epoch``), so
-regulation goes on as if the job had never been interrupted.
+regulation goes on as if the job had never been interrupted. The hook's state (``hook``) carries
+those epochs too, so the job continues the same way on a regulator that starts empty (a sidecar
+whose state went with the preempted pod).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -28,6 +30,7 @@ class Checkpoint:
     model: Mapping[str, Any]
     optimizer: Mapping[str, Any]
     scheduler: Mapping[str, Any]
+    hook: Mapping[str, Any] = field(default_factory=dict)  # InfoRegHook.state_dict() ({}: older checkpoints)
 
 
 def save_checkpoint(path: Union[str, os.PathLike[str]], ckpt: Checkpoint) -> None:

@@ -60,7 +60,7 @@ class TrainConfig:
     record: Optional[str] = None
     device: str = "cpu"
     threads: int = 1
-    on_unavailable: str = "wait"  # the hook's mode when the regulator is down: wait, neutral, last
+    on_unavailable: Optional[str] = None  # the hook's mode when the regulator is down: wait, neutral, last
     call_timeout: float = 10.0
     wait_timeout: float = 300.0
     save_weights: Optional[str] = None  # torch.save(state_dict) here at the end
@@ -173,6 +173,8 @@ def train(
         client, {v: model.encoders[v] for v in cfg.views}, rank=0, world_size=1, keep_history=True,
         start_epoch=start_epoch, start_step=start_step, **hook_options(cfg, job_id),
     )
+    if resume is not None and resume.hook:  # with the closed epochs: resumes on an empty regulator too
+        hook.load_state_dict(resume.hook)
     n = len(y_tr)
     t0 = time.perf_counter()
     with hook:
@@ -196,7 +198,8 @@ def train(
                 log(epoch, end)
             if cfg.checkpoint and end is not None:  # only epochs the regulator has closed
                 save_checkpoint(cfg.checkpoint, Checkpoint(
-                    job_id, epoch + 1, hook.step, cfg.resume_settings(), model.state_dict(), opt.state_dict(), sched.state_dict()
+                    job_id, epoch + 1, hook.step, cfg.resume_settings(), model.state_dict(), opt.state_dict(), sched.state_dict(),
+                    hook.state_dict(),
                 ))
         detail = client.get_session(job_id)
     wall = time.perf_counter() - t0
@@ -273,8 +276,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-id", default=None)
     p.add_argument("--record", default=None, help="write the statistics trace to this file")
     add_device_flag(p)
-    p.add_argument("--on-unavailable", choices=("wait", "neutral", "last"), default="wait",
-                   help="when the regulator is down: wait (then fail), or train on with zero/last coefficients")
+    p.add_argument("--on-unavailable", choices=("wait", "neutral", "last"), default=None,
+                   help="when the regulator is down: wait (then fail), or train on with zero/last coefficients "
+                        "(default: $REGULATOR_ON_UNAVAILABLE, else wait)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
 
 

@@ -11,7 +11,9 @@ step for the whole job - and the answer reaches every rank in one broadcast afte
 pass: all ranks apply identical factors (identical GE noise too: it is seeded from the job, the
 step and the tensor). The job's identity comes from torchrun (TORCHELASTIC_RUN_ID, RANK,
 WORLD_SIZE, TORCHELASTIC_RESTART_COUNT) unless ``--job-id`` is given. ``--coef-log DIR`` writes
-every applied factor to ``DIR/rank<R>.jsonl``.
+every applied factor to ``DIR/rank<R>.jsonl``. ``--checkpoint PATH``: rank 0 saves the model,
+optimizer, schedule and the hook's state after every epoch, and every rank resumes from it when
+it exists, also against a regulator that starts empty (a preempted pod's new sidecar).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,25 +34,32 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from regulator_client.cli_args import add_connection_flags, connect_from_args
 from regulator_client.hook import InfoRegHook
 
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .digits import TrainConfig, evaluate, loss_fn, positive_int, weights_digest
-from regulator_client.profiles import PROFILE_NAMES
+from regulator_client.profiles import PROFILE_NAMES, parse_profile_params
 
 from .digits_data import VIEWS, load_split
 from .digits_model import ConcatFusionNet
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, on_step: Optional[Callable[[int], None]] = None) -> int:
+    """``on_step(step)`` runs after every optimizer step (fault-injection tests)."""
     p = argparse.ArgumentParser(prog="torchrun ... -m trainers.digits_ddp", description=__doc__.split("\n\n")[0])
     add_connection_flags(p, timeout_flag="--call-timeout", default_timeout=10.0)
     p.add_argument("--views", nargs="+", choices=VIEWS, default=["fac", "zer"], metavar="VIEW", help=f"views: {', '.join(VIEWS)}")
     p.add_argument("--profile", choices=PROFILE_NAMES, default="official")
     p.add_argument("--reference-modality", default=None)
+    p.add_argument("--profile-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="any parameter of the profile, e.g. history=2 for official (repeatable)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="rank 0 saves a checkpoint here after every epoch; every rank resumes from it when it exists")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=positive_int, default=50)
     p.add_argument("--global-batch", type=int, default=64, help="split evenly over the ranks")
     p.add_argument("--unimodal-loss", action="store_true")
     p.add_argument("--job-id", default=None, help="default: torchrun's TORCHELASTIC_RUN_ID")
-    p.add_argument("--on-unavailable", choices=("wait", "neutral", "last"), default="wait")
+    p.add_argument("--on-unavailable", choices=("wait", "neutral", "last"), default=None,
+                   help="when the regulator is down (default: $REGULATOR_ON_UNAVAILABLE, else wait)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
     p.add_argument("--coef-log", default=None, help="directory for per-rank applied coefficients (JSONL)")
     p.add_argument("--out", default=None, help="rank 0 writes the results here as JSON")
@@ -73,11 +82,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     loader = DataLoader(train_set, batch_size=args.global_batch // world, sampler=sampler, num_workers=args.workers)
 
+    try:
+        params = parse_profile_params(args.profile, args.profile_param)
+    except ValueError as exc:
+        raise SystemExit(f"--profile-param: {exc}") from None
+    if args.reference_modality:
+        params["reference_modality"] = args.reference_modality
+    settings = {"views": list(views), "profile": args.profile, "profile_params": params, "seed": args.seed,
+                "global_batch": args.global_batch, "world_size": world, "unimodal_loss": args.unimodal_loss,
+                "scale_params": args.scale_params}
+    resume = load_checkpoint(args.checkpoint, settings) if args.checkpoint else None
     torch.manual_seed(args.seed)
     model = ConcatFusionNet(data.dims).to(device)
+    if resume is not None:
+        model.load_state_dict(resume.model)  # on every rank, before DDP compares the replicas
     ddp = DistributedDataParallel(model)
     opt, sched = TrainConfig().optimizer(ddp.parameters())
-    params = {"reference_modality": args.reference_modality} if args.reference_modality else {}
+    if resume is not None:
+        opt.load_state_dict(resume.optimizer)
+        sched.load_state_dict(resume.scheduler)
     client = connect_from_args(args, args.call_timeout)
     hook = InfoRegHook(
         client,
@@ -90,6 +113,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         keep_history=True,
         scale_params=args.scale_params,
     )
+    if resume is not None:
+        hook.load_state_dict(resume.hook)  # its closed epochs resume the job on an empty regulator too
+        print(f"[rank {rank}] resuming job {hook.identity.job_id} at epoch {resume.epoch} (step {resume.step})", flush=True)
+    start_epoch = resume.epoch if resume is not None else 0
     log_file = None
     if args.coef_log:
         Path(args.coef_log).mkdir(parents=True, exist_ok=True)
@@ -97,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     with hook:
         tag = f"[rank {rank}/{world} job {hook.identity.job_id} attempt {hook.identity.attempt}]"  # as opened
-        for epoch in range(args.epochs):
+        for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch)
             hook.on_epoch_start(epoch)
             for *xs, y in loader:
@@ -115,12 +142,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "grad_scale": res.grad_scale, "noise_scale": res.noise_scale, "window": res.window,
                         "fallback": res.fallback, "reports": hook.reports,
                     }) + "\n")
+                if on_step is not None:
+                    on_step(res.step)
             sched.step()
             end = hook.on_epoch_end()
             applied = [r.proximal for r in hook.history if r.epoch == epoch]
             regulated = {v: sum(a[v] > 0 for a in applied) for v in views}
             window = {w.modality: w.open for w in end.next_window} if end is not None else "unknown (deferred)"
             print(f"{tag} epoch {epoch + 1}/{args.epochs}: regulated steps {regulated}, next window {window}", flush=True)
+            if args.checkpoint and rank == 0 and end is not None:  # only epochs the regulator has closed
+                save_checkpoint(args.checkpoint, Checkpoint(
+                    hook.identity.job_id, epoch + 1, hook.step, settings, model.state_dict(), opt.state_dict(),
+                    sched.state_dict(), hook.state_dict(),
+                ))
     if log_file is not None:
         log_file.close()
     wall = time.perf_counter() - t0

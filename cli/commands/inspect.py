@@ -3,7 +3,8 @@
 Every command is a few ``ListSessions``/``GetSession`` calls through ``RegulatorClient`` (a long
 history comes page by page: ``export`` writes each page as it arrives);
 the server's errors (NOT_FOUND, UNAVAILABLE, ...) reach ``regulator``'s ``main`` as
-``RegulatorError`` and become ``regulator <cmd>: <CODE>: <message>`` with exit code 1.
+``RegulatorError`` and become ``regulator <cmd>: <CODE>: <message>`` with exit code 1; a
+mistake in the connection flags is caught before any call (``connection``), exit code 2.
 
 ``export --what steps --format jsonl`` writes the session in the statistics-trace format
 (``trace-format.md``: a ``session`` line, ``step`` lines, ``epoch_end`` lines), so the export of
@@ -27,10 +28,12 @@ import time
 from typing import IO, Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
-from regulator_client import DeadlineExceeded, RegulatorClient, Unavailable
+from regulator_client import RegulatorClient
 from regulator_client.profiles import profile_name, profile_params
-from regulator_client.cli_args import add_connection_flags, connect_from_args
-from regulator_client.transport import default_target
+from regulator_client.cli_args import add_connection_flags
+
+from .. import connection
+from ..connection import resolve_target
 
 SLOW_FETCH_S = 1.0  # a fetch slower than this gets progress notes on stderr
 # GetSession pages are at most 2 MiB (the server's cap), far below gRPC's 4 MiB default; the
@@ -53,23 +56,11 @@ FALLBACK_NAMES = {
 # -- connection -------------------------------------------------------------------------------
 
 
-def resolve_target(args: argparse.Namespace) -> str:
-    return args.target or default_target()
-
-
 @contextlib.contextmanager
 def connect(args: argparse.Namespace) -> Iterator[RegulatorClient]:
-    """A ``RegulatorClient`` for the flags (the transport fills in the environment's defaults);
-    UNAVAILABLE says which address was tried."""
-    target = resolve_target(args)
-    options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
-    with connect_from_args(args, args.timeout, target, options=options) as client:
-        try:
-            yield client
-        except Unavailable as exc:
-            raise Unavailable(f"{exc.message} (is a regulator serving at {target}?)") from exc
-        except DeadlineExceeded as exc:
-            raise DeadlineExceeded(f"{exc.message} (after {args.timeout:g}s; a long history may need a larger --timeout)") from exc
+    """A ``RegulatorClient`` for the flags, its errors said in one line (``connection.connect``)."""
+    with connection.connect(args, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]) as client:
+        yield client
 
 
 class Progress:
@@ -192,6 +183,7 @@ def epoch_dict(e: pb.EpochRecord) -> dict[str, Any]:
         "closed": e.closed,
         "steps": e.steps,
         "fallback_steps": e.fallback_steps,
+        **({"restored": True} if e.restored else {}),
         "modalities": {
             m.modality: {
                 "fisher_trace": m.fisher_trace,
@@ -370,7 +362,8 @@ def epochs_table(epochs: Sequence[pb.EpochRecord]) -> str:
     rows = []
     for e in epochs:
         for i, m in enumerate(e.modalities):
-            head = (f"{e.epoch}{'' if e.closed else '*'}", str(e.steps), str(e.fallback_steps)) if i == 0 else ("", "", "")
+            mark = "r" if e.restored else "" if e.closed else "*"
+            head = (f"{e.epoch}{mark}", str(e.steps), str(e.fallback_steps)) if i == 0 else ("", "", "")
             rows.append(
                 (
                     *head,
@@ -387,6 +380,8 @@ def epochs_table(epochs: Sequence[pb.EpochRecord]) -> str:
     out = table(header, rows, "rrrlrlrrrr")
     if any(not e.closed for e in epochs):
         out += "\n* still open: trace and summaries so far"
+    if any(e.restored for e in epochs):
+        out += "\nr restored from the job's checkpoint by a regulator that did not hold the job (not observed here)"
     return out
 
 

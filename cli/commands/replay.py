@@ -8,15 +8,16 @@ import os
 import sys
 import time
 import uuid
-from typing import Optional
+from typing import ContextManager, Optional
 
 from regulator_client import RegulatorClient
-from regulator_client.cli_args import add_connection_flags, connect_from_args
+from regulator_client.cli_args import add_connection_flags
 from regulator_client.profiles import make_profile
 from regulator_client.trace import TraceError, read_trace, replay_events
 from regulator_service.policy import ProfileError
 from regulator_service.server import RegulatorServer, ServerConfig
 
+from ..connection import FlagError, check_connection_flags, connect
 from ..profile_flags import add_profile_flags, chosen_profile, registry_from_args
 
 
@@ -52,23 +53,28 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.embedded and args.target:
         raise SystemExit("regulator replay: --embedded and --target exclude each other")
+    target = None if args.embedded else args.target or os.environ.get("REGULATOR_TARGET") or None
+    if target is not None:
+        check_connection_flags(args)  # a short token, a missing certificate: one line, nothing started
+    elif not args.timeout > 0:
+        raise FlagError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
     try:  # before any regulator is started or reached: a bad path is one line, not a traceback
         out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     except OSError as exc:
         print(f"regulator replay: {args.output}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     server: Optional[RegulatorServer] = None
-    target = None if args.embedded else args.target or os.environ.get("REGULATOR_TARGET") or None
+    connected: ContextManager[RegulatorClient]
     if target is None:
         server = RegulatorServer(ServerConfig(port=0, metrics_port=None, state_dir=None, profiles=registry)).start()
-        client = RegulatorClient.connect(server.target, token="", timeout=args.timeout)
+        connected = RegulatorClient.connect(server.target, token="", timeout=args.timeout)
     else:
-        client = connect_from_args(args, args.timeout, target)
+        connected = connect(args, target)
     job_id = args.job_id or f"replay-{uuid.uuid4().hex[:12]}"
     t0 = time.perf_counter()
     steps = 0
     try:
-        with client:
+        with connected as client:
             client.open_session(job_id, header.modalities, profile)
             for line in replay_events(client, job_id, header, events):
                 out.write(json.dumps(line) + "\n")

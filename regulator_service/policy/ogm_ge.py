@@ -1,5 +1,5 @@
 """Profile ``ogm-ge``: OGM-GE (Peng et al., CVPR 2022) as a peer policy, per
-../shared/spec/inforeg.md "Peer policy ogm-ge".
+docs/profiles.md "`ogm-ge`: gradient scales instead of a proximal term".
 
 The regulator answers per-modality gradient scales and noise switches; the client multiplies the
 selected gradients and draws the noise. No proximal term, no window: windows are reported

@@ -1,4 +1,4 @@
-"""Profile ``paper``: the equations of arXiv 2503.18595 as fixed in ../shared/spec/inforeg.md."""
+"""Profile ``paper``: the equations of arXiv 2503.18595 as docs/profiles.md states them."""
 
 from __future__ import annotations
 

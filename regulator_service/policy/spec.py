@@ -50,6 +50,7 @@ class Bounds:
     low_open: bool = False
     high_open: bool = False
     why: str = ""
+    choices: tuple[str, ...] = ()  # a str parameter's valid values (empty: any string)
 
     def contains(self, x: float) -> bool:
         if self.low is not None and (x < self.low or (self.low_open and x == self.low)):
@@ -122,6 +123,8 @@ def _typed(info: ParamInfo, value: Any, where: str) -> Any:
 
 
 def _check_range(info: ParamInfo, value: Any, where: str) -> None:
+    if info.kind is str and info.bounds.choices and value not in info.bounds.choices:
+        raise ProfileError(f"{where} must be one of {list(info.bounds.choices)}, got {quoted(value)}")
     if value is None or info.kind in (bool, str):
         return
     if info.kind is float and not math.isfinite(value):

@@ -83,6 +83,8 @@ def epoch_to_json(e: EpochSummary) -> str:
     d = dataclasses.asdict(e)
     d["windows"] = windows_to_list(e.windows)
     d["score_sum"] = d.pop("score_mean_sum")  # the stored key of schema 1
+    if not d["restored"]:  # observed epochs keep the layout they always had
+        del d["restored"]
     return dumps(d)
 
 
@@ -99,6 +101,7 @@ def epoch_from_json(s: str) -> EpochSummary:
         proximal_max=tuple(d["proximal_max"]),
         score_mean_sum=tuple(d["score_sum"]),
         closed=bool(d["closed"]),
+        restored=bool(d.get("restored", False)),
     )
 
 

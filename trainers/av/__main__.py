@@ -61,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=int, default=DEFAULTS.log_every, help="a progress line every N steps (0: per epoch only)")
     t.add_argument("--job-id", default=None)
     t.add_argument("--record", default=None, help="write the statistics trace to this file")
-    t.add_argument("--on-unavailable", choices=("wait", "neutral", "last"), default="wait")
+    t.add_argument("--on-unavailable", choices=("wait", "neutral", "last"), default=None,
+                   help="when the regulator is down (default: $REGULATOR_ON_UNAVAILABLE, else wait)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     return p
 

@@ -5,7 +5,7 @@ it to [-1, 1], ``librosa.stft(n_fft=512, hop_length=353)`` and ``log(|S| + 1e-7)
 ``257 x 188`` log-magnitude spectrogram. Here: WAV via ``trainers/av/wav.py`` (integer PCM, what
 CREMA-D ships, or float), a windowed-sinc resampler (Kaiser window) and ``torch.stft`` with librosa's
 defaults (centred frames, zero padding, periodic Hann window). How far this is from librosa was
-measured and is in the README ("Audio-visual trainer").
+measured and is in docs/integrations.md ("Audio-visual trainer").
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def resample(x: Tensor, orig_rate: int, new_rate: int, *, zeros: int = 64, rollo
 
     The output has ``ceil(len(x) * new_rate / orig_rate)`` samples, like librosa's. Defaults
     (64 zero crossings, cut-off at 96% of the lower Nyquist frequency, Kaiser beta 10) were
-    chosen to come closest to librosa's default ``soxr_hq`` on speech (see the README).
+    chosen to come closest to librosa's default ``soxr_hq`` on speech (see docs/integrations.md).
     """
     if orig_rate == new_rate:
         return x

@@ -73,7 +73,7 @@ class AVConfig:
     log_every: int = 20  # a progress line every N steps within an epoch; 0 = per epoch only
     job_id: Optional[str] = None
     record: Optional[str] = None
-    on_unavailable: str = "wait"
+    on_unavailable: Optional[str] = None
     call_timeout: float = 10.0
     wait_timeout: float = 300.0
 

@@ -43,18 +43,20 @@ class PaperProfile(_message.Message):
     def __init__(self, beta: _Optional[float] = ..., threshold: _Optional[float] = ..., warmup_epochs: _Optional[int] = ...) -> None: ...
 
 class OfficialProfile(_message.Message):
-    __slots__ = ("reference_modality", "threshold", "history", "reference_gain", "other_gain")
+    __slots__ = ("reference_modality", "threshold", "history", "reference_gain", "other_gain", "arithmetic")
     REFERENCE_MODALITY_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_GAIN_FIELD_NUMBER: _ClassVar[int]
     OTHER_GAIN_FIELD_NUMBER: _ClassVar[int]
+    ARITHMETIC_FIELD_NUMBER: _ClassVar[int]
     reference_modality: str
     threshold: float
     history: int
     reference_gain: float
     other_gain: float
-    def __init__(self, reference_modality: _Optional[str] = ..., threshold: _Optional[float] = ..., history: _Optional[int] = ..., reference_gain: _Optional[float] = ..., other_gain: _Optional[float] = ...) -> None: ...
+    arithmetic: str
+    def __init__(self, reference_modality: _Optional[str] = ..., threshold: _Optional[float] = ..., history: _Optional[int] = ..., reference_gain: _Optional[float] = ..., other_gain: _Optional[float] = ..., arithmetic: _Optional[str] = ...) -> None: ...
 
 class NoneProfile(_message.Message):
     __slots__ = ()
@@ -175,7 +177,7 @@ class ModalityWindow(_message.Message):
     def __init__(self, modality: _Optional[str] = ..., open: _Optional[bool] = ..., growth: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile", "resume_epoch", "next_attempt", "open_token")
+    __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile", "resume_epoch", "next_attempt", "open_token", "snapshot")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +186,7 @@ class OpenSessionRequest(_message.Message):
     RESUME_EPOCH_FIELD_NUMBER: _ClassVar[int]
     NEXT_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     OPEN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     world_size: int
@@ -192,7 +195,18 @@ class OpenSessionRequest(_message.Message):
     resume_epoch: int
     next_attempt: bool
     open_token: str
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., resume_epoch: _Optional[int] = ..., next_attempt: _Optional[bool] = ..., open_token: _Optional[str] = ...) -> None: ...
+    snapshot: SessionSnapshot
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., resume_epoch: _Optional[int] = ..., next_attempt: _Optional[bool] = ..., open_token: _Optional[str] = ..., snapshot: _Optional[_Union[SessionSnapshot, _Mapping]] = ...) -> None: ...
+
+class SessionSnapshot(_message.Message):
+    __slots__ = ("modalities", "profile", "epochs")
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    modalities: _containers.RepeatedScalarFieldContainer[str]
+    profile: Profile
+    epochs: _containers.RepeatedCompositeFieldContainer[EpochRecord]
+    def __init__(self, modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., epochs: _Optional[_Iterable[_Union[EpochRecord, _Mapping]]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
     __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile", "state", "epoch", "last_step", "steps", "window", "created_unix_ms", "last_active_unix_ms", "resume_epoch", "state_reason")
@@ -299,18 +313,20 @@ class ModalityEpoch(_message.Message):
     def __init__(self, modality: _Optional[str] = ..., fisher_trace: _Optional[float] = ..., window: _Optional[_Union[ModalityWindow, _Mapping]] = ..., regulated_steps: _Optional[int] = ..., mean_proximal: _Optional[float] = ..., max_proximal: _Optional[float] = ..., mean_score: _Optional[float] = ...) -> None: ...
 
 class EpochRecord(_message.Message):
-    __slots__ = ("epoch", "closed", "steps", "fallback_steps", "modalities")
+    __slots__ = ("epoch", "closed", "steps", "fallback_steps", "modalities", "restored")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_STEPS_FIELD_NUMBER: _ClassVar[int]
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     closed: bool
     steps: int
     fallback_steps: int
     modalities: _containers.RepeatedCompositeFieldContainer[ModalityEpoch]
-    def __init__(self, epoch: _Optional[int] = ..., closed: _Optional[bool] = ..., steps: _Optional[int] = ..., fallback_steps: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalityEpoch, _Mapping]]] = ...) -> None: ...
+    restored: bool
+    def __init__(self, epoch: _Optional[int] = ..., closed: _Optional[bool] = ..., steps: _Optional[int] = ..., fallback_steps: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalityEpoch, _Mapping]]] = ..., restored: _Optional[bool] = ...) -> None: ...
 
 class EndEpochResponse(_message.Message):
     __slots__ = ("closed", "next_epoch", "next_window", "duplicate")

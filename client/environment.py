@@ -1,0 +1,53 @@
+"""Switches a training job obeys without code changes, read from the environment.
+
+Operations can turn a fleet of jobs fail-open or off the way ``WANDB_MODE`` does for W&B:
+
+- ``REGULATOR_ON_UNAVAILABLE=wait|neutral|last``: the delivery mode when the code passes none
+  (an explicit ``on_unavailable=`` argument wins);
+- ``REGULATOR_DISABLED=1`` (``true``/``yes``/``on``): the hook makes no connection and applies
+  nothing; the gradients are those of plain training.
+
+``InfoRegHook`` reads them when it is built, and the Lightning, Hugging Face and Accelerate
+integrations all build one, so every way in obeys the same switches. Nothing is cached: a
+process that changes its environment gets the new values in the next hook it builds.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from .delivery import MODES
+
+ON_UNAVAILABLE = "REGULATOR_ON_UNAVAILABLE"
+DISABLED = "REGULATOR_DISABLED"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class ClientEnvironment:
+    """The switches as read at one moment; ``None``: not set."""
+
+    on_unavailable: Optional[str] = None
+    disabled: bool = False
+
+    @classmethod
+    def read(cls, env: Optional[Mapping[str, str]] = None) -> "ClientEnvironment":
+        """From ``env`` (default ``os.environ``); a bad value is a ``ValueError`` naming the
+        variable and what it may be."""
+        env = os.environ if env is None else env
+        mode = env.get(ON_UNAVAILABLE, "").strip().lower() or None
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"{ON_UNAVAILABLE}={env[ON_UNAVAILABLE]!r}: expected one of {', '.join(MODES)}")
+        raw = env.get(DISABLED, "").strip().lower()
+        if raw not in _TRUE + _FALSE:
+            raise ValueError(f"{DISABLED}={env[DISABLED]!r}: expected 1/true/yes/on or 0/false/no/off (or unset)")
+        return cls(on_unavailable=mode, disabled=raw in _TRUE)
+
+    def mode(self, explicit: Optional[str]) -> str:
+        """The delivery mode in force: the code's argument, else the environment's, else ``wait``."""
+        if explicit is not None:
+            return explicit
+        return self.on_unavailable or "wait"
