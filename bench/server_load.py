@@ -189,9 +189,9 @@ def serve_echo(ready_file: str, workers: int = 16, interceptors: bool = False, b
     if interceptors:
         from prometheus_client import CollectorRegistry
 
-        from regulator_service.interceptors import MalformedRequestInterceptor, MetricsInterceptor
-        from regulator_service.metrics import GrpcServerMetrics
-        from regulator_service.server import DEFAULT_MAX_CONCURRENT_RPCS, REGISTERED_METHODS
+        from regulator_service.edge.interceptors import MalformedRequestInterceptor, MetricsInterceptor
+        from regulator_service.edge.metrics import GrpcServerMetrics
+        from regulator_service.edge.server import DEFAULT_MAX_CONCURRENT_RPCS, REGISTERED_METHODS
 
         metrics = GrpcServerMetrics(CollectorRegistry())
         options = {
@@ -374,16 +374,17 @@ class Server:
                 assert baseline is not None
                 root = str(Path(baseline).resolve())
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "proto")])}
+        from trainers.serverproc import launch  # here: --baseline runs this file as a script of another checkout
+
         self.log = open(workdir / f"{kind}.log", "ab")
-        self.proc = subprocess.Popen(**pinned(cmd, cpus), stdout=self.log, stderr=self.log, env=env,
+        spec = pinned(cmd, cpus)
+        try:
+            self.proc, info = launch(spec.pop("args"), ready, 60, kind, **spec, stdout=self.log, stderr=self.log, env=env,
                                      cwd=str(Path(baseline).resolve()) if kind == "baseline" else None)
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{kind} server did not start: {' '.join(cmd)} (log {self.log.name})")
-            time.sleep(0.05)
-        self.target = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+        except (RuntimeError, TimeoutError) as exc:
+            self.log.close()
+            raise RuntimeError(f"{kind} server did not start ({exc}): {' '.join(cmd)} (log {self.log.name})") from None
+        self.target = f"127.0.0.1:{info['port']}"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -498,8 +499,12 @@ def in_process(reports: int, stores: Sequence[str] = ("sqlite", "memory")) -> di
     answer serialized): the Report's own work, without gRPC and without other threads."""
     from inforeg.regulator.v1 import regulator_pb2 as pb
 
-    from regulator_service.server import RegulatorServer, ServerConfig
-    from regulator_service.servicer import RegulatorServicer
+    try:
+        from regulator_service.edge.server import RegulatorServer, ServerConfig
+        from regulator_service.edge.servicer import RegulatorServicer
+    except ImportError:  # a --baseline checkout from before the service was grouped into rooms
+        from regulator_service.server import RegulatorServer, ServerConfig  # type: ignore[no-redef]
+        from regulator_service.servicer import RegulatorServicer  # type: ignore[no-redef]
 
     class Context:
         def abort(self, code: Any, details: str) -> None:

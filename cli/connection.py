@@ -21,7 +21,7 @@ from regulator_client import DeadlineExceeded, RegulatorClient, Unavailable
 from regulator_client.cli_args import connect_from_args
 from regulator_client.errors import Overloaded
 from regulator_client.transport import default_target
-from regulator_service.security import TokenSource, check_server_identity
+from regulator_service.edge.security import TokenSource, check_server_identity
 
 
 class FlagError(Exception):

@@ -18,18 +18,24 @@ import sys
 from types import ModuleType
 from typing import Optional, Sequence
 
+from .commands.serve_missing import ServeMissing, is_missing_server_extra
 from .grpc_env import quiet_grpc_core
 
 DEFAULT_LOG_LEVEL = "INFO"
 log = logging.getLogger("regulator")
 
 
-def subcommands() -> tuple[ModuleType, ...]:
-    """The modules that add a subcommand each (``add_parser(sub)``, ``set_defaults(func=...)``)."""
-    from regulator_service import serve
-
+def subcommands() -> tuple[ModuleType | ServeMissing, ...]:
+    """The modules that add a subcommand each (``add_parser(sub)``, ``set_defaults(func=...)``).
+    In a client-only install (no [server] extra) ``serve`` is a stand-in that says what to install."""
     from .commands import inspect, plot, replay
 
+    try:
+        from regulator_service import serve
+    except ModuleNotFoundError as exc:
+        if not is_missing_server_extra(exc):
+            raise
+        return (ServeMissing(exc), replay, inspect, plot)
     return (serve, replay, inspect, plot)
 
 

@@ -58,21 +58,22 @@ class Patience:
         self.last_error = ""
         self.failures = 0
         self.warnings = 0
-        self._done = threading.Event()
+        self._done: Optional[threading.Event] = None  # with the thread: a call that is answered at once costs neither
         self._thread: Optional[threading.Thread] = None
 
     def start(self, first_s: float) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, args=(first_s,), name="inforeg-patience", daemon=True)
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(first_s, self._done), name="inforeg-patience", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
-        self._done.set()
         if self._thread is not None:
+            self._done.set()  # type: ignore[union-attr]
             self._thread.join()
 
-    def _run(self, delay: float) -> None:
-        while not self._done.wait(delay):
+    def _run(self, delay: float, done: threading.Event) -> None:
+        while not done.wait(delay):
             self.warn()
             delay = self.every_s
 

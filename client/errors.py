@@ -6,9 +6,12 @@ A caller catches ``InvalidArgument`` (a ``ValueError``), ``NotFound`` (a ``KeyEr
 
 from __future__ import annotations
 
+from typing import Optional
+
 import grpc
 
-from regulator_service.errors import (
+from regulator_service.client_api import (
+    RETRY_AFTER_KEY,
     AlreadyExists,
     DataLoss,
     DeadlineExceeded,
@@ -22,14 +25,11 @@ from regulator_service.errors import (
     Unavailable,
     error_for_code,
 )
-# HISTORY_BUSY: the regulator answers RESOURCE_EXHAUSTED with this message prefix when every paged
-# history-read slot is taken (``serve --max-history-readers``); nothing ran.
-from regulator_service.read_pacing import HISTORY_BUSY
 
-
-# What grpcio's server answers when ``maximum_concurrent_rpcs`` (``serve --max-concurrent-rpcs``)
-# sheds a call before any handler ran. It and HISTORY_BUSY are the RESOURCE_EXHAUSTED answers that
-# are about load, not quota: retryable.
+# What grpcio's own server code answers when ``maximum_concurrent_rpcs`` (``serve
+# --max-concurrent-rpcs``) sheds a call before any handler ran: grpcio sends this fixed status
+# with no metadata, so it is the one shed answer that cannot carry ``RETRY_AFTER_KEY``. Every
+# shed answer of the regulator's own (a history read with every read slot taken) carries the key.
 SHED_DETAILS = "Concurrent RPC limit exceeded!"
 
 
@@ -48,10 +48,30 @@ def shed(details: str) -> Overloaded:
     return Overloaded(f"the regulator is overloaded and shed the call ({details})")
 
 
+def retry_after_ms(exc: grpc.RpcError) -> Optional[int]:
+    """The pause the regulator asks for before a retry (its ``RETRY_AFTER_KEY`` trailing
+    metadata), or None if the answer is not a "retry later"."""
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0, int(value))
+            except (TypeError, ValueError):
+                return 0  # the key decides; a garbled pause is no pause
+    return None
+
+
+def is_shed(code: grpc.StatusCode, details: str, retry_after: Optional[int]) -> bool:
+    """Whether a RESOURCE_EXHAUSTED is about load (retry later), not a quota (never retried)."""
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    return retry_after is not None or details == SHED_DETAILS
+
+
 def from_rpc_error(exc: grpc.RpcError) -> RegulatorError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (details == SHED_DETAILS or details.startswith(HISTORY_BUSY)):
+    if is_shed(code, details, retry_after_ms(exc)):
         err: RegulatorError = shed(details)
     elif code == grpc.StatusCode.CANCELLED:
         # This library never cancels its own calls, so a CANCELLED it receives is the server's:

@@ -12,8 +12,7 @@ from typing import Any, Iterable, Union
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
-from regulator_service import profile_wire
-from regulator_service.policy import BUILTIN_PROFILES, ProfileError, ProfileRegistry, ProfileSpec
+from regulator_service.client_api import BUILTIN_PROFILES, ProfileError, ProfileRegistry, ProfileSpec, profile_wire
 
 ProfileLike = Union[str, pb.Profile, None]
 

@@ -21,13 +21,12 @@ import grpc
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 
-from regulator_service.read_pacing import HistoryBusy
-from regulator_service.security import FileWatch, TokenSource, token_from_env
+from regulator_service.client_api import FileWatch, RetryLater, TokenSource, token_from_env
 
 from .errors import InvalidArgument, Overloaded, from_rpc_error, shed
 
 if TYPE_CHECKING:
-    from regulator_service.api import RegulatorAPI
+    from regulator_service.client_api import RegulatorAPI
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Regulator"].full_name
 SHED_BACKOFF_S = (0.05, 1.0)  # first and largest pause between retries of a shed call
@@ -265,7 +264,7 @@ class InProcessTransport:
 
     def __init__(self, api: Optional["RegulatorAPI"] = None, shed_wait_s: float = 10.0) -> None:
         if api is None:
-            from regulator_service.api import build_api
+            from regulator_service.client_api import build_api
 
             api = build_api()
         if shed_wait_s <= 0:
@@ -295,7 +294,7 @@ class InProcessTransport:
         def attempt(seconds_left: float) -> pb.GetSessionResponse:
             try:
                 return self._call(self.api.get_session, req)
-            except HistoryBusy as exc:  # what a remote client sees as a shed call
+            except RetryLater as exc:  # what a remote client sees as a shed call
                 raise shed(exc.message) from None
 
         return retry_while_shed(attempt, self.shed_wait_s, self._count_retry)

@@ -49,6 +49,22 @@ class ResourceExhausted(RegulatorError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class RetryLater(ResourceExhausted):
+    """Refused for load, not for a quota: nothing happened, and the same call may be retried.
+
+    Sent with the trailing-metadata key ``RETRY_AFTER_KEY`` (milliseconds to wait first), which
+    is what a client decides on; the message stays for people.
+    """
+
+    def __init__(self, message: str, retry_after_ms: int = 50) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+# Trailing-metadata key of a ``RetryLater`` answer: its value is the suggested pause in ms.
+RETRY_AFTER_KEY = "inforeg-retry-after-ms"
+
+
 class Unavailable(RegulatorError):
     code = grpc.StatusCode.UNAVAILABLE
 

@@ -296,9 +296,3 @@ class Limits:
     history_read_rate: int = 32 << 20
     max_history_readers: int = 2
 
-
-@dataclass(frozen=True)
-class SessionDetail:
-    view: SessionView
-    epochs: tuple[EpochSummary, ...]
-    steps: tuple[StepRecord, ...]

@@ -19,11 +19,11 @@ from typing import Mapping, Optional
 
 from prometheus_client import disable_created_metrics
 
-from .memory_budget import parse_bytes
+from .capacity.memory_budget import parse_bytes
 from .model import Limits
-from .profile_wire import load_registry
-from .security import TlsFiles, TokenSource
-from .server import RegulatorServer, ServerConfig
+from .wire.profile_wire import load_registry
+from .edge.security import TlsFiles, TokenSource
+from .edge.server import RegulatorServer, ServerConfig
 from .storage import StoreError
 from .storage.sqlite import STATE_FILE
 

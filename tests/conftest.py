@@ -12,7 +12,7 @@ import pytest
 
 from regulator_client import RegulatorClient
 from regulator_service.model import Limits
-from regulator_service.server import SERVICE_NAME, RegulatorServer, ServerConfig
+from regulator_service.edge.server import SERVICE_NAME, RegulatorServer, ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # The traces the docs' examples and the tests use ship with the repository.

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .conftest import wait_until
+from trainers.serverproc import launch, regulator_command
 
 
 @dataclass
@@ -44,13 +42,13 @@ def serving(tmp_path: Path, *args: str, env: Optional[dict[str, str]] = None) ->
     """``regulator serve --port 0 --in-memory ARGS`` until the block ends (then SIGTERM, exit 0)."""
     name = uuid.uuid4().hex[:8]
     ready, log = tmp_path / f"ready-{name}.json", tmp_path / f"server-{name}.log"
-    cmd = [sys.executable, "-m", "regulator_cli", "serve", "--port", "0", "--in-memory", "--ready-file", str(ready), *args]
+    cmd = regulator_command(ready, "--in-memory", *args)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        try:
+            proc, info = launch(cmd, ready, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}:\n{log.read_text()}") from None
     try:
-        wait_until(lambda: ready.exists() or proc.poll() is not None, "the regulator serves")
-        assert proc.poll() is None, f"regulator serve exited with {proc.returncode}:\n{log.read_text()}"
-        info = json.loads(ready.read_text())
         yield Served(proc, log, info["port"], info["metrics_port"], info["health_port"])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()

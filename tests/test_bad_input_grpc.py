@@ -11,7 +11,7 @@ import pytest
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 from regulator_client import RegulatorClient
-from regulator_service.server import RegulatorServer
+from regulator_service.edge.server import RegulatorServer
 
 JOB = "bad-input-job"
 

@@ -20,8 +20,8 @@ import regulator_service
 from regulator_cli.main import build_parser
 from regulator_client import RegulatorClient
 from regulator_client.transport import TlsConfig
-from regulator_service.security import TlsFiles, TokenSource
-from regulator_service.server import RegulatorServer, ServerConfig
+from regulator_service.edge.security import TlsFiles, TokenSource
+from regulator_service.edge.server import RegulatorServer, ServerConfig
 
 from .conftest import data_file, read_jsonl
 from .pki import make_pki

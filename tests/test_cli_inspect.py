@@ -15,7 +15,7 @@ from regulator_client import RegulatorClient
 from regulator_client.trace import TraceEpochEnd, TraceStep, read_trace, replay_events
 from regulator_cli import main as cli
 from regulator_cli.commands import inspect
-from regulator_service.server import RegulatorServer, ServerConfig
+from regulator_service.edge.server import RegulatorServer, ServerConfig
 
 from .conftest import data_file, read_jsonl, roomy_limits
 
@@ -167,7 +167,7 @@ def test_a_target_port_out_of_range_is_refused_not_wrapped(capsys, target: str, 
 
 def test_token_and_tls(capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The flags reach the transport; the token defaults to $REGULATOR_TOKEN as for every client."""
-    from regulator_service.security import TlsFiles, TokenSource
+    from regulator_service.edge.security import TlsFiles, TokenSource
 
     from .pki import make_pki
 

@@ -16,7 +16,7 @@ from regulator_client import RegulatorClient
 from regulator_client.trace import TraceStep, read_trace, replay_events
 from regulator_cli import main as cli
 from regulator_cli.job_history import JobHistory, job_history
-from regulator_service.server import RegulatorServer, ServerConfig
+from regulator_service.edge.server import RegulatorServer, ServerConfig
 
 from .conftest import data_file, roomy_limits
 

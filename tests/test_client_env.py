@@ -22,7 +22,7 @@ from torch import nn
 from regulator_client import RegulatorClient
 from regulator_client.environment import ClientEnvironment
 from regulator_client.hook import InfoRegHook
-from regulator_service.server import RegulatorServer, ServerConfig
+from regulator_service.edge.server import RegulatorServer, ServerConfig
 
 from .conftest import roomy_limits
 

@@ -14,8 +14,8 @@ from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_client import RegulatorClient
 from regulator_client.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from regulator_client.trace import TraceEpochEnd, TraceStep, read_trace
-from regulator_service.api import RegulatorAPI
-from regulator_service.manager import SessionManager
+from regulator_service.wire.api import RegulatorAPI
+from regulator_service.core.manager import SessionManager
 from regulator_service.storage import SQLiteStore
 
 from .conftest import data_file

@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 from regulator_cli.main import build_parser
-from regulator_service.server import LIVENESS_NAME, SERVICE_NAME
+from regulator_service.edge.server import LIVENESS_NAME, SERVICE_NAME
 
 from .conftest import require_promtool
 
@@ -1095,8 +1095,9 @@ def test_dockerfile_copies_what_pip_install_needs() -> None:
 
 
 def test_requirements_lock_pins_the_core_dependencies() -> None:
-    """deploy/requirements.lock (`make lock`): every core dependency of pyproject.toml and nothing
-    from the extras, each at one exact version that satisfies pyproject's range, with hashes."""
+    """deploy/requirements.lock (`make lock`): every core and `server` dependency of pyproject.toml
+    and nothing from the other extras, each at one exact version that satisfies pyproject's
+    ranges, with hashes."""
     from packaging.requirements import Requirement
 
     lock = (DEPLOY / "requirements.lock").read_text()
@@ -1106,12 +1107,13 @@ def test_requirements_lock_pins_the_core_dependencies() -> None:
     requirement_lines = [l for l in lock.splitlines() if re.match(r"^[A-Za-z0-9]", l)]
     assert len(requirement_lines) == len(entries), "every requirement is pinned with ==, with hashes"
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for dep in map(Requirement, project["dependencies"]):
+    for dep in map(Requirement, project["dependencies"] + project["optional-dependencies"]["server"]):
         name = re.sub(r"[-_.]+", "-", dep.name).lower()
         assert name in pinned, f"{dep.name} is not in the lock"
         assert dep.specifier.contains(pinned[name]), f"locked {name}=={pinned[name]} is outside pyproject's {dep}"
     extras = {re.sub(r"[-_.]+", "-", Requirement(r).name).lower() for reqs in project["optional-dependencies"].values() for r in reqs}
-    core = {re.sub(r"[-_.]+", "-", Requirement(r).name).lower() for r in project["dependencies"]}
+    core = {re.sub(r"[-_.]+", "-", Requirement(r).name).lower()
+            for r in project["dependencies"] + project["optional-dependencies"]["server"]}
     assert not (set(pinned) & (extras - core)), f"extras in the server's lock: {set(pinned) & (extras - core)}"
     assert "numpy" not in pinned and "numpy" not in core, "the server never imports numpy"
 

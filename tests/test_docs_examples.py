@@ -9,7 +9,8 @@ The marking convention (docs/testing.md, "How the examples in the docs are teste
   output, where a line ``...`` stands for any number of lines. No output lines: output unchecked.
 - A ```bash block is run as one script (``set -e``); its output is not checked.
 - ``<!-- not-run: REASON -->`` on the line before a block: not run (a GPU, Kubernetes, a long
-  benchmark, ``make demo`` itself...); the reason is required.
+  benchmark, ``make demo`` itself...); the reason is required. ``not-run: covered by
+  tests/FILE.py::test_name``: a slow example that a dedicated test runs; that test must exist.
 - ``<!-- run-with: server -->`` before a block: the test starts ``regulator serve --in-memory`` on
   a free port and sets ``REGULATOR_TARGET`` for the block's commands.
 - ``<!-- run: quickstart -->`` before a ```python block: the script runs against a real
@@ -20,6 +21,7 @@ The marking convention (docs/testing.md, "How the examples in the docs are teste
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -216,6 +218,25 @@ def test_every_marker_is_known_and_says_why() -> None:
             assert value == "server", f"{b.id}: unknown run-with {value!r}"
         else:
             assert (value, b.lang) == ("quickstart", "python"), f"{b.id}: <!-- run: quickstart --> marks a python block"
+
+
+COVERED = re.compile(r"covered by (tests/[\w/]+\.py)::(\w+)")
+
+
+def test_every_example_left_to_a_test_names_a_test_that_exists() -> None:
+    """``<!-- not-run: covered by tests/F.py::name -->``: an example not run here because a
+    dedicated test runs the same thing; the test must exist, so the claim stays true."""
+    claims = [(b, m) for b in ALL if b.marker and b.marker[0] == "not-run" for m in [COVERED.search(b.marker[1])] if m]
+    assert claims, "no example is marked as covered by a test"
+    for b, m in claims:
+        path = ROOT / m.group(1)
+        assert path.is_file(), f"{b.id}: {m.group(1)} does not exist"
+        tree = ast.parse(path.read_text())
+        names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        assert m.group(2).startswith("test_") and m.group(2) in names, f"{b.id}: {m.group(1)} has no test {m.group(2)}"
+    for b in ALL:
+        if b.marker and b.marker[0] == "not-run" and "covered by" in b.marker[1]:
+            assert COVERED.search(b.marker[1]), f"{b.id}: write `covered by tests/FILE.py::test_name`"
 
 
 def test_the_parser_reads_commands_and_their_output() -> None:

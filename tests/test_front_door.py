@@ -33,8 +33,8 @@ from regulator_client import RegulatorClient
 from regulator_client.delivery import Delivery
 from regulator_client.errors import InvalidArgument, Overloaded, ResourceExhausted, SHED_DETAILS, Unavailable
 from regulator_client.transport import GrpcTransport, TlsConfig
-from regulator_service.security import TlsFiles
-from regulator_service.server import SERVICE_NAME, RegulatorServer, ServerConfig
+from regulator_service.edge.security import TlsFiles
+from regulator_service.edge.server import SERVICE_NAME, RegulatorServer, ServerConfig
 
 from .conftest import ROOT, free_port, metric, wait_until
 from .pki import Pki, make_pki

@@ -64,10 +64,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
-from regulator_service.convert import JOB_ID, MAX_STRENGTH, MODALITY
-from regulator_service.read_pacing import HISTORY_BUSY
-from regulator_service.manager import Limits
-from regulator_service.server import RegulatorServer, ServerConfig
+from regulator_service.wire.convert import JOB_ID, MAX_STRENGTH, MODALITY
+from regulator_service.capacity.read_pacing import HISTORY_BUSY
+from regulator_service.core.manager import Limits
+from regulator_service.edge.server import RegulatorServer, ServerConfig
 from trainers.serverproc import ServerProcess
 
 from .conftest import roomy_limits

@@ -21,7 +21,7 @@ import pytest
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 from regulator_client import RegulatorClient
-from regulator_service import history
+from regulator_service.capacity import history
 from regulator_service.model import EpochSummary, Fallback, SessionConfig, SessionKey, SessionStatus, StepRecord
 from regulator_service.policy import BUILTIN_PROFILES, Window
 from regulator_service.storage import MemoryStore, SQLiteStore
@@ -187,7 +187,7 @@ def test_pages_stay_under_the_byte_cap_and_jump_over_gaps() -> None:
         loads.append((first, last))
         return store.step_range(key, first, last, limit)
 
-    from regulator_service.convert import step_record
+    from regulator_service.wire.convert import step_record
 
     pages = history.HistoryPages()
     encode = lambda r: step_record(mods, r).SerializeToString()  # noqa: E731
@@ -206,8 +206,8 @@ def test_pages_stay_under_the_byte_cap_and_jump_over_gaps() -> None:
 
 
 def _api(store: Any) -> Any:
-    from regulator_service.api import RegulatorAPI
-    from regulator_service.manager import SessionManager
+    from regulator_service.wire.api import RegulatorAPI
+    from regulator_service.core.manager import SessionManager
 
     manager = SessionManager(store)
     manager.restore()

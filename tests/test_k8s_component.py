@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from regulator_service.server import LIVENESS_NAME, SERVICE_NAME
+from regulator_service.edge.server import LIVENESS_NAME, SERVICE_NAME
 
 from .test_deploy import (
     K8S,

@@ -20,19 +20,19 @@ import pytest
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_client import RegulatorClient
 from regulator_client.errors import ResourceExhausted
-from regulator_service.api import RegulatorAPI
-from regulator_service.manager import SessionManager
-from regulator_service.memory_budget import (
+from regulator_service.wire.api import RegulatorAPI
+from regulator_service.core.manager import SessionManager
+from regulator_service.capacity.memory_budget import (
     ANSWER_FLOOR,
     MemoryBudget,
     answer_bytes,
     epoch_bytes,
     parse_bytes,
-    session_bytes,
 )
+from regulator_service.core.accounting import session_bytes
 from regulator_service.model import EpochSummary, Fallback, Limits, SessionConfig, StepRecord
 from regulator_service.policy import BUILTIN_PROFILES, Window
-from regulator_service.session import Session
+from regulator_service.core.session import Session
 from regulator_service.storage import MemoryStore
 from trainers.serverproc import ServerProcess
 
@@ -69,7 +69,7 @@ def test_size_estimates_cover_what_the_caches_really_hold(modalities: int) -> No
     windows = tuple(Window(open=True, growth=0.5) for _ in names)
     assert epoch_bytes(modalities) >= measured(lambda i: EpochSummary.start(i, windows).close(), 500)
     profile = BUILTIN_PROFILES.get("paper").restore({})
-    assert session_bytes(modalities) >= measured(
+    assert session_bytes(profile, modalities) >= measured(
         lambda i: Session.new(SessionConfig(f"job-{i:060d}", 0, 1, names, profile), 0), 200
     )
 
@@ -82,7 +82,7 @@ def test_parse_bytes_reads_kubernetes_quantities() -> None:
 
 
 def test_caches_are_evicted_before_a_session_is_refused() -> None:
-    limit = 20 * session_bytes(2) + 300 * answer_bytes(2)  # ~35 sessions with their answers trimmed
+    limit = 20 * session_bytes(BUILTIN_PROFILES.get("official").restore({}), 2) + 300 * answer_bytes(2)  # ~35 sessions with their answers trimmed
     budget = MemoryBudget(limit)
     manager = SessionManager(MemoryStore(), limits=Limits(max_open_sessions=1000), budget=budget)
     client = RegulatorClient.in_process(RegulatorAPI(manager))
@@ -97,7 +97,7 @@ def test_caches_are_evicted_before_a_session_is_refused() -> None:
             assert budget.used() <= limit  # after every call
     # refused only once the caches were given up: every open session keeps just a few answers
     assert 1 < opened < 100
-    assert all(s.cached_answers <= ANSWER_FLOOR for s in manager._open.values())
+    assert all(s.cached_answers <= ANSWER_FLOOR for s in manager.directory.open.values())
     assert budget.used("answers") <= opened * ANSWER_FLOOR * answer_bytes(2)
     # an evicted answer is still the same answer (read back from the store) for a late rank
     late = client.report("job-0", attempt=0, epoch=0, step=3, **STATS)

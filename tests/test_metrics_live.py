@@ -32,9 +32,9 @@ import regulator_service
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_client import RegulatorClient
 from regulator_client.trace import TraceEpochEnd, TraceStep, read_trace
-from regulator_service import metrics as metrics_module
-from regulator_service.interceptors import GO_CODE_NAMES
-from regulator_service.server import RegulatorServer, ServerConfig
+from regulator_service.edge import metrics as metrics_module
+from regulator_service.edge.interceptors import GO_CODE_NAMES
+from regulator_service.edge.server import RegulatorServer, ServerConfig
 
 from .conftest import data_file, require_promtool, roomy_limits
 

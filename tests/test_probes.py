@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
-from regulator_service.server import LIVENESS_NAME, READINESS_NAMES, SERVICE_NAME, RegulatorServer, ServerConfig
+from regulator_service.edge.server import LIVENESS_NAME, READINESS_NAMES, SERVICE_NAME, RegulatorServer, ServerConfig
 from regulator_service.storage.sqlite import STATE_FILE
 
 from .conftest import health, scrape, wait_until

@@ -211,7 +211,7 @@ def test_a_broken_plugin_stops_serve_with_one_line(tmp_path: Path, importable: N
 
 
 def test_plugin_spec_must_match_its_message() -> None:
-    from regulator_service.profile_wire import load_registry
+    from regulator_service.wire.profile_wire import load_registry
     from regulator_service.policy import ProfileError
 
     @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_cli.main import build_parser
 from regulator_cli.profile_flags import chosen_profile, shared_flags
 from regulator_client.profiles import PROFILE_NAMES, make_profile, parse_profile_params, profile_name, profile_params
-from regulator_service import profile_wire
+from regulator_service.wire import profile_wire
 from regulator_service.model import EpochSummary, Fallback, StepRecord
 from regulator_service.policy import (
     BUILTIN_PROFILES,

@@ -18,11 +18,12 @@ import pytest
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 from regulator_client import RegulatorClient
-from regulator_client.errors import HISTORY_BUSY, Overloaded, from_rpc_error
+from regulator_client.errors import Overloaded, from_rpc_error
 from regulator_client.transport import InProcessTransport
-from regulator_service.api import build_api
-from regulator_service.read_pacing import HistoryBusy, ReadPacer
-from regulator_service.server import RegulatorServer, ServerConfig
+from regulator_service.wire.api import build_api
+from regulator_service.client_api import RETRY_AFTER_KEY
+from regulator_service.capacity.read_pacing import HISTORY_BUSY, HistoryBusy, ReadPacer
+from regulator_service.edge.server import RegulatorServer, ServerConfig
 
 from .conftest import roomy_limits, wait_until
 
@@ -81,6 +82,8 @@ def test_a_read_beyond_the_bound_is_refused_at_once_retried_and_never_blocks_rep
                 with pytest.raises(grpc.RpcError) as refused:
                     stub.GetSession(pb.GetSessionRequest(job_id="long", include_steps=True), timeout=60)
                 assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                # "retry later" travels as a trailing-metadata key, not as message text
+                assert dict(refused.value.trailing_metadata())[RETRY_AFTER_KEY] == "50"
                 assert isinstance(from_rpc_error(refused.value), Overloaded)
                 # a session's header is not a paged read: never refused
                 assert stub.GetSession(pb.GetSessionRequest(job_id="long"), timeout=60).session.steps == 50

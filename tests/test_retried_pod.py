@@ -21,7 +21,7 @@ import pytest
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_client import JobIdentity, RegulatorClient
 from regulator_client.errors import InvalidArgument
-from regulator_service.server import RegulatorServer, ServerConfig
+from regulator_service.edge.server import RegulatorServer, ServerConfig
 
 from .conftest import ROOT, roomy_limits
 

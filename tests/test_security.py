@@ -14,11 +14,11 @@ from regulator_client import RegulatorClient
 from regulator_client.errors import FailedPrecondition, ResourceExhausted, Unauthenticated, Unavailable
 from regulator_client.transport import TlsConfig
 from regulator_cli.main import build_parser
-from regulator_service.api import RegulatorAPI
-from regulator_service.manager import SessionManager
-from regulator_service.security import TlsFiles, TokenSource
+from regulator_service.wire.api import RegulatorAPI
+from regulator_service.core.manager import SessionManager
+from regulator_service.edge.security import TlsFiles, TokenSource
 from regulator_service.serve import apply_env_defaults, config_from_args
-from regulator_service.server import RegulatorServer, ServerConfig
+from regulator_service.edge.server import RegulatorServer, ServerConfig
 from regulator_service.storage import SQLiteStore
 
 from .conftest import STORE_TIMEOUT_S, health, roomy_limits, wait_until

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from regulator_client import RegulatorClient
-from regulator_service.server import SERVICE_NAME, RegulatorServer, ServerConfig
+from regulator_service.edge.server import SERVICE_NAME, RegulatorServer, ServerConfig
 
 from .conftest import health, metric, roomy_limits, scrape
 

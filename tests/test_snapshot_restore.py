@@ -26,7 +26,7 @@ import torch
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_client import RegulatorClient
 from regulator_client.errors import FailedPrecondition, InvalidArgument, NotFound
-from regulator_service.server import RegulatorServer, ServerConfig
+from regulator_service.edge.server import RegulatorServer, ServerConfig
 
 from .conftest import ROOT, read_jsonl, roomy_limits
 from .test_frameworks import steps_of

@@ -10,9 +10,9 @@ import pytest
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from regulator_client import RegulatorClient
 from regulator_client.trace import TraceEpochEnd, read_trace
-from regulator_service.api import RegulatorAPI
+from regulator_service.wire.api import RegulatorAPI
 from regulator_service.errors import Unavailable
-from regulator_service.manager import SessionManager
+from regulator_service.core.manager import SessionManager
 from regulator_service.model import SessionKey
 from regulator_service.storage import MemoryStore, SQLiteStore, StoreError
 from regulator_service.storage.sqlite import STATE_FILE

@@ -29,10 +29,10 @@ from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 from regulator_client import RegulatorClient
 from regulator_client.errors import Unavailable
-from regulator_service.api import RegulatorAPI
-from regulator_service.manager import SessionManager
+from regulator_service.wire.api import RegulatorAPI
+from regulator_service.core.manager import SessionManager
 from regulator_service.model import Limits, SessionKey
-from regulator_service.server import LIVENESS_NAME
+from regulator_service.edge.server import LIVENESS_NAME
 from regulator_service.storage import SQLiteStore, StoreError
 from regulator_service.storage.group_commit import WriteOp
 from regulator_service.storage.sqlite import STATE_FILE
@@ -227,7 +227,7 @@ def test_a_write_of_unknown_outcome_blocks_only_its_job_until_it_is_settled(tmp_
     with pytest.raises(Unavailable, match="nothing was changed"):  # the others are bounded too
         client.report("other", attempt=0, epoch=0, step=0, **stats)
     store.release.set()  # the disk comes back: the held batch (with step 1) commits
-    wait_until(lambda: "hung" not in manager._in_doubt, "the job's pending write is settled")
+    wait_until(lambda: "hung" not in manager.directory.in_doubt, "the job's pending write is settled")
     # step 1 was committed after all: the job is re-read from the store and a retry is a duplicate
     again = client.report("hung", attempt=0, epoch=0, step=1, **stats)
     assert again.duplicate

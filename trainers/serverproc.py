@@ -1,4 +1,9 @@
-"""Start and stop a ``regulator serve`` subprocess (the demo, examples, end-to-end tests)."""
+"""Start and stop a ``regulator serve`` subprocess (the demo, examples, end-to-end tests).
+
+``launch`` is the one way this repository starts a regulator (or any server that writes a ready
+file) and waits until it serves: ``ServerProcess`` here, ``tests/serving.py`` and
+``bench/server_load.py`` use it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,47 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
+
+READY_POLL_S = 0.05
+
+
+def wait_ready(proc: "subprocess.Popen[bytes]", ready: Path, timeout: float, what: str = "regulator") -> dict[str, Any]:
+    """The JSON ``proc`` writes to ``ready`` once it serves (``serve --ready-file``: port,
+    metrics_port, health_port, pid). RuntimeError if it exits first, TimeoutError past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before serving")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not serve within {timeout:g}s")
+        time.sleep(READY_POLL_S)
+    return json.loads(ready.read_text())
+
+
+def launch(
+    cmd: Sequence[str], ready: Path, timeout: float = 60.0, what: str = "regulator", **popen: Any
+) -> tuple["subprocess.Popen[bytes]", dict[str, Any]]:
+    """Starts ``cmd`` (``popen``: ``subprocess.Popen``'s keywords) and waits until it writes
+    ``ready``; a process that does not get there is terminated (SIGTERM, then SIGKILL)."""
+    ready.unlink(missing_ok=True)
+    proc: subprocess.Popen[bytes] = subprocess.Popen(list(cmd), **popen)
+    try:
+        return proc, wait_ready(proc, ready, timeout, what)
+    except BaseException:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+
+
+def regulator_command(ready: Path, *args: str) -> list[str]:
+    """``regulator serve --port 0 --ready-file READY ARGS`` in this interpreter."""
+    return [sys.executable, "-m", "regulator_cli", "serve", "--port", "0", "--ready-file", str(ready), *args]
 
 
 class ServerProcess:
@@ -39,24 +84,15 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0) -> "ServerProcess":
         ready = Path(self._tmp.name) / "ready.json"
-        ready.unlink(missing_ok=True)
-        cmd = [
-            sys.executable, "-m", "regulator_cli", "serve",
-            "--port", str(self.requested_port), "--metrics-port", "0", "--ready-file", str(ready),
-        ]
+        cmd = regulator_command(ready, "--metrics-port", "0")
+        cmd[cmd.index("--port") + 1] = str(self.requested_port)
         cmd += ["--state-dir", self.state_dir] if self.state_dir else ["--in-memory"]
         cmd += self.extra_args
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # type: ignore[assignment]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log)
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"regulator exited with code {self.proc.returncode} before serving: {' '.join(cmd)}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"regulator did not serve within {timeout}s")
-            time.sleep(0.05)
-        info = json.loads(ready.read_text())
+        try:
+            self.proc, info = launch(cmd, ready, timeout, stdout=self._log, stderr=self._log)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {' '.join(cmd)}") from None
         self.port, self.metrics_port = info["port"], info["metrics_port"]
         return self
 

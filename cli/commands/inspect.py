@@ -216,9 +216,10 @@ def step_dict(s: pb.StepRecord) -> dict[str, Any]:
 def trace_header(s: pb.SessionInfo) -> dict[str, Any]:
     """The trace's ``session`` line; the extra keys are ignored by ``read_trace``."""
     head: dict[str, Any] = {"type": "session", "modalities": list(s.modalities)}
-    if s.profile.WhichOneof("kind") == "official":
-        head["reference_modality"] = s.profile.official.reference_modality
-    head.update(job_id=s.job_id, attempt=s.attempt, profile=profile_name(s.profile), profile_params=profile_params(s.profile))
+    params = profile_params(s.profile)
+    if params.get("reference_modality"):  # a trace's own key, for any profile that has one
+        head["reference_modality"] = params["reference_modality"]
+    head.update(job_id=s.job_id, attempt=s.attempt, profile=profile_name(s.profile), profile_params=params)
     return head
 
 

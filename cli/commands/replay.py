@@ -8,17 +8,19 @@ import os
 import sys
 import time
 import uuid
-from typing import ContextManager, Optional
+from typing import TYPE_CHECKING, ContextManager, Optional
 
 from regulator_client import RegulatorClient
 from regulator_client.cli_args import add_connection_flags
 from regulator_client.profiles import make_profile
 from regulator_client.trace import TraceError, read_trace, replay_events
 from regulator_service.policy import ProfileError
-from regulator_service.server import RegulatorServer, ServerConfig
 
 from ..connection import FlagError, check_connection_flags, connect
 from ..profile_flags import add_profile_flags, chosen_profile, registry_from_args
+
+if TYPE_CHECKING:  # the embedded server needs the [server] extra; a client-only install replays to a target
+    from regulator_service.edge.server import RegulatorServer
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     server: Optional[RegulatorServer] = None
     connected: ContextManager[RegulatorClient]
     if target is None:
+        from regulator_service.edge.server import RegulatorServer, ServerConfig
+
         server = RegulatorServer(ServerConfig(port=0, metrics_port=None, state_dir=None, profiles=registry)).start()
         connected = RegulatorClient.connect(server.target, token="", timeout=args.timeout)
     else:

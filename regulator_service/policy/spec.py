@@ -7,7 +7,7 @@ converters, the store codec, the client's ``make_profile``, the CLI flags and ``
 derived from the specs a ``ProfileRegistry`` collects, so a new profile is one new module.
 
 Nothing here knows about gRPC or protobuf; a plugin's spec names its parameter message class,
-which only ``regulator_service.profile_wire`` looks inside.
+which only ``regulator_service.wire.profile_wire`` looks inside.
 """
 
 from __future__ import annotations

@@ -28,74 +28,20 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 from ..model import EpochSummary, SessionConfig, SessionKey, SessionStatus, StepRecord
 from ..policy import BUILTIN_PROFILES, ProfileRegistry, Window
-from . import codec
-from .base import CorruptRecord, Quarantined, StateStore, StoredSession, StoreError
+from . import codec, sqlite_rows
+from .base import CorruptRecord, Quarantined, StateStore, StoredSession
 from .group_commit import GroupCommitWriter, Statement, WriteOp
 from .lockfile import StateDirLock
 from .readers import ReadPool
+from .sqlite_file import STATE_FILE, StateFile
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "regulator.sqlite3"
-SCHEMA_VERSION = 2
 DEFAULT_TIMEOUT_S = 2.0  # a store call that takes longer answers UNAVAILABLE
 READERS = 4  # reads at once (history pages, sessions loaded on demand)
 CHECKPOINT_INTERVAL_S = 1.0
 _ENDED = (int(SessionStatus.CLOSED), int(SessionStatus.SUPERSEDED), int(SessionStatus.EXPIRED))
-_DECODE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError)
 
-
-def _create_v1(conn: sqlite3.Connection) -> None:
-    # one statement per execute(): executescript() would commit the migration's transaction
-    for statement in """
-        CREATE TABLE sessions (
-            job_id TEXT NOT NULL,
-            attempt INTEGER NOT NULL,
-            config TEXT NOT NULL,
-            status INTEGER NOT NULL,
-            created_ms INTEGER NOT NULL,
-            last_active_ms INTEGER NOT NULL,
-            open_epoch INTEGER NOT NULL,
-            open_window TEXT NOT NULL,
-            PRIMARY KEY (job_id, attempt)
-        );
-        CREATE INDEX sessions_by_status ON sessions (status, created_ms);
-        CREATE TABLE epochs (
-            job_id TEXT NOT NULL,
-            attempt INTEGER NOT NULL,
-            epoch INTEGER NOT NULL,
-            summary TEXT NOT NULL,
-            PRIMARY KEY (job_id, attempt, epoch)
-        ) WITHOUT ROWID;
-        CREATE TABLE steps (
-            job_id TEXT NOT NULL,
-            attempt INTEGER NOT NULL,
-            step INTEGER NOT NULL,
-            epoch INTEGER NOT NULL,
-            record TEXT NOT NULL,
-            PRIMARY KEY (job_id, attempt, step)
-        ) WITHOUT ROWID;
-        CREATE INDEX steps_by_epoch ON steps (job_id, attempt, epoch);
-        """.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-
-
-def _v1_to_v2(conn: sqlite3.Connection) -> None:
-    """A Report is one INSERT: each step row carries its own time (``at_ms``), so the session row
-    is no longer rewritten per step, and the index by epoch is gone (the open epoch's steps are
-    the last ones in step order). Session rows gain the step count and last step of sessions
-    whose steps were pruned (and the prune time), and a scratch table for health probes."""
-    conn.execute("ALTER TABLE steps ADD COLUMN at_ms INTEGER NOT NULL DEFAULT 0")
-    conn.execute("DROP INDEX steps_by_epoch")
-    conn.execute("ALTER TABLE sessions ADD COLUMN step_count INTEGER NOT NULL DEFAULT 0")
-    conn.execute("ALTER TABLE sessions ADD COLUMN last_step INTEGER NOT NULL DEFAULT -1")
-    conn.execute("ALTER TABLE sessions ADD COLUMN steps_pruned_ms INTEGER NOT NULL DEFAULT 0")
-    conn.execute("CREATE TABLE probe (x BLOB)")
-
-
-# MIGRATIONS[v] upgrades a database at user_version v to v + 1 (0 = empty file).
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _create_v1, 1: _v1_to_v2}
 
 _SESSION_COLUMNS = (
     "job_id, attempt, config, status, created_ms, last_active_ms, open_epoch, open_window, "
@@ -117,10 +63,6 @@ def _update_step(key: SessionKey, record: StepRecord, at_ms: int) -> Statement:
     return (_UPDATE_STEP, (record.epoch, codec.step_to_json(record), at_ms, key.job_id, key.attempt, record.step), 1)
 
 
-def _why(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
 class SQLiteStore(StateStore):
     def __init__(
         self,
@@ -138,135 +80,19 @@ class SQLiteStore(StateStore):
         self.path = Path(state_dir) / STATE_FILE
         self.profiles = profiles  # decodes the stored profiles (built-ins plus the server's plugins)
         self.timeout_s = timeout_s
-        self._max_bytes = max_bytes
         self._own_lock = lock is None
         self._dir_lock = lock if lock is not None else StateDirLock.acquire(Path(state_dir))
         self._stop = threading.Event()
         try:
-            if self.path.exists():
-                self._inspect_read_only()
-                self._migrate(self.path)
-            else:
-                self._create()
-            st = os.stat(self.path)
-            self._identity = (st.st_dev, st.st_ino)
-            self._writer = GroupCommitWriter(self._connect_writer, self._check_file, self.path, timeout_s)
+            self._file = StateFile(self.path, timeout_s, max_bytes)
+            self._writer = GroupCommitWriter(self._file.connect_writer, self._file.check_file, self.path, timeout_s)
         except BaseException:
             if self._own_lock:
                 self._dir_lock.release()
             raise
-        self._readers = ReadPool(self._connect_reader, readers, timeout_s)
+        self._readers = ReadPool(self._file.connect_reader, readers, timeout_s)
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="regulator-store-checkpoint", daemon=True)
         self._checkpointer.start()
-
-    # -- opening ------------------------------------------------------------------------------
-
-    def _inspect_read_only(self) -> None:
-        """Version and integrity checks through a read-only connection, so that a file we
-        refuse is left byte for byte as we found it (a read-write close could checkpoint it)."""
-        try:
-            size = self.path.stat().st_size
-        except OSError as exc:
-            raise StoreError(f"cannot read state file {self.path}: {exc.strerror or exc}") from exc
-        if size == 0:
-            raise StoreError(
-                f"state file {self.path} is empty (0 bytes): it is not a regulator database, and a new one "
-                "is never made over an existing file (refusing to touch it; remove it to start afresh)"
-            )
-        try:
-            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open state file {self.path}: {exc}") from exc
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"state file {self.path} has schema version {version}; this server knows "
-                    f"versions up to {SCHEMA_VERSION} (refusing to touch it)"
-                )
-            if version > 0:
-                result = conn.execute("PRAGMA quick_check").fetchone()[0]
-                if result != "ok":
-                    raise StoreError(f"state file {self.path} is corrupt: {result}")
-        except sqlite3.Error as exc:
-            raise StoreError(f"state file {self.path} is unreadable: {exc}") from exc
-        finally:
-            conn.close()
-
-    def _create(self) -> None:
-        """A new database, built under a temporary name and renamed into place: a crash never
-        leaves a half-made (or 0-byte) state file behind."""
-        tmp = self.path.with_name(self.path.name + ".new")
-        for stale in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
-            stale.unlink(missing_ok=True)
-        for side in ("-wal", "-shm"):  # left by a state file that was removed: never replay them
-            orphan = Path(f"{self.path}{side}")
-            if orphan.exists():
-                aside = orphan.with_name(f"{orphan.name}.orphaned-{int(time.time())}")
-                orphan.replace(aside)
-                log.warning("the state file %s is missing but its %s file is not; moved that aside to %s", self.path, side, aside)
-        self._migrate(tmp)
-        os.replace(tmp, self.path)
-
-    def _migrate(self, path: Path) -> None:
-        try:
-            conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open state file {path}: {exc}") from exc
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            while version < SCHEMA_VERSION:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    MIGRATIONS[version](conn)
-                    version += 1
-                    conn.execute(f"PRAGMA user_version = {version}")
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"state file {path} is unusable: {exc}") from exc
-        finally:
-            conn.close()
-
-    def _open(self, timeout: float) -> sqlite3.Connection:
-        """A connection to the existing state file (``mode=rw``: never creates one, so a removed
-        file is not silently replaced by an empty database)."""
-        uri = f"{self.path.resolve().as_uri()}?mode=rw"
-        return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=timeout)
-
-    def _connect_writer(self) -> sqlite3.Connection:
-        # a short busy timeout: while another process holds the write lock, the writer retries
-        # and the callers' own deadlines decide (group_commit)
-        conn = self._open(timeout=0.1)
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
-        if self._max_bytes is not None:
-            page = conn.execute("PRAGMA page_size").fetchone()[0]
-            conn.execute(f"PRAGMA max_page_count = {max(1, self._max_bytes // page)}")
-        return conn
-
-    def _connect_reader(self) -> sqlite3.Connection:
-        conn = self._open(timeout=self.timeout_s)
-        conn.execute("PRAGMA query_only=1")
-        return conn
-
-    def _check_file(self) -> Optional[str]:
-        """None while the path is still the file this store opened."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return f"the state file {self.path} was removed while the server was running"
-        except OSError:
-            return None  # cannot tell: the writes themselves will say
-        if (st.st_dev, st.st_ino) != self._identity:
-            return (
-                f"the state file {self.path} was replaced while the server was running "
-                f"(inode {self._identity[1]} is now {st.st_ino})"
-            )
-        return None
 
     def _checkpoint_loop(self) -> None:
         """Copies the WAL back into the database off the commit path (PASSIVE: never blocks
@@ -275,7 +101,7 @@ class SQLiteStore(StateStore):
         while not self._stop.wait(CHECKPOINT_INTERVAL_S):
             try:
                 if conn is None:
-                    conn = self._open(timeout=0.1)
+                    conn = self._file.open(timeout=0.1)
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             except sqlite3.Error as exc:
                 log.debug("checkpoint skipped: %s", exc)
@@ -418,85 +244,6 @@ class SQLiteStore(StateStore):
                 pruned.append(key)
         return pruned
 
-    def set_size_limit(self, max_bytes: Optional[int]) -> None:
-        """Fault injection: the file stops growing at ``max_bytes`` (None: no limit)."""
-
-        def apply(conn: sqlite3.Connection) -> None:
-            page = conn.execute("PRAGMA page_size").fetchone()[0]
-            pages = 4294967294 if max_bytes is None else max(1, max_bytes // page)
-            conn.execute(f"PRAGMA max_page_count = {pages}")
-
-        self._max_bytes = max_bytes
-        self._submit(fn=apply)
-
-    # -- decoding, session by session ---------------------------------------------------------
-
-    def _step(self, key: SessionKey, epoch: object, step: object, text: object) -> StepRecord:
-        try:
-            return codec.step_from_json(int(epoch), int(step), text)  # type: ignore[call-overload,arg-type]
-        except _DECODE_ERRORS as exc:
-            raise CorruptRecord(key, f"step {step}: {_why(exc)}") from None
-
-    def _session(self, conn: sqlite3.Connection, row: tuple) -> StoredSession:
-        (job_id, attempt, config, status, created_ms, last_active_ms, open_epoch, open_window,
-         step_count, last_step, pruned_ms) = row
-        key = SessionKey(job_id, attempt)
-        args = (job_id, attempt)
-        try:
-            decoded_config = codec.config_from_json(config, self.profiles)
-        except _DECODE_ERRORS as exc:
-            raise CorruptRecord(key, f"its configuration: {_why(exc)}") from None
-        try:
-            epochs = []
-            for epoch, summary in conn.execute(
-                "SELECT epoch, summary FROM epochs WHERE job_id=? AND attempt=? ORDER BY epoch", args
-            ):
-                try:
-                    epochs.append(codec.epoch_from_json(summary))
-                except _DECODE_ERRORS as exc:
-                    raise CorruptRecord(key, f"epoch {epoch}: {_why(exc)}") from None
-            open_steps = tuple(self._epoch_steps(conn, key, int(open_epoch)))
-            if pruned_ms:  # the steps are gone: their count and last step were kept
-                count, last, last_at = int(step_count), int(last_step), 0
-            else:
-                count, last = conn.execute(
-                    "SELECT COUNT(*), COALESCE(MAX(step), -1) FROM steps WHERE job_id=? AND attempt=?", args
-                ).fetchone()
-                newest = conn.execute(
-                    "SELECT at_ms FROM steps WHERE job_id=? AND attempt=? ORDER BY step DESC LIMIT 1", args
-                ).fetchone()
-                last_at = int(newest[0]) if newest else 0
-            return StoredSession(
-                config=decoded_config,
-                status=SessionStatus(status),
-                created_ms=int(created_ms),
-                last_active_ms=max(int(last_active_ms), last_at),
-                closed_epochs=tuple(epochs),
-                open_epoch=int(open_epoch),
-                open_window=codec.windows_from_json(open_window),
-                open_steps=open_steps,
-                step_count=count,
-                last_step=last,
-                steps_pruned_ms=max(int(pruned_ms), 0),
-            )
-        except _DECODE_ERRORS as exc:
-            raise CorruptRecord(key, f"its session row: {_why(exc)}") from None
-
-    def _epoch_steps(self, conn: sqlite3.Connection, key: SessionKey, epoch: int) -> list[StepRecord]:
-        """The steps of ``epoch``, found from the newest step backwards: epochs only grow with
-        steps, and the epochs asked for are the open one (restore) or its last (amendments)."""
-        out = []
-        for s, e, r in conn.execute(
-            "SELECT step, epoch, record FROM steps WHERE job_id=? AND attempt=? ORDER BY step DESC",
-            (key.job_id, key.attempt),
-        ):
-            if e < epoch:
-                break
-            if e == epoch:
-                out.append(self._step(key, e, s, r))
-        out.reverse()
-        return out
-
     # -- reads (reader threads, bounded in time) ----------------------------------------------
 
     def get_step(self, key: SessionKey, step: int) -> Optional[StepRecord]:
@@ -506,7 +253,7 @@ class SQLiteStore(StateStore):
                 (key.job_id, key.attempt, step),
             ).fetchall()
         )
-        return self._step(key, rows[0][0], step, rows[0][1]) if rows else None
+        return sqlite_rows.step(key, rows[0][0], step, rows[0][1]) if rows else None
 
     def step_range(self, key: SessionKey, first: int, last: int, limit: int) -> list[StepRecord]:
         def read(conn: sqlite3.Connection) -> list[StepRecord]:
@@ -517,7 +264,7 @@ class SQLiteStore(StateStore):
             ).fetchall()
             out = []
             for i, (s, e, r) in enumerate(rows):
-                out.append(self._step(key, e, s, r))
+                out.append(sqlite_rows.step(key, e, s, r))
                 if i % 64 == 63:
                     time.sleep(0)  # a page of history is thousands of records: let Reports in between
             return out
@@ -528,7 +275,7 @@ class SQLiteStore(StateStore):
         return iter(self.step_range(key, 0, 2**63 - 1, 2**62))
 
     def epoch_steps(self, key: SessionKey, epoch: int) -> list[StepRecord]:
-        return self._readers.run(lambda conn: self._epoch_steps(conn, key, epoch))
+        return self._readers.run(lambda conn: sqlite_rows.epoch_steps(conn, key, epoch))
 
     def load(self, open_only: bool = True) -> list[Union[StoredSession, Quarantined]]:
         where = f"WHERE status={int(SessionStatus.OPEN)}" if open_only else ""
@@ -538,7 +285,7 @@ class SQLiteStore(StateStore):
             rows = conn.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions {where} ORDER BY created_ms, job_id, attempt").fetchall()
             for row in rows:
                 try:
-                    out.append(self._session(conn, row))
+                    out.append(sqlite_rows.session(self.profiles, conn, row))
                 except CorruptRecord as exc:
                     log.error("quarantined session %s: %s", exc.key, exc.reason)
                     out.append(Quarantined(exc.key, exc.reason, _int(row[4]), _int(row[5])))
@@ -551,7 +298,7 @@ class SQLiteStore(StateStore):
             rows = conn.execute(
                 f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE job_id=? AND attempt=?", (key.job_id, key.attempt)
             ).fetchall()
-            return self._session(conn, rows[0]) if rows else None
+            return sqlite_rows.session(self.profiles, conn, rows[0]) if rows else None
 
         return self._readers.run(read)
 

@@ -3,8 +3,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -72,7 +71,7 @@ class OgmGeProfile(_message.Message):
     start_epoch: int
     end_epoch: int
     noise: bool
-    def __init__(self, alpha: _Optional[float] = ..., start_epoch: _Optional[int] = ..., end_epoch: _Optional[int] = ..., noise: _Optional[bool] = ...) -> None: ...
+    def __init__(self, alpha: _Optional[float] = ..., start_epoch: _Optional[int] = ..., end_epoch: _Optional[int] = ..., noise: bool = ...) -> None: ...
 
 class Profile(_message.Message):
     __slots__ = ("paper", "official", "none", "ogm_ge", "plugin")
@@ -112,7 +111,7 @@ class ModalityStats(_message.Message):
     fisher_terms: FisherTerms
     fisher_deferred: bool
     applied: Factors
-    def __init__(self, modality: _Optional[str] = ..., score_sum: _Optional[float] = ..., fisher: _Optional[float] = ..., fisher_terms: _Optional[_Union[FisherTerms, _Mapping]] = ..., fisher_deferred: _Optional[bool] = ..., applied: _Optional[_Union[Factors, _Mapping]] = ...) -> None: ...
+    def __init__(self, modality: _Optional[str] = ..., score_sum: _Optional[float] = ..., fisher: _Optional[float] = ..., fisher_terms: _Optional[_Union[FisherTerms, _Mapping]] = ..., fisher_deferred: bool = ..., applied: _Optional[_Union[Factors, _Mapping]] = ...) -> None: ...
 
 class MeasuredFisher(_message.Message):
     __slots__ = ("step", "modalities")
@@ -174,7 +173,7 @@ class ModalityWindow(_message.Message):
     modality: str
     open: bool
     growth: float
-    def __init__(self, modality: _Optional[str] = ..., open: _Optional[bool] = ..., growth: _Optional[float] = ...) -> None: ...
+    def __init__(self, modality: _Optional[str] = ..., open: bool = ..., growth: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("job_id", "attempt", "world_size", "modalities", "profile", "resume_epoch", "next_attempt", "open_token", "snapshot")
@@ -196,7 +195,7 @@ class OpenSessionRequest(_message.Message):
     next_attempt: bool
     open_token: str
     snapshot: SessionSnapshot
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., resume_epoch: _Optional[int] = ..., next_attempt: _Optional[bool] = ..., open_token: _Optional[str] = ..., snapshot: _Optional[_Union[SessionSnapshot, _Mapping]] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., world_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., resume_epoch: _Optional[int] = ..., next_attempt: bool = ..., open_token: _Optional[str] = ..., snapshot: _Optional[_Union[SessionSnapshot, _Mapping]] = ...) -> None: ...
 
 class SessionSnapshot(_message.Message):
     __slots__ = ("modalities", "profile", "epochs")
@@ -246,7 +245,7 @@ class OpenSessionResponse(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     session: SessionInfo
     created: bool
-    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., created: bool = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("job_id", "attempt", "rank", "epoch", "step", "count", "stats", "fallback", "measured")
@@ -278,7 +277,7 @@ class ReportResponse(_message.Message):
     step: StepRecord
     window: _containers.RepeatedCompositeFieldContainer[ModalityWindow]
     duplicate: bool
-    def __init__(self, step: _Optional[_Union[StepRecord, _Mapping]] = ..., window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    def __init__(self, step: _Optional[_Union[StepRecord, _Mapping]] = ..., window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., duplicate: bool = ...) -> None: ...
 
 class EndEpochRequest(_message.Message):
     __slots__ = ("job_id", "attempt", "rank", "epoch", "measured")
@@ -326,7 +325,7 @@ class EpochRecord(_message.Message):
     fallback_steps: int
     modalities: _containers.RepeatedCompositeFieldContainer[ModalityEpoch]
     restored: bool
-    def __init__(self, epoch: _Optional[int] = ..., closed: _Optional[bool] = ..., steps: _Optional[int] = ..., fallback_steps: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalityEpoch, _Mapping]]] = ..., restored: _Optional[bool] = ...) -> None: ...
+    def __init__(self, epoch: _Optional[int] = ..., closed: bool = ..., steps: _Optional[int] = ..., fallback_steps: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalityEpoch, _Mapping]]] = ..., restored: bool = ...) -> None: ...
 
 class EndEpochResponse(_message.Message):
     __slots__ = ("closed", "next_epoch", "next_window", "duplicate")
@@ -338,7 +337,7 @@ class EndEpochResponse(_message.Message):
     next_epoch: int
     next_window: _containers.RepeatedCompositeFieldContainer[ModalityWindow]
     duplicate: bool
-    def __init__(self, closed: _Optional[_Union[EpochRecord, _Mapping]] = ..., next_epoch: _Optional[int] = ..., next_window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    def __init__(self, closed: _Optional[_Union[EpochRecord, _Mapping]] = ..., next_epoch: _Optional[int] = ..., next_window: _Optional[_Iterable[_Union[ModalityWindow, _Mapping]]] = ..., duplicate: bool = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("job_id", "attempt", "include_steps", "page_size", "page_token")
@@ -352,7 +351,7 @@ class GetSessionRequest(_message.Message):
     include_steps: bool
     page_size: int
     page_token: str
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., include_steps: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., include_steps: bool = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class GetSessionResponse(_message.Message):
     __slots__ = ("session", "epochs", "steps", "next_page_token", "steps_pruned_unix_ms")
@@ -374,7 +373,7 @@ class ListSessionsRequest(_message.Message):
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     include_inactive: bool
     limit: int
-    def __init__(self, include_inactive: _Optional[bool] = ..., limit: _Optional[int] = ...) -> None: ...
+    def __init__(self, include_inactive: bool = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListSessionsResponse(_message.Message):
     __slots__ = ("sessions",)

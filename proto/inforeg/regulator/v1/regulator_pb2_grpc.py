@@ -5,8 +5,10 @@ import warnings
 
 from inforeg.regulator.v1 import regulator_pb2 as inforeg_dot_regulator_dot_v1_dot_regulator__pb2
 
-GRPC_GENERATED_VERSION = '1.82.1'
+GRPC_GENERATED_VERSION = '1.63.0'
 GRPC_VERSION = grpc.__version__
+EXPECTED_ERROR_RELEASE = '1.65.0'
+SCHEDULED_RELEASE_DATE = 'June 25, 2024'
 _version_not_supported = False
 
 try:
@@ -16,16 +18,19 @@ except ImportError:
     _version_not_supported = True
 
 if _version_not_supported:
-    raise RuntimeError(
+    warnings.warn(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in inforeg/regulator/v1/regulator_pb2_grpc.py depends on'
+        + f' but the generated code in inforeg/regulator/v1/regulator_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
+        + f' This warning will become an error in {EXPECTED_ERROR_RELEASE},'
+        + f' scheduled for release on {SCHEDULED_RELEASE_DATE}.',
+        RuntimeWarning
     )
 
 
-class RegulatorStub:
+class RegulatorStub(object):
     """The regulation service. A training job opens one session per (job_id, attempt), reports the
     statistics of every optimizer step, receives the per-modality factors to apply for that step,
     and closes every epoch so the regulator can decide the next epoch's prime-learning window.
@@ -69,7 +74,7 @@ class RegulatorStub:
                 _registered_method=True)
 
 
-class RegulatorServicer:
+class RegulatorServicer(object):
     """The regulation service. A training job opens one session per (job_id, attempt), reports the
     statistics of every optimizer step, receives the per-modality factors to apply for that step,
     and closes every epoch so the regulator can decide the next epoch's prime-learning window.
@@ -157,11 +162,10 @@ def add_RegulatorServicer_to_server(servicer, server):
     generic_handler = grpc.method_handlers_generic_handler(
             'inforeg.regulator.v1.Regulator', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('inforeg.regulator.v1.Regulator', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Regulator:
+class Regulator(object):
     """The regulation service. A training job opens one session per (job_id, attempt), reports the
     statistics of every optimizer step, receives the per-modality factors to apply for that step,
     and closes every epoch so the regulator can decide the next epoch's prime-learning window.

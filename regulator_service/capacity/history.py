@@ -22,9 +22,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
 from .memory_budget import MemoryBudget
-from .model import EpochSummary, SessionKey, StepRecord
+from ..model import EpochSummary, SessionKey, StepRecord
 
 BLOCK_STEPS = 1000  # step numbers per cached block
 MAX_PAGE_STEPS = 10_000  # server maximum of GetSessionRequest.page_size (0 = this)

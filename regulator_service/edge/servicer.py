@@ -15,8 +15,8 @@ import grpc
 from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 
-from .api import RegulatorAPI
-from .errors import RegulatorError
+from ..wire.api import RegulatorAPI
+from ..errors import RETRY_AFTER_KEY, RegulatorError, RetryLater
 from .metrics import RegulatorMetrics
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ class RegulatorServicer(pb_grpc.RegulatorServicer):
         except RegulatorError as exc:
             if on_error is not None:
                 on_error()
+            if isinstance(exc, RetryLater):  # the structural "retry later" the client decides on
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
             context.abort(exc.code, exc.message)
         except Exception:  # a bug: log it, do not leak it
             if on_error is not None:

@@ -8,7 +8,8 @@ pages; all can be dropped). When the total would pass the limit, evictors free w
 history first; only when that is not enough is a new session refused (RESOURCE_EXHAUSTED).
 
 Sizes are estimates, not measurements of the heap: ``deep_size`` of representative objects built
-once per modality count (``tests/test_memory_budget.py`` checks them against tracemalloc). The
+once per modality count, and a session's own size measured on a session of its profile
+(``core/accounting.py``); ``tests/test_memory_budget.py`` checks them against tracemalloc. The
 process itself (interpreter, gRPC, metrics: about 100 MB) is not part of the budget.
 """
 
@@ -73,7 +74,7 @@ def deep_size(obj: Any, seen: Optional[set[int]] = None) -> int:
 @functools.lru_cache(maxsize=256)
 def answer_bytes(modalities: int) -> int:
     """One cached answer: a StepRecord with its tuples and floats, and its cache entry."""
-    from .model import Fallback, StepRecord
+    from ..model import Fallback, StepRecord
 
     def floats(k: int) -> tuple[float, ...]:
         return tuple(0.1 + i + k * 1000 for i in range(modalities))
@@ -89,26 +90,12 @@ def answer_bytes(modalities: int) -> int:
 @functools.lru_cache(maxsize=256)
 def epoch_bytes(modalities: int) -> int:
     """One epoch summary (closed epochs stay with their session) and its trace entries."""
-    from .model import EpochSummary
-    from .policy import Window
+    from ..model import EpochSummary
+    from ..policy import Window
 
     windows = tuple(Window(open=True, growth=0.5 + i) for i in range(modalities))
     e = EpochSummary.start(12345, windows)
     return deep_size(e) + modalities * (sys.getsizeof(0.5) + 8)
-
-
-@functools.lru_cache(maxsize=256)
-def session_bytes(modalities: int) -> int:
-    """A session without epochs or answers: config, policy, indexes, locks (measured on a real
-    ``Session`` of the ``paper`` profile, plus a margin for profiles with more state)."""
-    from .model import SessionConfig
-    from .policy import BUILTIN_PROFILES
-    from .session import Session
-
-    names = tuple(f"modality-{i:02d}" for i in range(modalities))
-    profile = BUILTIN_PROFILES.get("paper").restore({}) if modalities >= 2 else BUILTIN_PROFILES.get("none").restore({})
-    session = Session.new(SessionConfig("j" * 64, 0, 1, names, profile), 0)
-    return 2 * deep_size(session) + 4096
 
 
 class MemoryBudget:

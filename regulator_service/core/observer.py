@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .model import EpochSummary, SessionConfig, SessionStatus, StepRecord
-from .policy import Window
+from ..model import EpochSummary, SessionConfig, SessionStatus, StepRecord
+from ..policy import Window
 
 
 class SessionObserver(Protocol):

@@ -10,14 +10,15 @@ from inforeg.regulator.v1 import regulator_pb2 as pb
 
 from typing import Optional
 
-from . import convert, history
-from .errors import InvalidArgument
-from .manager import SessionManager
-from .model import Limits, SessionView
-from .read_pacing import ReadPacer
-from .policy import BUILTIN_PROFILES, ProfileRegistry
-from .observer import SessionObserver
-from .storage import MemoryStore, StateStore
+from . import convert
+from ..capacity import history
+from ..errors import InvalidArgument
+from ..core.manager import SessionManager
+from ..model import Limits, SessionView
+from ..capacity.read_pacing import ReadPacer
+from ..policy import BUILTIN_PROFILES, ProfileRegistry
+from ..core.observer import SessionObserver
+from ..storage import MemoryStore, StateStore
 
 
 class RegulatorAPI:
@@ -96,7 +97,7 @@ class RegulatorAPI:
         if not req.page_token:
             *closed, current = snap.epochs
             encode_epoch = lambda e: convert.epoch_record(mods, e).SerializeToString()  # noqa: E731
-            parts.append(self.manager.pages.closed_epochs(snap.key, closed, encode_epoch))
+            parts.append(self.manager.closed_epochs(snap, closed, encode_epoch))
             parts.append(history.field_bytes(2, encode_epoch(current)))
         if req.include_steps:
             size = min(req.page_size or history.MAX_PAGE_STEPS, history.MAX_PAGE_STEPS)

@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
-from .policy import BUILTIN_PROFILES, ProfileError, ProfileRegistry, ProfileSpec, SessionProfile
+from ..policy import BUILTIN_PROFILES, ProfileError, ProfileRegistry, ProfileSpec, SessionProfile
 
 PLUGIN_MEMBER = "plugin"
 TYPE_URL_PREFIX = "type.googleapis.com/"

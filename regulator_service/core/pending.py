@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Mapping, Optional, Sequence
 
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, shown
-from .model import PENDING, FisherDeferred, MeasuredFisher, StepRecord, StepReport
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, shown
+from ..model import PENDING, EpochSummary, FisherDeferred, MeasuredFisher, StepRecord, StepReport
 
 
 def in_order(
@@ -116,6 +116,21 @@ def require_none_pending(pending: Optional[StepRecord], filled: Optional[StepRec
         raise FailedPrecondition(
             f"the Fisher values of step {pending.step} are pending: {what} must carry them in `measured`"
         )
+
+
+def settle(
+    current: EpochSummary,
+    entries: Sequence[MeasuredFisher],
+    waiting: Optional[StepRecord],
+    recorded: Callable[[int], Optional[StepRecord]],
+    what: str,
+) -> tuple[EpochSummary, Optional[StepRecord]]:
+    """Before a new step is recorded or an epoch closes (``what``): the measured ``entries`` fill
+    the ``waiting`` (pending) step, which must be among them, and its values join the epoch's
+    running sums. Returns the epoch with them and the filled record (None if none was waiting)."""
+    filled = resolve_earlier(entries, waiting, recorded)
+    require_none_pending(waiting, filled, what)
+    return (current.add_fisher(filled.fishers) if filled is not None else current), filled
 
 
 def finite_trace(values: Sequence[float], modalities: Sequence[str], step: int) -> None:

@@ -7,8 +7,8 @@ kernel, and a 2-CPU machine's regulator has one CPU or less. Measured without pa
 another job's Report p90 went from 0.70 to 2.95 ms (4.2x). So history reads are
 
 - *bounded*: at most ``max_readers`` paged reads at once; one more is refused at once with
-  RESOURCE_EXHAUSTED and ``HISTORY_BUSY`` in its message, which the client library treats like a
-  shed call (retried with backoff within the call's deadline). A refused read holds no thread,
+  RESOURCE_EXHAUSTED and the ``inforeg-retry-after-ms`` trailing-metadata key (``RetryLater``),
+  which the client library treats like a shed call (retried with backoff within the call's deadline). A refused read holds no thread,
   so readers can never fill the worker pool that Reports need;
 - *paced*: a token bucket of ``rate`` bytes/s with a ``burst`` (a small history is read at once);
   a page beyond it waits, inside its slot, until the bucket has paid for it.
@@ -21,13 +21,13 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from .errors import ResourceExhausted
+from ..errors import RetryLater
 
-# The client library (regulator_client.errors) recognises this prefix of a RESOURCE_EXHAUSTED message.
+# How a refused read's message starts (for people and logs; clients decide on the metadata key).
 HISTORY_BUSY = "history reads busy"
 
 
-class HistoryBusy(ResourceExhausted):
+class HistoryBusy(RetryLater):
     """Every history-read slot is taken: retry after a backoff (nothing happened)."""
 
 

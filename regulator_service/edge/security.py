@@ -149,10 +149,6 @@ class TlsFiles:
         check_server_identity(key, cert, ca)
         return key, cert, ca
 
-    def server_credentials(self) -> grpc.ServerCredentials:
-        """Credentials that pick up renewed files (cert-manager) without a restart."""
-        return ReloadingServerCredentials(self).credentials()
-
 
 def check_server_identity(key: bytes, cert: bytes, ca: Optional[bytes] = None) -> None:
     """Raises ValueError unless ``cert`` is a PEM chain whose first certificate matches ``key``

@@ -8,21 +8,18 @@ was.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from . import pending
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, shown
-from .model import (
+from . import pending, reports
+from ..errors import AlreadyExists, FailedPrecondition
+from ..model import (
     EpochSummary,
     Fallback,
-    FisherDeferred,
     FisherTerms,
     MeasuredFisher,
-    ModalityReport,
     RawReport,
     SessionConfig,
     SessionKey,
@@ -32,11 +29,10 @@ from .model import (
     StepReport,
     regulated_fisher,
 )
-from .policy import Policy, StepFactors, Window, build_policy
-from .storage import StoredSession
+from ..policy import Policy, StepFactors, Window, build_policy
+from ..storage import StoredSession
 
 RECENT_STEPS = 1024  # answers kept in memory for duplicate reports; older ones come from the store
-SCORE_SLACK = 1e-6  # a score sum may exceed count by float rounding, not more
 
 
 @dataclass(frozen=True)
@@ -56,22 +52,6 @@ class EpochOutcome:
     next_window: tuple[Window, ...]
     duplicate: bool
     filled: Optional[StepRecord] = None  # the epoch's last step, with its deferred Fisher values
-
-
-def applied_scales(entries: Iterable[ModalityReport]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The gradient scales and noise switches a fallback applied, in modality order; each is ()
-    when it is neutral everywhere (scale 1, noise 0), as a profile that never scales records."""
-    entries = list(entries)
-    scales = tuple(1.0 if e.applied_grad_scale is None else e.applied_grad_scale for e in entries)
-    noise = tuple(e.applied_noise_scale for e in entries)
-    return (scales if any(k != 1.0 for k in scales) else ()), (noise if any(n != 0.0 for n in noise) else ())
-
-
-def same_applied(rep: StepReport, prior: StepRecord) -> bool:
-    """A repeated fallback report applied exactly what the recorded one did."""
-    return (rep.applied, rep.applied_grad_scale, rep.applied_noise_scale) == (
-        prior.proximal, prior.grad_scale, prior.noise_scale
-    )
 
 
 class Session:
@@ -166,6 +146,13 @@ class Session:
         """Closed epochs, then the open one."""
         return (*self._closed, self._current)
 
+    def gauges(self) -> tuple[int, tuple[Window, ...], Optional[EpochSummary], Optional[StepRecord]]:
+        """(open epoch, its windows, the last closed epoch, the last step's record) for the
+        metrics, read at scrape time without the lock: each is one attribute read, and a scrape
+        that races a step sees the step before or after it."""
+        current, closed = self._current, self._closed
+        return current.epoch, current.windows, (closed[-1] if closed else None), self._recent.get(self._last_step)
+
     # -- memory (accounted by the manager against the server's budget) -----------------------
 
     @property
@@ -203,61 +190,6 @@ class Session:
 
     # -- Report -----------------------------------------------------------------------------
 
-    def normalize(self, raw: RawReport) -> StepReport:
-        """Matches a report's entries to the session's modalities (semantic validation)."""
-        cfg = self.config
-        if raw.rank >= cfg.world_size:
-            raise InvalidArgument(f"rank {raw.rank} is outside world_size {cfg.world_size}")
-        slots: list[Optional[object]] = [None] * len(cfg.modalities)
-        for entry in raw.stats:
-            i = self._index.get(entry.modality)
-            if i is None:
-                raise InvalidArgument(
-                    f"unknown modality {shown(entry.modality)}; session has {list(cfg.modalities)}"
-                )
-            if slots[i] is not None:
-                raise InvalidArgument(f"modality {shown(entry.modality)} reported twice")
-            if entry.score_sum > raw.count * (1.0 + SCORE_SLACK):
-                raise InvalidArgument(
-                    f"score_sum {entry.score_sum} of {shown(entry.modality)} exceeds count {raw.count}: "
-                    "it must be a sum of probabilities"
-                )
-            slots[i] = entry
-        missing = [m for m, e in zip(cfg.modalities, slots) if e is None]
-        if missing:
-            raise InvalidArgument(f"missing modalities {missing}")
-        entries = slots  # all set now
-        applied: Optional[tuple[float, ...]] = None
-        scales: tuple[tuple[float, ...], tuple[float, ...]] = ((), ())
-        if raw.fallback == Fallback.NONE:
-            if any(e.applied is not None for e in entries):  # type: ignore[union-attr]
-                raise InvalidArgument("'applied' factors are only accepted with a fallback")
-        elif raw.fallback == Fallback.NEUTRAL:
-            applied = tuple(0.0 for _ in entries)
-            if any(e.applied not in (None, 0.0) for e in entries):  # type: ignore[union-attr]
-                raise InvalidArgument("a neutral fallback applies zero coefficients")
-            if applied_scales(entries) != ((), ()):  # type: ignore[arg-type]
-                raise InvalidArgument("a neutral fallback applies no gradient scale (1) and no noise (0)")
-        else:
-            if any(e.applied is None for e in entries):  # type: ignore[union-attr]
-                raise InvalidArgument("a 'last' fallback must send the applied factors")
-            applied = tuple(e.applied for e in entries)  # type: ignore[union-attr,misc]
-            scales = applied_scales(entries)  # type: ignore[arg-type]
-        return StepReport(
-            key=raw.key,
-            rank=raw.rank,
-            epoch=raw.epoch,
-            step=raw.step,
-            count=raw.count,
-            score_sums=tuple(e.score_sum for e in entries),  # type: ignore[union-attr]
-            fisher=tuple(e.fisher for e in entries),  # type: ignore[union-attr]
-            fallback=raw.fallback,
-            applied=applied,
-            applied_grad_scale=scales[0],
-            applied_noise_scale=scales[1],
-            measured=pending.in_order(raw.measured, self._index, cfg.modalities),
-        )
-
     def _pending_step(self) -> Optional[StepRecord]:
         """The last step, while its deferred Fisher values have not arrived (see ``pending``)."""
         record = self._recent.get(self._last_step)
@@ -282,7 +214,7 @@ class Session:
         lookup: Callable[[SessionKey, int], Optional[StepRecord]],
         epoch_steps: Callable[[SessionKey, int], Iterable[StepRecord]],
     ) -> StepOutcome:
-        rep = self.normalize(raw)
+        rep = reports.normalize(self.config, self._index, raw)
         pending.check_report(rep)
         prior = self._stored_answer(rep.step, lookup)
         if prior is not None:  # answered before: also after CloseSession, for late ranks
@@ -300,40 +232,12 @@ class Session:
             )
         # the pending step's deferred Fisher values first: the trace is summed in step order
         earlier = [m for m in rep.measured if m.step < rep.step]
-        waiting = self._pending_step()
-        filled = pending.resolve_earlier(earlier, waiting, lambda s: self._stored_answer(s, lookup))
-        pending.require_none_pending(waiting, filled, f"the report of step {rep.step}")
-        if filled is not None:
-            current = current.add_fisher(filled.fishers)
+        recorded = lambda s: self._stored_answer(s, lookup)  # noqa: E731
+        current, filled = pending.settle(current, earlier, self._pending_step(), recorded, f"the report of step {rep.step}")
         record = self._record(rep, current.windows)
         summary = current.add(record)
-        self._require_finite(rep, record, summary)
+        reports.require_finite(self.config.modalities, rep, record, summary)
         return StepOutcome(record, current.windows, duplicate=False, next_summary=summary, filled=filled)
-
-    def _require_finite(self, rep: StepReport, record: StepRecord, summary: EpochSummary) -> None:
-        """Finite inputs can still overflow float64 where they meet: the regulated Fisher value
-        (a term of g^2 + 2a gd + a^2 d^2 near 1e308 becomes inf, and the sum NaN or a clamped 0)
-        and the epoch's running sums (two steps of 1.7e308). Such a report is INVALID_ARGUMENT
-        and changes nothing, so no record, trace or window is ever non-finite."""
-        mods = self.config.modalities
-        for m, f, a, value in zip(mods, rep.fisher, record.proximal, record.fishers):
-            if isinstance(f, FisherDeferred) and value != value:
-                continue  # pending: checked when it arrives
-            terms = (f.grad_sq, 2.0 * a * f.grad_delta, a * a * f.delta_sq) if isinstance(f, FisherTerms) and a else ()
-            if not math.isfinite(value) or not all(math.isfinite(t) for t in terms):
-                raise InvalidArgument(
-                    f"the regulated Fisher value of {shown(m)} at step {record.step} overflows float64 "
-                    f"with proximal coefficient {a:g}: report smaller fisher_terms"
-                )
-        sums = (("Fisher trace", summary.fisher), ("proximal coefficient sum", summary.proximal_sum),
-                ("score sum", summary.score_mean_sum))
-        for what, values in sums:
-            for m, v in zip(mods, values):
-                if not math.isfinite(v):
-                    raise InvalidArgument(
-                        f"step {record.step} would make epoch {summary.epoch}'s {what} of {shown(m)} "
-                        f"overflow float64 ({v})"
-                    )
 
     def _record(self, rep: StepReport, windows: tuple[Window, ...]) -> StepRecord:
         if rep.applied is not None:
@@ -379,7 +283,7 @@ class Session:
         pending.resolve_earlier(earlier, None, lambda s: self._stored_answer(s, lookup))
         own = pending.own_entry(rep)
         window = self._window_of(prior.epoch)
-        if rep.fallback == Fallback.NONE or (rep.fallback == prior.fallback and same_applied(rep, prior)):
+        if rep.fallback == Fallback.NONE or (rep.fallback == prior.fallback and reports.same_applied(rep, prior)):
             if own is None or not prior.fisher_pending:
                 if own is not None:
                     pending.same_values(prior, own)
@@ -402,7 +306,7 @@ class Session:
         summary = EpochSummary.start(self._current.epoch, self._current.windows)
         for r in epoch_steps(self.key, prior.epoch):
             summary = summary.add(record if r.step == record.step else r)
-        self._require_finite(rep, record, summary)
+        reports.require_finite(self.config.modalities, rep, record, summary)
         return StepOutcome(record, window, duplicate=False, next_summary=summary, amended=True)
 
     def commit_report(self, outcome: StepOutcome) -> None:
@@ -438,11 +342,8 @@ class Session:
             raise FailedPrecondition(
                 f"cannot close epoch {epoch}: {self.key} has epoch {current.epoch} open"
             )
-        waiting = self._pending_step()
-        filled = pending.resolve_earlier(entries, waiting, recorded)
-        pending.require_none_pending(waiting, filled, f"EndEpoch({epoch})")
+        current, filled = pending.settle(current, entries, self._pending_step(), recorded, f"EndEpoch({epoch})")
         if filled is not None:
-            current = current.add_fisher(filled.fishers)
             pending.finite_trace(current.fisher, self.config.modalities, filled.step)
         closed = current.close()
         traces = [tr + [f] for tr, f in zip(self._traces, closed.fisher)]

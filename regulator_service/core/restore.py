@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .errors import FailedPrecondition, InvalidArgument
-from .model import EpochSummary, SessionConfig
-from .policy import Window, build_policy
+from ..errors import FailedPrecondition, InvalidArgument
+from ..model import EpochSummary, SessionConfig
+from ..policy import Window, build_policy
 
 
 def same_window(a: Window, b: Window) -> bool:

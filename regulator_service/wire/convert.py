@@ -13,8 +13,8 @@ from typing import Iterable, Optional
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
-from .errors import InvalidArgument, ResourceExhausted, shown
-from .model import (
+from ..errors import InvalidArgument, ResourceExhausted, shown
+from ..model import (
     DEFERRED,
     EpochSummary,
     Fallback,
@@ -25,14 +25,13 @@ from .model import (
     ModalityReport,
     RawReport,
     SessionConfig,
-    SessionDetail,
     SessionKey,
     SessionView,
     StepRecord,
 )
 from . import profile_wire
-from .policy import BUILTIN_PROFILES, MAX_STRENGTH, ProfileError, ProfileRegistry, SessionProfile, Window
-from .storage.base import Quarantined
+from ..policy import BUILTIN_PROFILES, MAX_STRENGTH, ProfileError, ProfileRegistry, SessionProfile, Window
+from ..storage.base import Quarantined
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,199}")
 MODALITY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -43,13 +42,15 @@ OPEN_TOKEN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 MAX_INDEX = (1 << 53) - 1
 
 
-def _finite(name: str, x: float, *, nonneg: bool = False) -> float:
+def _finite(name: str, x: float, *, nonneg: bool = False, of: Optional[str] = None) -> float:
     """``x`` if finite (and >= 0 with ``nonneg``), with -0.0 normalised to 0.0 so that equal
-    statistics have one stored form and one digest."""
-    if not math.isfinite(x):
-        raise InvalidArgument(f"{name} must be finite, got {x}")
-    if nonneg and x < 0.0:
-        raise InvalidArgument(f"{name} must be >= 0, got {x}")
+    statistics have one stored form and one digest. ``of``: the modality the value belongs to,
+    quoted in the message (built only on failure: this runs for every field of every Report)."""
+    if not math.isfinite(x) or (nonneg and x < 0.0):
+        label = name if of is None else f"{name} of {shown(of)}"
+        if not math.isfinite(x):
+            raise InvalidArgument(f"{label} must be finite, got {x}")
+        raise InvalidArgument(f"{label} must be >= 0, got {x}")
     return float(x) + 0.0  # -0.0 + 0.0 == +0.0 in IEEE 754
 
 
@@ -224,33 +225,32 @@ def _open_token(req: pb.OpenSessionRequest) -> str:
 
 def _modality_report(s: pb.ModalityStats, fallback: Fallback) -> ModalityReport:
     name = s.modality
-    quoted = shown(name)
-    score = _finite(f"score_sum of {quoted}", s.score_sum, nonneg=True)
+    score = _finite("score_sum", s.score_sum, nonneg=True, of=name)
     source = s.WhichOneof("fisher_source")
     fisher: FisherInput
     if source == "fisher_deferred":
         if not s.fisher_deferred:
-            raise InvalidArgument(f"fisher_deferred of {quoted} is false: leave it unset, or send fisher")
+            raise InvalidArgument(f"fisher_deferred of {shown(name)} is false: leave it unset, or send fisher")
         fisher = DEFERRED
     elif source == "fisher":
-        fisher = _finite(f"fisher of {quoted}", s.fisher, nonneg=True)
+        fisher = _finite("fisher", s.fisher, nonneg=True, of=name)
     elif source == "fisher_terms":
         t = s.fisher_terms
         fisher = FisherTerms(
-            grad_sq=_finite(f"fisher_terms.grad_sq of {quoted}", t.grad_sq, nonneg=True),
-            grad_delta=_finite(f"fisher_terms.grad_delta of {quoted}", t.grad_delta),
-            delta_sq=_finite(f"fisher_terms.delta_sq of {quoted}", t.delta_sq, nonneg=True),
+            grad_sq=_finite("fisher_terms.grad_sq", t.grad_sq, nonneg=True, of=name),
+            grad_delta=_finite("fisher_terms.grad_delta", t.grad_delta, of=name),
+            delta_sq=_finite("fisher_terms.delta_sq", t.delta_sq, nonneg=True, of=name),
         )
     else:
-        raise InvalidArgument(f"modality {quoted} carries neither fisher, fisher_terms nor fisher_deferred")
+        raise InvalidArgument(f"modality {shown(name)} carries neither fisher, fisher_terms nor fisher_deferred")
     applied: Optional[float] = None
     grad_scale: Optional[float] = None
     noise_scale = 0.0
     if s.HasField("applied"):
-        applied = _finite(f"applied.proximal of {quoted}", s.applied.proximal, nonneg=True)
+        applied = _finite("applied.proximal", s.applied.proximal, nonneg=True, of=name)
         if s.applied.HasField("grad_scale"):
-            grad_scale = _finite(f"applied.grad_scale of {quoted}", s.applied.grad_scale, nonneg=True)
-        noise_scale = _finite(f"applied.noise_scale of {quoted}", s.applied.noise_scale, nonneg=True)
+            grad_scale = _finite("applied.grad_scale", s.applied.grad_scale, nonneg=True, of=name)
+        noise_scale = _finite("applied.noise_scale", s.applied.noise_scale, nonneg=True, of=name)
     return ModalityReport(
         modality=name, score_sum=score, fisher=fisher, applied=applied,
         applied_grad_scale=grad_scale, applied_noise_scale=noise_scale,
@@ -369,11 +369,3 @@ def epoch_record(modalities: tuple[str, ...], e: EpochSummary) -> pb.EpochRecord
         restored=e.restored,
     )
 
-
-def session_detail(d: SessionDetail) -> pb.GetSessionResponse:
-    mods = d.view.config.modalities
-    return pb.GetSessionResponse(
-        session=session_info(d.view),
-        epochs=[epoch_record(mods, e) for e in d.epochs],
-        steps=[step_record(mods, r) for r in d.steps],
-    )

@@ -2,15 +2,19 @@
 
 Regulator metrics share the prefix ``inforeg_regulator_``. Per job x modality series carry the
 label ``job_id`` (``job`` belongs to Prometheus' scrape target), are capped at ``max_jobs``
-exported jobs, and are removed when their session closes or is superseded. No rank or step label
-ever: those are unbounded.
+exported jobs, and go when their session closes or is superseded. No rank or step label ever:
+those are unbounded.
+
+The per-job series are read at scrape time from the open sessions (``JobSeriesCollector``,
+client_python's custom-collector idiom), so a Report only counts itself: no gauge is set and no
+lock of the metrics is taken on its path.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,12 +26,14 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from . import __version__
-from .memory_budget import PARTS as MEMORY_PARTS
-from .memory_budget import MemoryBudget
-from .model import EpochSummary, Fallback, SessionConfig, SessionKey, SessionStatus, StepRecord
-from .policy import Window, profile_name
+from .. import __version__
+from ..capacity.memory_budget import PARTS as MEMORY_PARTS
+from ..capacity.memory_budget import MemoryBudget
+from ..model import EpochSummary, Fallback, SessionConfig, SessionKey, SessionStatus, StepRecord
+from ..policy import Window, profile_name
 
 PREFIX = "inforeg_regulator"
 T = TypeVar("T")
@@ -42,13 +48,9 @@ class RegulatorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, max_jobs: int = 100) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.max_jobs = max_jobs
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # sessions opening and ending only, never a Report
         self._exported: dict[str, SessionKey] = {}  # job id -> attempt whose series are exported
-        # Label children used on every Report, looked up once (a ``labels()`` call costs a few
-        # microseconds, and a Report touched seven): per exported job its step, score and
-        # proximal gauges (dropped with its series), per store operation its write histogram.
-        self._step_children: dict[str, tuple[Any, tuple[Any, ...], tuple[Any, ...]]] = {}
-        self._write_children: dict[str, tuple[Any, Any]] = {}
+        self._write_children: dict[str, tuple[Any, Any]] = {}  # per store operation, looked up once
         r = self.registry
         Info(f"{PREFIX}_build", "Regulator build information.", registry=r).info({"version": __version__})
         self.sessions_open = Gauge(f"{PREFIX}_sessions_open", "Sessions currently open.", registry=r)
@@ -95,30 +97,6 @@ class RegulatorMetrics:
         self.job_cap_reached = Gauge(
             f"{PREFIX}_metrics_job_cap_reached", "1 while the per-job series cap is reached.", registry=r
         )
-        labels = ["job_id", "modality"]
-        self.fisher_trace = Gauge(
-            f"{PREFIX}_fisher_trace",
-            "Fisher-information trace Tr(F) of the last closed epoch.",
-            labels,
-            registry=r,
-        )
-        self.window_open = Gauge(
-            f"{PREFIX}_window_open", "1 while the modality's prime learning window is open.", labels, registry=r
-        )
-        self.window_growth = Gauge(
-            f"{PREFIX}_window_growth",
-            "Growth statistic the current window was decided from (NaN when undefined).",
-            labels,
-            registry=r,
-        )
-        self.score = Gauge(
-            f"{PREFIX}_score", "Last step's mean true-class probability (score_sum / count).", labels, registry=r
-        )
-        self.proximal = Gauge(
-            f"{PREFIX}_proximal_coefficient", "Last step's proximal coefficient.", labels, registry=r
-        )
-        self.epoch = Gauge(f"{PREFIX}_epoch", "Epoch currently open.", ["job_id"], registry=r)
-        self.step = Gauge(f"{PREFIX}_last_step", "Last step recorded.", ["job_id"], registry=r)
         self.store_healthy.set(1)
         # Known label values start at zero, so increase() sees the first event and panels show 0.
         for outcome in ("recorded", "duplicate", "rejected"):
@@ -163,9 +141,6 @@ class RegulatorMetrics:
 
     # -- SessionObserver ----------------------------------------------------------------------
 
-    def _exports(self, config: SessionConfig) -> bool:
-        return self._exported.get(config.job_id) == config.key
-
     def session_opened(self, config: SessionConfig, window: tuple[Window, ...]) -> None:
         self.sessions_open.inc()
         self.sessions_opened.labels(profile_name(config.profile)).inc()
@@ -175,18 +150,13 @@ class RegulatorMetrics:
                 self.jobs_dropped.inc()
                 self.job_cap_reached.set(1)
                 return
-            if current is not None:
-                self._remove_series(config.job_id, config.modalities)
             self._exported[config.job_id] = config.key
-            self.epoch.labels(config.job_id).set(0)
-            self._set_window(config, window)
 
     def session_ended(self, config: SessionConfig, status: SessionStatus) -> None:
         self.sessions_open.dec()
         self.sessions_ended.labels(status.name.lower()).inc()
         with self._lock:
-            if self._exports(config):
-                self._remove_series(config.job_id, config.modalities)
+            if self._exported.get(config.job_id) == config.key:
                 del self._exported[config.job_id]
                 if len(self._exported) < self.max_jobs:
                     self.job_cap_reached.set(0)
@@ -200,60 +170,87 @@ class RegulatorMetrics:
         self._recorded.inc()
         if record.fallback != Fallback.NONE:
             self.fallback_steps.labels(record.fallback.name.lower()).inc()
-        with self._lock:
-            if not self._exports(config):
-                return
-            job = config.job_id
-            children = self._step_children.get(job)
-            if children is None:
-                mods = config.modalities
-                children = (
-                    self.step.labels(job),
-                    tuple(self.score.labels(job, m) for m in mods),
-                    tuple(self.proximal.labels(job, m) for m in mods),
-                )
-                self._step_children[job] = children
-            step, scores, proximal = children
-            step.set(record.step)
-            for gauge, s in zip(scores, record.score_sums):
-                gauge.set(s / record.count)
-            for gauge, p in zip(proximal, record.proximal):
-                gauge.set(p)
 
     def epoch_closed(
         self, config: SessionConfig, closed: EpochSummary, next_window: tuple[Window, ...]
     ) -> None:
         self.epochs_closed.inc()
-        with self._lock:
-            if not self._exports(config):
-                return
-            job = config.job_id
-            self.epoch.labels(job).set(closed.epoch + 1)
-            for m, tr in zip(config.modalities, closed.fisher):
-                self.fisher_trace.labels(job, m).set(tr)
-            self._set_window(config, next_window)
 
     def report_rejected(self) -> None:
         self.reports.labels("rejected").inc()
 
-    def _set_window(self, config: SessionConfig, window: tuple[Window, ...]) -> None:
-        for m, w in zip(config.modalities, window):
-            self.window_open.labels(config.job_id, m).set(1 if w.open else 0)
-            self.window_growth.labels(config.job_id, m).set(w.growth)
+    def track_sessions(self, sessions: Callable[[], Iterable["SeriesSource"]]) -> None:
+        """The per-job series, read from ``sessions`` (the open ones) at every scrape."""
+        self.registry.register(JobSeriesCollector(sessions, lambda: dict(self._exported)))
 
-    def _remove_series(self, job: str, modalities: tuple[str, ...]) -> None:
-        self._step_children.pop(job, None)
-        for gauge in (self.fisher_trace, self.window_open, self.window_growth, self.score, self.proximal):
-            for m in modalities:
-                try:
-                    gauge.remove(job, m)
-                except KeyError:
-                    pass
-        for gauge in (self.epoch, self.step):
-            try:
-                gauge.remove(job)
-            except KeyError:
-                pass
+
+class SeriesSource(Protocol):
+    """What the per-job series read of an open session (``core.session.Session``)."""
+
+    config: SessionConfig
+
+    def gauges(self) -> tuple[int, tuple[Window, ...], Optional[EpochSummary], Optional[StepRecord]]:
+        """(open epoch, its windows, the last closed epoch, the last step's record)."""
+        ...
+
+
+# The per-job series, each declared once as an unregistered gauge (its name, help and labels):
+# ``JobSeriesCollector`` computes their values from the open sessions at every scrape.
+_BY_JOB = ["job_id"]
+_BY_MODALITY = ["job_id", "modality"]
+JOB_SERIES: tuple[tuple[Gauge, list[str]], ...] = (
+    (Gauge(f"{PREFIX}_fisher_trace", "Fisher-information trace Tr(F) of the last closed epoch.", _BY_MODALITY, registry=None), _BY_MODALITY),
+    (Gauge(f"{PREFIX}_window_open", "1 while the modality's prime learning window is open.", _BY_MODALITY, registry=None), _BY_MODALITY),
+    (Gauge(f"{PREFIX}_window_growth", "Growth statistic the current window was decided from (NaN when undefined).", _BY_MODALITY, registry=None), _BY_MODALITY),
+    (Gauge(f"{PREFIX}_score", "Last step's mean true-class probability (score_sum / count).", _BY_MODALITY, registry=None), _BY_MODALITY),
+    (Gauge(f"{PREFIX}_proximal_coefficient", "Last step's proximal coefficient.", _BY_MODALITY, registry=None), _BY_MODALITY),
+    (Gauge(f"{PREFIX}_epoch", "Epoch currently open.", _BY_JOB, registry=None), _BY_JOB),
+    (Gauge(f"{PREFIX}_last_step", "Last step recorded.", _BY_JOB, registry=None), _BY_JOB),
+)
+
+
+class JobSeriesCollector(Collector):
+    """Per job x modality gauges of the exported open sessions, computed when scraped."""
+
+    def __init__(
+        self, sessions: Callable[[], Iterable[SeriesSource]], exported: Callable[[], dict[str, SessionKey]]
+    ) -> None:
+        self._sessions = sessions
+        self._exported = exported
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        out = []
+        for gauge, labels in JOB_SERIES:
+            meta = gauge.describe()[0]
+            out.append(GaugeMetricFamily(meta.name, meta.documentation, labels=labels))
+        return out
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        families = self._families()
+        trace, window_open, growth, score, proximal, epoch, step = families
+        exported = self._exported()
+        for session in self._sessions():
+            config = session.config
+            job = config.job_id
+            if exported.get(job) != config.key:
+                continue
+            open_epoch, windows, closed, last = session.gauges()
+            epoch.add_metric([job], open_epoch)
+            for i, m in enumerate(config.modalities):
+                window_open.add_metric([job, m], 1 if windows[i].open else 0)
+                growth.add_metric([job, m], windows[i].growth)
+                if closed is not None:
+                    trace.add_metric([job, m], closed.fisher[i])
+                if last is not None:
+                    score.add_metric([job, m], last.score_sums[i] / last.count)
+                    proximal.add_metric([job, m], last.proximal[i])
+            if last is not None:
+                step.add_metric([job], last.step)
+        yield from families
 
 
 def add_runtime_collectors(registry: CollectorRegistry) -> None:

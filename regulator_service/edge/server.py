@@ -1,5 +1,5 @@
-"""Assembles and runs a regulator server: gRPC with health and reflection, the session manager
-over a store, and a Prometheus endpoint.
+"""Runs a regulator server: gRPC with health and reflection, the session manager over a store,
+and a Prometheus endpoint (its parts are built by ``assembly.py``).
 
 ``RegulatorServer`` owns start and stop so that tests, ``regulator replay`` and ``regulator serve``
 run the very same server; ``serve`` adds signal handling.
@@ -12,79 +12,30 @@ import logging
 import socket
 import threading
 import time
-from concurrent import futures
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
-from prometheus_client import CollectorRegistry
+from grpc_health.v1 import health, health_pb2
 
-from inforeg.regulator.v1 import regulator_pb2 as pb
-
-from .api import build_api
-from .interceptors import DelayInterceptor, MalformedRequestInterceptor, MetricsInterceptor, method_paths
-from .model import Limits
-from .policy import BUILTIN_PROFILES, ProfileRegistry
-from .metrics import GrpcServerMetrics, RegulatorMetrics, add_runtime_collectors
+from ..wire.api import build_api
+from . import assembly
+from .assembly import (  # re-exported: what a server is configured with
+    DEFAULT_MAX_CONCURRENT_RPCS,
+    LIVENESS_NAME,
+    READINESS_NAMES,
+    REGISTERED_METHODS,
+    SERVICE_NAME,
+    ServerConfig,
+)
 from .metrics_http import MetricsEndpoint
-from .security import BearerTokenInterceptor, ReloadingServerCredentials, TlsFiles, TokenSource
+from .security import ReloadingServerCredentials
 from .servicer import RegulatorServicer
-from .storage import MemoryStore, SQLiteStore, StateStore, StoreError
-from .storage.instrumented import InstrumentedStore
-from .storage.lockfile import StateDirLock
-from .wire_handlers import add_regulator_servicer
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Regulator"].full_name
-# Health names (kubelet probes): readiness follows the store (NOT_SERVING while it fails: a
-# restart cannot empty a full disk or repair a corrupt file); liveness answers for the process,
-# SERVING from start until shutdown, so that only what a restart cures restarts the regulator.
-READINESS_NAMES = ("", SERVICE_NAME)
-LIVENESS_NAME = "inforeg.regulator.v1.Liveness"
-# Every method this server registers; only these get their own grpc_method label value.
-REGISTERED_METHODS = method_paths(
-    (
-        pb.DESCRIPTOR.services_by_name["Regulator"],
-        health_pb2.DESCRIPTOR.services_by_name["Health"],
-        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
-    )
-)
-# RPCs admitted at once (running + queued for a worker); beyond it gRPC answers
-# RESOURCE_EXHAUSTED at once instead of queueing without bound. 8 per worker thread of the
-# default 16: a burst of 128 DDP ranks reporting the same step is admitted whole.
-DEFAULT_MAX_CONCURRENT_RPCS = 128
 STORE_WATCH_INTERVAL_S = 0.5  # how often health checks (and, while failing, probes) the store
 PRUNE_INTERVAL_S = 60.0  # how often step records past their retention are pruned
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0 = pick a free port
-    metrics_host: str = "127.0.0.1"
-    metrics_port: Optional[int] = None  # None = no metrics endpoint; 0 = free port
-    metrics_token: Optional[TokenSource] = None  # bearer token required on /metrics
-    metrics_tls: Optional[TlsFiles] = None  # HTTPS on /metrics (client_ca: client certificates)
-    health_port: Optional[int] = None  # plaintext, health service only (kubelet probes)
-    health_host: Optional[str] = None  # address of the health port; None = host
-    uds: Optional[str] = None  # also listen on this Unix domain socket path
-    state_dir: Optional[Path] = None  # None = in memory only
-    max_workers: int = 16
-    max_concurrent_rpcs: Optional[int] = DEFAULT_MAX_CONCURRENT_RPCS  # None = unbounded
-    max_receive_bytes: int = 1 << 20
-    grace_seconds: float = 10.0
-    limits: Limits = field(default_factory=Limits)
-    profiles: ProfileRegistry = BUILTIN_PROFILES  # built-ins plus the --plugin profiles
-    metrics_max_jobs: int = 100
-    token: Optional[TokenSource] = None  # bearer token required on Regulator RPCs
-    tls: Optional[TlsFiles] = None
-    debug_delay_s: float = 0.0  # fault injection: every Regulator RPC sleeps this long first
-    debug_hold_file: Optional[str] = None  # fault injection: every Regulator RPC waits while this file exists
-    debug_max_state_bytes: Optional[int] = None  # fault injection: the state file stops growing here (disk full)
 
 
 class RegulatorServer:
@@ -92,69 +43,21 @@ class RegulatorServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.registry = CollectorRegistry()
-        add_runtime_collectors(self.registry)
-        self.metrics = RegulatorMetrics(self.registry, max_jobs=config.metrics_max_jobs)
-        self.grpc_metrics = GrpcServerMetrics(self.registry)
+        self.registry, self.metrics, self.grpc_metrics = assembly.make_metrics(config.metrics_max_jobs)
         # A state file we cannot use must not crash the server nor be overwritten: we serve
         # health (NOT_SERVING), metrics and logs, and answer UNAVAILABLE with the reason.
-        self.store_error: Optional[str] = None
-        inner: StateStore = MemoryStore()
-        self._state_lock: Optional[StateDirLock] = None
-        if config.state_dir is not None:
-            # one server per state dir: a second one stops here (StateDirLocked), before serving
-            self._state_lock = StateDirLock.acquire(config.state_dir)
-            try:
-                inner = SQLiteStore(
-                    config.state_dir,
-                    profiles=config.profiles,
-                    lock=self._state_lock,
-                    timeout_s=config.limits.store_timeout_s,
-                    max_bytes=config.debug_max_state_bytes,
-                )
-            except StoreError as exc:
-                self.store_error = str(exc)
-                log.error("state store unusable, serving UNAVAILABLE until fixed: %s", exc)
-                self.metrics.store_healthy.set(0)
-        self.store = InstrumentedStore(inner, self.metrics.timed_write)
+        opened = assembly.open_store(config, self.metrics)
+        self.store, self.store_error, self._state_lock = opened.store, opened.error, opened.lock
         self.api = build_api(self.store, self.metrics, config.limits, profiles=config.profiles)
         self.manager = self.api.manager
-        self.health = health.HealthServicer(experimental_non_blocking=True)
-        # Metrics outermost (refused calls are counted, under bounded labels), then the token,
-        # then decoding: an unauthenticated request is never deserialized.
-        interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(self.grpc_metrics, REGISTERED_METHODS)]
-        if config.token is not None:
-            interceptors.append(BearerTokenInterceptor(config.token))
-        interceptors.append(MalformedRequestInterceptor())
-        if config.debug_delay_s > 0 or config.debug_hold_file:
-            interceptors.append(DelayInterceptor(config.debug_delay_s, SERVICE_NAME, config.debug_hold_file))
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="regulator-rpc"),
-            interceptors=interceptors,
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            options=[
-                ("grpc.so_reuseport", 0),  # a port clash must be an error, not a silent second server
-                ("grpc.max_receive_message_length", config.max_receive_bytes),
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ],
-        )
-        servicer = RegulatorServicer(self.api, self.metrics, unavailable=self.store_error)
-        add_regulator_servicer(servicer, self._server)  # GetSession answers pre-encoded bytes
         self.metrics.track_memory(self.manager.budget)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        self.metrics.track_sessions(self.manager.open_sessions)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._server = assembly.make_grpc_server(
+            config, RegulatorServicer(self.api, self.metrics, unavailable=self.store_error), self.grpc_metrics,
+            self.health,
         )
-        self._health_server: Optional[grpc.Server] = None
-        if config.health_port is not None:
-            # A server of its own: probes are answered even while the main port sheds load.
-            self._health_server = grpc.server(
-                futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="regulator-health"),
-                options=[("grpc.so_reuseport", 0)],
-                maximum_concurrent_rpcs=16,
-            )
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+        self._health_server = assembly.make_health_server(self.health) if config.health_port is not None else None
         self.port: Optional[int] = None
         self.metrics_port: Optional[int] = None
         self.health_port: Optional[int] = None
@@ -346,3 +249,15 @@ def ensure_bindable(host: str, port: int) -> None:
                 if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                     raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
                 # e.g. no IPv6 on this host: gRPC binds the addresses that exist
+
+
+__all__ = [
+    "DEFAULT_MAX_CONCURRENT_RPCS",
+    "LIVENESS_NAME",
+    "READINESS_NAMES",
+    "REGISTERED_METHODS",
+    "SERVICE_NAME",
+    "RegulatorServer",
+    "ServerConfig",
+    "ensure_bindable",
+]
