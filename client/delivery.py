@@ -6,6 +6,12 @@
   and report the step later as ``FALLBACK_NEUTRAL``.
 - ``last``: like neutral, but apply the last known coefficients (``FALLBACK_LAST``).
 
+In the fallback modes a regulator that did not answer is not asked again at every step: while
+messages wait, the next try comes after a pause that doubles from ``QUIET_S[0]`` to
+``QUIET_S[1]`` seconds, and the steps in between fall back at once. Without it every step of a
+job whose regulator is down (or too slow) would spend a whole ``call_timeout`` on gRPC's
+reconnect retries.
+
 Deferred reports and epoch ends are kept in order and delivered before anything new, so the
 regulator's history ends up complete and marks exactly the steps that ran unregulated.
 
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 MODES = ("wait", "neutral", "last")
 TRANSIENT = (Unavailable, DeadlineExceeded)
 FALLBACK_OF_MODE = {"neutral": pb.FALLBACK_NEUTRAL, "last": pb.FALLBACK_LAST}
+QUIET_S = (0.5, 5.0)  # first and longest pause before a fallback mode asks a silent regulator again
 T = TypeVar("T")
 
 
@@ -107,6 +114,9 @@ class Delivery:
     _pending: deque = field(default_factory=deque)
     _on_open: Optional[Callable[[Any], None]] = None  # a deferred OpenSession's continuation
     _attempt: Optional[int] = None  # the attempt a deferred OpenSession was assigned
+    clock: Callable[[], float] = time.monotonic  # for the pause after a call without an answer
+    _quiet_s: float = 0.0  # the current pause after a call without an answer (0: none)
+    _quiet_until: float = 0.0  # monotonic time before which fallback modes do not call
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -192,6 +202,15 @@ class Delivery:
         self._pending.appendleft(req)
         self._on_open = on_open
 
+    def _quiet(self) -> bool:
+        """True while a fallback mode pauses after a refused call (only with messages waiting)."""
+        return bool(self._pending) and self.clock() < self._quiet_until
+
+    def _refused(self) -> None:
+        """A call that got no answer starts or lengthens the pause before the next try."""
+        self._quiet_s = min(max(self._quiet_s * 2, QUIET_S[0]), QUIET_S[1])
+        self._quiet_until = self.clock() + self._quiet_s
+
     def flush(self) -> bool:
         """Delivers deferred messages in order; False if the regulator is still unreachable."""
         while self._pending:
@@ -199,7 +218,9 @@ class Delivery:
             try:
                 resp = self._send(head, self.call_timeout, wait=False)
             except TRANSIENT:
+                self._refused()
                 return False
+            self._quiet_s = 0.0
             self._pending.popleft()
             if isinstance(head, pb.OpenSessionRequest):
                 self._attempt = resp.session.attempt  # type: ignore[attr-defined]
@@ -218,12 +239,15 @@ class Delivery:
         """The regulator's answer, or None when the step must fall back (never in wait mode)."""
         if self.mode == "wait":
             return self._send_waiting(req)  # type: ignore[return-value]
-        if not self.flush():
+        if self._quiet() or not self.flush():
             return None
         try:
-            return self._send(req, self.call_timeout, wait=False)  # type: ignore[return-value]
+            resp = self._send(req, self.call_timeout, wait=False)
         except TRANSIENT:
+            self._refused()
             return None
+        self._quiet_s = 0.0
+        return resp  # type: ignore[return-value]
 
     def defer_fallback(
         self,
@@ -258,11 +282,14 @@ class Delivery:
     def end_epoch(self, req: pb.EndEpochRequest) -> Optional[pb.EndEpochResponse]:
         if self.mode == "wait":
             return self._send_waiting(req)  # type: ignore[return-value]
-        if self.flush():
+        if not self._quiet() and self.flush():
             try:
-                return self._send(req, self.call_timeout, wait=False)  # type: ignore[return-value]
+                resp = self._send(req, self.call_timeout, wait=False)
             except TRANSIENT:
-                pass
+                self._refused()
+            else:
+                self._quiet_s = 0.0
+                return resp  # type: ignore[return-value]
         self._defer(req)
         self.stats.deferred_epoch_ends += 1
         return None

@@ -26,17 +26,10 @@ from regulator_service.client_api import (
     error_for_code,
 )
 
-# What grpcio's own server code answers when ``maximum_concurrent_rpcs`` (``serve
-# --max-concurrent-rpcs``) sheds a call before any handler ran: grpcio sends this fixed status
-# with no metadata, so it is the one shed answer that cannot carry ``RETRY_AFTER_KEY``. Every
-# shed answer of the regulator's own (a history read with every read slot taken) carries the key.
-SHED_DETAILS = "Concurrent RPC limit exceeded!"
-
-
 class Overloaded(Unavailable, ResourceExhausted):
-    """The server shed the call (RESOURCE_EXHAUSTED from its concurrency limit, or all its
-    history-read slots taken) without running it: nothing happened, and the same call may be
-    retried after a backoff. It is an ``Unavailable``, so every delivery mode treats it like a
+    """The server shed the call (RESOURCE_EXHAUSTED with ``RETRY_AFTER_KEY``: its concurrency
+    limit, or all its history-read slots taken) without running it: nothing happened, and the
+    same call may be retried after a backoff. It is an ``Unavailable``, so every delivery mode treats it like a
     server that is briefly down; real quotas (too many sessions, modalities or bytes) stay plain
     ``ResourceExhausted`` and are never retried."""
 
@@ -61,17 +54,19 @@ def retry_after_ms(exc: grpc.RpcError) -> Optional[int]:
     return None
 
 
-def is_shed(code: grpc.StatusCode, details: str, retry_after: Optional[int]) -> bool:
-    """Whether a RESOURCE_EXHAUSTED is about load (retry later), not a quota (never retried)."""
-    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return False
-    return retry_after is not None or details == SHED_DETAILS
+def is_shed(code: grpc.StatusCode, retry_after: Optional[int]) -> bool:
+    """Whether a RESOURCE_EXHAUSTED is about load (retry later), not a quota (never retried):
+    decided by the status's ``RETRY_AFTER_KEY`` alone, never by its text. Every shed answer of
+    the regulator carries the key (its admission limit, its history-read slots); a quota (too
+    many sessions, modalities or bytes) and grpcio's own RESOURCE_EXHAUSTED (a message over the
+    size limit) do not."""
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after is not None
 
 
 def from_rpc_error(exc: grpc.RpcError) -> RegulatorError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    if is_shed(code, details, retry_after_ms(exc)):
+    if is_shed(code, retry_after_ms(exc)):
         err: RegulatorError = shed(details)
     elif code == grpc.StatusCode.CANCELLED:
         # This library never cancels its own calls, so a CANCELLED it receives is the server's:

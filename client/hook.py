@@ -54,12 +54,12 @@ from .hook_session import HookSession
 from .hook_state import HookState, checkpoint, restore
 from .identity import AttemptLike, JobIdentity
 from .job_group import JobGroup
-from .profiles import ProfileLike, default_profile, make_profile, profile_name
+from .profiles import ProfileLike, default_profile, make_profile, scales_gradients
 from .scores import Logits, Scores, step_scores, with_count
 from .stats import DEFAULT_PROXIMAL, DEFAULT_SCALE, FISHER_MODULES, RELEASED, EncoderProbe, Selector, arithmetic_of
 from .step_exchange import StepExchange
 from .step_parts import Answer, HookTimings, StepResult
-from .training_metrics import UNSCALED_PROFILES, flat_metrics
+from .training_metrics import flat_metrics
 
 __all__ = ["InfoRegHook", "StepResult", "HookTimings", "Logits", "Scores"]
 _Answer = Answer  # (its name before the step's parts had a module of their own)
@@ -255,7 +255,7 @@ class InfoRegHook:
             last_step=self._exchange.last if st.timings.steps else None,
             last_epoch_end=st.last_epoch_end,
             delivery=self.delivery.stats,
-            scaled=profile_name(self.profile) not in UNSCALED_PROFILES,
+            scaled=scales_gradients(self.profile),
         )
 
     # -- the session --------------------------------------------------------------------------

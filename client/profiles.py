@@ -8,7 +8,7 @@ server was started with (``regulator serve --plugin my_profiles``).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
@@ -109,3 +109,33 @@ def profile_name(profile: pb.Profile, registry: ProfileRegistry = BUILTIN_PROFIL
 def profile_params(profile: pb.Profile, registry: ProfileRegistry = BUILTIN_PROFILES) -> dict[str, Any]:
     """The parameters set in a (resolved) profile, for logs and results files."""
     return profile_wire.profile_values(profile, registry)
+
+
+def profile_spec(profile: Optional[pb.Profile], registry: ProfileRegistry = BUILTIN_PROFILES) -> Optional[ProfileSpec]:
+    """The spec a profile names; None for an unset profile or one ``registry`` does not know.
+    The client decides what a profile does from its spec and values, never from its name."""
+    if profile is None or profile.WhichOneof("kind") is None:
+        return None
+    try:
+        return profile_wire.spec_of(profile, registry)[0]
+    except ProfileError:
+        return None
+
+
+def profile_values(profile: Optional[pb.Profile], registry: ProfileRegistry = BUILTIN_PROFILES) -> dict[str, Any]:
+    """Every parameter of a profile: the ones it sets, the spec's defaults for the others
+    ({} for a profile ``registry`` does not know)."""
+    spec = profile_spec(profile, registry)
+    if spec is None:
+        return {}
+    try:
+        return spec.restore(profile_params(profile, registry)).values()  # type: ignore[arg-type]
+    except (ProfileError, TypeError):
+        return {}
+
+
+def scales_gradients(profile: Optional[pb.Profile], registry: ProfileRegistry = BUILTIN_PROFILES) -> bool:
+    """Whether the profile's policy may answer gradient scales or noise (as its spec declares);
+    a profile this registry does not know (a plugin) may."""
+    spec = profile_spec(profile, registry)
+    return True if spec is None else spec.scales_gradients

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .profiles import profile_values
 from .stats import RELEASED
 
 log = logging.getLogger("regulator_client")
@@ -25,15 +26,16 @@ MAX_ULPS = 4
 
 
 def released_gains(profile: object, modalities: Sequence[str]) -> Optional[tuple[float, ...]]:
-    """Each modality's gain under the session's (resolved) ``pb.Profile`` when it is official
-    with ``arithmetic="released"``; None otherwise."""
-    if profile is None or profile.WhichOneof("kind") != "official":  # type: ignore[attr-defined]
+    """Each modality's gain under the session's (resolved) ``pb.Profile`` when its parameters
+    say ``arithmetic="released"`` and name the two gains (the official profile's); None
+    otherwise."""
+    values = profile_values(profile) if profile is not None else {}  # type: ignore[arg-type]
+    if values.get("arithmetic") != RELEASED or len(modalities) != 2:
         return None
-    off = profile.official  # type: ignore[attr-defined]
-    if off.arithmetic != RELEASED or len(modalities) != 2:
+    if "reference_gain" not in values or "other_gain" not in values:
         return None
-    ref = off.reference_modality or modalities[0]
-    return tuple(off.reference_gain if m == ref else off.other_gain for m in modalities)
+    ref = values.get("reference_modality") or modalities[0]
+    return tuple(values["reference_gain"] if m == ref else values["other_gain"] for m in modalities)
 
 
 def device_coefficient(gain: float, lead: float, other: float, device: torch.device) -> float:

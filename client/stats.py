@@ -34,6 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from .profiles import profile_values
+
 # Weight matrices and conv kernels enter the Fisher trace; biases and norm layers do not (they
 # still receive the proximal term), as in the released InfoReg code.
 FISHER_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, _ConvNd)
@@ -48,12 +50,10 @@ EXACT, RELEASED = "exact", "released"  # the official profile's `arithmetic` par
 
 
 def arithmetic_of(profile: object) -> str:
-    """The arithmetic a session's ``pb.Profile`` asks of the probe: ``released`` only for the
-    official profile with ``arithmetic="released"``."""
-    kind = profile.WhichOneof("kind") if profile is not None else None  # type: ignore[attr-defined]
-    if kind == "official" and profile.official.arithmetic == RELEASED:  # type: ignore[attr-defined]
-        return RELEASED
-    return EXACT
+    """The arithmetic a session's ``pb.Profile`` asks of the probe: ``released`` only for a
+    profile whose ``arithmetic`` parameter says so (the official profile declares it)."""
+    values = profile_values(profile) if profile is not None else {}  # type: ignore[arg-type]
+    return RELEASED if values.get("arithmetic") == RELEASED else EXACT
 
 
 def fisher_weights(module: nn.Module, kinds: tuple[type[nn.Module], ...] = FISHER_MODULES) -> list[nn.Parameter]:

@@ -15,7 +15,7 @@ Keys (``<m>`` is a modality name; every value is a float):
 ``inforeg/<m>/window_open``            1/0: the window the latest step ran with (absent on a
                                        fallback step, where it is unknown)
 ``inforeg/<m>/grad_scale``,            the gradient scale and noise of the latest step; only for
-``inforeg/<m>/noise_scale``            profiles that scale gradients (not paper/official/none)
+``inforeg/<m>/noise_scale``            profiles whose policy can scale gradients (e.g. ogm-ge)
 ``inforeg/closed_epoch``               the last epoch closed by this process; the keys below
                                        describe it
 ``inforeg/<m>/fisher_trace``           Tr(F) of that epoch (the sum of its steps' Fisher values)
@@ -45,7 +45,6 @@ from inforeg.regulator.v1 import regulator_pb2 as pb
 from .delivery import DeliveryStats
 
 PREFIX = "inforeg"
-UNSCALED_PROFILES = ("paper", "official", "none")  # never scale or noise gradients
 
 
 class StepAnswer(Protocol):

@@ -102,6 +102,10 @@ def test_kill9_in_neutral_mode_never_blocks_and_marks_unregulated_steps(tmp_path
 
     def on_step(step: int) -> None:
         crasher(step)
+        if step == 4 * 25 - 1 and crasher.thread is not None:
+            # fallback steps do not wait (QUIET_S), so the job can outrun the restart: the
+            # regulator is back before the job's last calls, which deliver the deferred steps
+            crasher.thread.join()
         recorder.current = step + 1
 
     try:
@@ -206,8 +210,9 @@ def test_slow_server_clients_hit_deadlines_and_do_not_pile_up(tmp_path: Path, di
             def on_step(step: int) -> None:
                 recorder.current = step + 1
 
-            # OpenSession always waits for the regulator (deadline 3 s, the server takes 1 s);
-            # each of the 25 steps then gives up after one 0.2 s deadline instead of queueing
+            # OpenSession waits for the regulator (deadline 3 s, the server takes 1 s); a step
+            # then gives up after one 0.2 s deadline instead of queueing, and after a call
+            # without an answer the next steps fall back at once for a pause (QUIET_S)
             result = train(
                 TrainConfig(job_id="slow", views=VIEWS, profile="official", epochs=1,
                             on_unavailable="last", call_timeout=0.2, wait_timeout=10.0),
@@ -215,8 +220,9 @@ def test_slow_server_clients_hit_deadlines_and_do_not_pile_up(tmp_path: Path, di
             )
         assert result["fallback_steps"] == 25
         steps = [c for c in recorder.calls if c["method"] == "report" and c["during"] < 25]
-        # one call per step, each with the 0.2 s deadline and no wait_for_ready: nothing queues
-        assert [c["during"] for c in steps] == list(range(25))
+        # at most one call per step, each with the 0.2 s deadline and no wait_for_ready: nothing queues
+        during = [c["during"] for c in steps]
+        assert during and during[0] == 0 and during == sorted(set(during)), during
         assert all(c["timeout"] == 0.2 and c["wait_for_ready"] is False for c in steps)
         assert all(c["error"] == "DeadlineExceeded" for c in steps)
 

@@ -24,6 +24,7 @@ from ..policy import BUILTIN_PROFILES, ProfileRegistry
 from ..storage import MemoryStore, SQLiteStore, StateStore, StoreError
 from ..storage.instrumented import InstrumentedStore
 from ..storage.lockfile import StateDirLock
+from .admission import AdmissionInterceptor, AdmissionPool
 from .interceptors import DelayInterceptor, MalformedRequestInterceptor, MetricsInterceptor, method_paths
 from .metrics import GrpcServerMetrics, RegulatorMetrics, add_runtime_collectors
 from .security import BearerTokenInterceptor, TlsFiles, TokenSource
@@ -46,8 +47,8 @@ REGISTERED_METHODS = method_paths(
         reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
     )
 )
-# RPCs admitted at once (running + queued for a worker); beyond it gRPC answers
-# RESOURCE_EXHAUSTED at once instead of queueing without bound. 8 per worker thread of the
+# RPCs admitted at once (running + queued for a worker); beyond it the regulator answers
+# RESOURCE_EXHAUSTED with RETRY_AFTER_KEY at once instead of queueing without bound. 8 per worker thread of the
 # default 16: a burst of 128 DDP ranks reporting the same step is admitted whole.
 DEFAULT_MAX_CONCURRENT_RPCS = 128
 
@@ -116,10 +117,14 @@ def open_store(config: ServerConfig, metrics: RegulatorMetrics) -> OpenedStore:
     return OpenedStore(InstrumentedStore(inner, metrics.timed_write), error, lock)
 
 
-def make_interceptors(config: ServerConfig, grpc_metrics: GrpcServerMetrics) -> list[grpc.ServerInterceptor]:
-    """Metrics outermost (refused calls are counted, under bounded labels), then the token, then
-    decoding: an unauthenticated request is never deserialized."""
-    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(grpc_metrics, REGISTERED_METHODS)]
+def make_interceptors(
+    config: ServerConfig, grpc_metrics: GrpcServerMetrics, pool: Optional[AdmissionPool] = None
+) -> list[grpc.ServerInterceptor]:
+    """Admission outermost (a shed call costs nothing more), then metrics (refused calls are
+    counted, under bounded labels), then the token, then decoding: an unauthenticated request is
+    never deserialized."""
+    interceptors: list[grpc.ServerInterceptor] = [AdmissionInterceptor(pool)] if pool is not None else []
+    interceptors.append(MetricsInterceptor(grpc_metrics, REGISTERED_METHODS))
     if config.token is not None:
         interceptors.append(BearerTokenInterceptor(config.token))
     interceptors.append(MalformedRequestInterceptor())
@@ -132,10 +137,12 @@ def make_grpc_server(
     config: ServerConfig, servicer: RegulatorServicer, grpc_metrics: GrpcServerMetrics, health_servicer: health.HealthServicer
 ) -> grpc.Server:
     """The main gRPC server (not bound yet): the Regulator service, health and reflection."""
+    # The regulator admits calls itself (edge/admission.py) so that a shed answer carries the
+    # structural "retry later" (RETRY_AFTER_KEY), which grpcio's maximum_concurrent_rpcs cannot.
+    pool = AdmissionPool(config.max_workers, config.max_concurrent_rpcs)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="regulator-rpc"),
-        interceptors=make_interceptors(config, grpc_metrics),
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        pool,
+        interceptors=make_interceptors(config, grpc_metrics, pool),
         options=[
             ("grpc.so_reuseport", 0),  # a port clash must be an error, not a silent second server
             ("grpc.max_receive_message_length", config.max_receive_bytes),

@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
-from .base import Policy
+from .base import Policy, ProximalPolicy
 
 # Epoch numbers (warm-up, modulation ranges) must survive JSON and float64 exactly.
 MAX_EPOCH = 2**53 - 1
@@ -157,6 +157,12 @@ class ProfileSpec:
 
     def parameters(self) -> tuple[ParamInfo, ...]:
         return parameters_of(self.params)
+
+    @property
+    def scales_gradients(self) -> bool:
+        """Whether the policy may answer gradient scales or noise; a ``ProximalPolicy`` answers
+        only proximal coefficients (the client logs scales only where they can vary)."""
+        return not (isinstance(self.policy, type) and issubclass(self.policy, ProximalPolicy))
 
     def param_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.parameters())
