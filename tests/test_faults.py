@@ -91,6 +91,8 @@ def test_kill9_and_restart_in_wait_mode_gives_the_uninterrupted_trajectory(tmp_p
         assert history(crasher.restarted.target, "kill9") == ref_history  # traces, windows, records
     finally:
         server.kill()
+        if crasher.thread is not None:  # a test that failed early must not leave the restart behind
+            crasher.thread.join()
         if crasher.restarted is not None:
             assert crasher.restarted.stop() == 0
 
@@ -134,6 +136,8 @@ def test_kill9_in_neutral_mode_never_blocks_and_marks_unregulated_steps(tmp_path
         assert sum(e.fallback_steps for e in detail.epochs) == len(marked)
     finally:
         server.kill()
+        if crasher.thread is not None:  # a test that failed early must not leave the restart behind
+            crasher.thread.join()
         if crasher.restarted is not None:
             crasher.restarted.stop()
 
