@@ -78,8 +78,7 @@ def plain_loop(client: RegulatorClient, job: str, epochs: int = 2) -> None:
     with hook:
         for epoch in range(epochs):
             hook.on_epoch_start(epoch)
-            for start in range(0, N, BATCH):
-                batch = {k: torch.stack([data[i][k] for i in range(start, start + BATCH)]) for k in ("x_a", "x_b", "labels")}
+            for batch in batches(data):
                 opt.zero_grad(set_to_none=True)
                 out = model(**batch)
                 out["loss"].backward()
@@ -91,14 +90,25 @@ def plain_loop(client: RegulatorClient, job: str, epochs: int = 2) -> None:
 # -- Hugging Face transformers ---------------------------------------------------------------------
 
 
-def hf_trainer(tmp_path: Path, client: RegulatorClient, job: str, accumulate: int = 1) -> Any:
-    transformers = pytest.importorskip("transformers")
+def batches(data: Views) -> list[dict[str, torch.Tensor]]:
+    """The plain loop's batches, in order."""
+    return [{k: torch.stack([data[i][k] for i in range(s, s + BATCH)]) for k in ("x_a", "x_b", "labels")} for s in range(0, N, BATCH)]
+
+
+def in_order_trainer() -> type:
+    """``InfoRegTrainer`` taking the examples in the plain loop's order (no shuffling)."""
     from regulator_client.hf_trainer import InfoRegTrainer
 
     class InOrder(InfoRegTrainer):
-        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> SequentialSampler:  # the plain loop's order
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> SequentialSampler:
             return SequentialSampler(self.train_dataset)
 
+    return InOrder
+
+
+def hf_trainer(tmp_path: Path, client: RegulatorClient, job: str, accumulate: int = 1) -> Any:
+    transformers = pytest.importorskip("transformers")
+    InOrder = in_order_trainer()
     model, opt = model_and_optimizer()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / job), per_device_train_batch_size=BATCH // accumulate, gradient_accumulation_steps=accumulate,

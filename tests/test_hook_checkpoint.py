@@ -13,14 +13,12 @@ import torch
 from regulator_client import RegulatorClient
 from regulator_client.hook import InfoRegHook
 
-from .test_frameworks import BATCH, N, Views, model_and_optimizer, steps_of
+from .test_frameworks import BATCH, N, Views, batches, model_and_optimizer, steps_of
 
 EPOCHS = 4
 STEPS_PER_EPOCH = N // BATCH
 
 
-def batches(data: Views) -> list[dict[str, torch.Tensor]]:
-    return [{k: torch.stack([data[i][k] for i in range(s, s + BATCH)]) for k in ("x_a", "x_b", "labels")} for s in range(0, N, BATCH)]
 
 
 def run(client: RegulatorClient, job: str, epochs: range, attempt: Any = None, resume: Optional[dict] = None,

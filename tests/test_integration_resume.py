@@ -17,12 +17,12 @@ from typing import Any, Optional
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader
 
 from regulator_client import RegulatorClient
 from regulator_client.hook import InfoRegHook
 
-from .test_frameworks import BATCH, N, Views, model_and_optimizer, steps_of
+from .test_frameworks import BATCH, N, Views, in_order_trainer, model_and_optimizer, steps_of
 from .test_hook_checkpoint import epochs_of
 
 EPOCHS = 5
@@ -75,12 +75,7 @@ class Crash:
 def hf_trainer(tmp_path: Path, client: RegulatorClient, job: str, save: str, crash_at: Optional[int] = None,
                restore_callbacks: bool = False) -> Any:
     transformers = pytest.importorskip("transformers")
-    from regulator_client.hf_trainer import InfoRegTrainer
-
-    class InOrder(InfoRegTrainer):
-        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> SequentialSampler:
-            return SequentialSampler(self.train_dataset)
-
+    InOrder = in_order_trainer()
     model, opt = model_and_optimizer()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / job), per_device_train_batch_size=BATCH, num_train_epochs=EPOCHS, max_grad_norm=0.0,

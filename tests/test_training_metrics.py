@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader
 
 from regulator_client import RegulatorClient
 from regulator_client.hook import InfoRegHook
 
-from .test_frameworks import BATCH, N, Views, model_and_optimizer
+from .test_frameworks import BATCH, N, Views, batches, in_order_trainer, model_and_optimizer
 
 EPOCHS = 4
 STEPS = N // BATCH  # per epoch
@@ -82,15 +82,14 @@ def test_plain_hook_metrics_through_a_summary_writer(server, tmp_path: Path) -> 
         with hook:
             for epoch in range(EPOCHS):
                 hook.on_epoch_start(epoch)
-                for start in range(0, N, BATCH):
-                    batch = {k: torch.stack([data[i][k] for i in range(start, start + BATCH)]) for k in ("x_a", "x_b", "labels")}
+                for i, batch in enumerate(batches(data)):
                     opt.zero_grad(set_to_none=True)
                     out = model(**batch)
                     out["loss"].backward()
                     hook.after_backward(logits=out["unimodal_logits"], labels=batch["labels"])
                     opt.step()
                     step += 1
-                    if start + BATCH < N:  # mid-epoch: the step's values (cheap: no host sync)
+                    if i + 1 < STEPS:  # mid-epoch: the step's values (cheap: no host sync)
                         for key, value in hook.metrics().items():
                             writer.add_scalar(key, value, step)
                 hook.on_epoch_end()
@@ -115,12 +114,7 @@ def test_hf_trainer_logs_the_regulation_to_log_history_and_tensorboard(server, t
     them) and in the event file, one entry per epoch at least; with a log every step, the step's
     coefficients too."""
     transformers = pytest.importorskip("transformers")
-    from regulator_client.hf_trainer import InfoRegTrainer
-
-    class InOrder(InfoRegTrainer):
-        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> SequentialSampler:
-            return SequentialSampler(self.train_dataset)
-
+    InOrder = in_order_trainer()
     model, opt = model_and_optimizer()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH, num_train_epochs=EPOCHS, max_grad_norm=0.0,
