@@ -53,11 +53,15 @@ demo: venv
 	$(PY) -m trainers.demo --state-dir .regulator --out results/demo.json $(DEMO_ARGS)
 
 # promtool (Debian package `prometheus`) lints the metrics exposition and the alert rules;
-# kubectl (kustomize) renders the manifests and is on these machines already.
+# kubectl (kustomize) renders the manifests and is on these machines already; PostgreSQL (Debian
+# package `postgresql`) gives the store tests their throwaway cluster (tests/postgres.py).
 tools:
 	@command -v promtool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool is missing: sudo apt-get install prometheus (Debian/Ubuntu)"; fi; }
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	  else echo "PostgreSQL is missing (the store tests start a throwaway one): sudo apt-get install postgresql"; fi; }
 
 # The science table (not part of `make test`; 36 min on the shared 2-core machine): every profile x view
 # set x loss x 10 seeds through one regulator, two jobs at a time. SCIENCE_ARGS="--resume"
@@ -66,7 +70,7 @@ SCIENCE_ARGS ?=
 bench-science: venv
 	$(PY) -m trainers.bench_science --out results/science.json $(SCIENCE_ARGS)
 
-# What regulation costs (not part of `make test`; 3.5 minutes on 2 cores, under 15): the hook
+# What regulation costs (not part of `make test`; about 4 minutes on 2 cores, under 15): the hook
 # on the ResNet-18 audio-visual and digits steps side by side with plain training, the server's
 # Report load against the grpcio floor, and the Reports per step of a 2-rank DDP job. Prints the
 # tables and writes results/bench.json. BENCH_ARGS="--parts av" runs one part.
@@ -74,11 +78,14 @@ BENCH_ARGS ?=
 bench: venv
 	$(PY) -m bench --json results/bench.json $(BENCH_ARGS)
 
+# Two pytest-xdist workers: most tests wait on servers and subprocesses, so two share the 2 cores well.
+# TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: venv tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not e2e"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not e2e"
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) $(PROTO_VENV) .regulator results/demo.json .pytest_cache

@@ -1,10 +1,12 @@
 """``make bench``: what regulation costs, side by side against its baseline, in one run.
 
-    python -m bench                                  # everything, 3.5 minutes on 2 cores
+    python -m bench                                  # everything, about 4 minutes on 2 cores
     python -m bench --parts av digits --json out.json
 
 Parts: ``av`` (the hook on a ResNet-18 audio-visual CPU step), ``digits`` (the hook on the digits
-MLP step), ``server`` (Report load against the grpcio echo floor, ``bench.server_load``),
+MLP step), ``server`` (Report load against the grpcio echo floor, ``bench.server_load``: the
+server's CPU per Report against the floor's per call, with the SQLite store, the same answering a
+stream per client, PostgreSQL when it is installed, and the memory store),
 ``ddp`` (Reports per optimizer step of a 2-rank DDP job). Prints each table as it completes and
 writes every number, with date and machine, to ``--json`` (default ``results/bench.json``).
 """
@@ -49,7 +51,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         r = hook_step.run("digits", rounds=args.digits_rounds, block=25, threads=1)
         done("digits", r, hook_step.table(r))
     if "server" in args.parts:
-        r = server_load.run(duration_s=args.server_duration)
+        from .pg_cluster import bindir
+
+        servers = ("echo", "sqlite", "sqlite-stream", *(("postgresql",) if bindir() else ()), "memory")
+        r = server_load.run(duration_s=args.server_duration, servers=servers)
         done("server_load", r, server_load.table(r))
     if "ddp" in args.parts:
         r = ddp_fanin.run(nproc=2, epochs=2)

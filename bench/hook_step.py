@@ -133,6 +133,7 @@ class Variant:
     client: Any = None
     step: int = 0
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # this process's CPU seconds per step, per round
     part_rounds: list[dict[str, float]] = field(default_factory=list)  # per round: ms per step of each part
     parts: dict[str, float] = field(default_factory=dict)
 
@@ -176,15 +177,17 @@ def _one_step(w: Workload, v: Variant, amp: Optional[str]) -> None:
     v.step += 1
 
 
-def _block(w: Workload, v: Variant, steps: int, amp: Optional[str]) -> float:
-    """Seconds per step of one block (a whole epoch for epoch-structured workloads)."""
+def _block(w: Workload, v: Variant, steps: int, amp: Optional[str]) -> tuple[float, float]:
+    """Seconds per step of one block, wall-clock and this process's CPU time (all its threads;
+    not a server's): on a machine that other work loads, the CPU time is what the step itself
+    spent, where the wall clock also counts the time it waited for a core."""
     sync = torch.cuda.synchronize if w.device.type == "cuda" else (lambda: None)
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         _one_step(w, v, amp)
     sync()
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
 def _open_hook(w: Workload, v: Variant, servers: dict[str, Any], amp: Optional[str], overlap: Any = "auto") -> None:
@@ -263,7 +266,9 @@ def run(
         for r in range(rounds):
             for v in chosen:
                 before = v.hook.timings.as_dict() if v.hook is not None else {}
-                v.times.append(_block(w, v, steps, amp))
+                wall, cpu = _block(w, v, steps, amp)
+                v.times.append(wall)
+                v.cpu_times.append(cpu)
                 if v.hook is not None:
                     after = v.hook.timings.as_dict()
                     v.part_rounds.append({k: 1000 * (after[k] - before[k]) / steps for k in HOOK_PARTS})
@@ -276,10 +281,12 @@ def run(
                 v.parts["fallback_steps"] = v.hook.fallbacks.fallback_steps
                 v.hook.close()
                 v.client.close()
-    base = next(v for v in chosen if v.name == PLAIN).times
+    plain = next(v for v in chosen if v.name == PLAIN)
+    base, cpu_base = plain.times, plain.cpu_times
     rows = []
     for v in chosen:
         ratios = [t / b for t, b in zip(v.times, base)]
+        cpu_ratios = [t / b for t, b in zip(v.cpu_times, cpu_base) if b > 0]
         rows.append({
             "variant": v.name,
             "ms_median": 1000 * statistics.median(v.times),
@@ -288,6 +295,8 @@ def run(
             "ratio_median": statistics.median(ratios),
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
+            "cpu_ms_median": 1000 * statistics.median(v.cpu_times),
+            "cpu_ratio_median": statistics.median(cpu_ratios) if cpu_ratios else None,
             "hook_ms_per_step": v.parts,
         })
     return {
@@ -335,13 +344,17 @@ def table(result: dict[str, Any]) -> str:
         f"{result['threads']} thread(s){', autocast ' + result['amp'] if result['amp'] else ''}"
         f"{'' if result.get('overlap', 'auto') == 'auto' else ', overlap ' + str(result['overlap'])}; "
         f"{result['rounds']} interleaved rounds of {result['steps_per_block']} steps)",
-        f"{'variant':<44}{'ms/step':>9}{'(min-max)':>17}{'x plain':>9}{'(min-max)':>15}",
+        f"{'variant':<44}{'ms/step':>9}{'(min-max)':>17}{'x plain':>9}{'(min-max)':>15}{'CPU ms':>9}{'CPU x plain':>13}",
     ]
     for row in result["rows"]:
+        cpu_ratio = row.get("cpu_ratio_median")
         lines.append(
             f"{row['variant']:<44}{row['ms_median']:>9.2f}{'(%.1f-%.1f)' % (row['ms_min'], row['ms_max']):>17}"
             f"{row['ratio_median']:>9.3f}{'(%.3f-%.3f)' % (row['ratio_min'], row['ratio_max']):>15}"
+            f"{row.get('cpu_ms_median', float('nan')):>9.2f}{cpu_ratio if cpu_ratio is not None else float('nan'):>13.3f}"
         )
+    lines.append("(CPU: this process's CPU time per step, all its threads, a server's not counted: on a loaded "
+                 "machine the steadier figure; x plain: median of the per-round ratios)")
     hooked = [r for r in result["rows"] if r["hook_ms_per_step"]]
     if hooked:
         lines.append("")

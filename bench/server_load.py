@@ -6,6 +6,7 @@
     python -m bench.server_load --servers echo echo-interceptors echo-aio   # what the floor is made of
     python -m bench.server_load --servers echo echo-busy echo-stream --concurrency 16   # the room above the floor
     python -m bench.server_load --in-process 5000 [--baseline /tmp/before]   # the Report without gRPC, SQLite alone
+    python -m bench.server_load --servers echo sqlite sqlite-stream postgresql --concurrency 16   # stores, a stream
 
 Three servers take the same closed-loop load from the same load generator: a trivial grpcio
 server that answers every Regulator RPC with a canned message (the floor: what any grpcio
@@ -16,7 +17,12 @@ every 100 steps; ``in flight`` is the number of such clients. The server runs on
 load generator on the others (``taskset`` where available, else ``sched_setaffinity``), so the
 floor is one core's worth of grpcio. Servers alternate within each round (A B C A B C) so that
 machine noise hits all of them alike; the summary is the median over rounds. Besides QPS and
-latency, each cell gives the server's CPU time per call (steadier than QPS on a shared machine).
+latency, each cell gives the server's CPU time per call (steadier than QPS on a shared machine)
+and its ratio to the floor's CPU per call in the same run (``CPU x floor``, issue 20's measure).
+``sqlite-stream`` is the regulator answering Reports sent as the messages of one bidi stream per
+client through its own servicer (bench-only: the wire contract has no such RPC), and
+``postgresql`` the regulator on a throwaway PostgreSQL cluster pinned to the server's CPU, whose
+CPU time is counted with the server's (``bench/pg_cluster.py``).
 ``echo-aio`` is the same trivial server on ``grpc.aio`` (a lower floor on this harness, so the
 synchronous one stays the floor) and ``echo-interceptors`` the floor behind the regulator's own
 interceptors. Two more measure the room a Python server has above the floor: ``echo-busy`` spends
@@ -47,7 +53,8 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-SERVERS = ("echo", "echo-aio", "echo-interceptors", "echo-busy", "echo-stream", "sqlite", "memory", "baseline")
+SERVERS = ("echo", "echo-aio", "echo-interceptors", "echo-busy", "echo-stream", "sqlite", "sqlite-stream", "postgresql",
+           "memory", "baseline")
 STREAM_METHOD = "/bench.Echo/ReportStream"  # echo-stream: Reports as messages of one bidi stream per client
 DEFAULT_BUSY_US = 30.0
 MODALITIES = ("audio", "visual")
@@ -208,6 +215,35 @@ def serve_echo(ready_file: str, workers: int = 16, interceptors: bool = False, b
     server.wait_for_termination()
 
 
+def serve_regulator_stream(ready_file: str, state_dir: str) -> None:
+    """``sqlite-stream``: the regulator with its SQLite store, interceptors and admission, plus
+    ``STREAM_METHOD``: Reports as the messages of one bidi stream per client, each answered by
+    the servicer's own ``Report`` in order. What a stream per job would save the server per
+    Report, measured before the wire contract gets one (a stream holds a worker thread for as
+    long as it is open, so this server has 64)."""
+    import grpc
+
+    from inforeg.regulator.v1 import regulator_pb2 as pb
+    from regulator_service.edge.server import RegulatorServer, ServerConfig
+    from regulator_service.edge.servicer import RegulatorServicer
+
+    server = RegulatorServer(ServerConfig(port=0, state_dir=Path(state_dir), max_workers=64))
+    servicer = RegulatorServicer(server.api, server.metrics)
+
+    def reports(requests: Any, context: Any) -> Any:
+        for request in requests:
+            yield servicer.Report(request, context)
+
+    service, method = STREAM_METHOD.strip("/").split("/")
+    server._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {  # noqa: SLF001 - before start
+        method: grpc.stream_stream_rpc_method_handler(reports, request_deserializer=pb.ReportRequest.FromString,
+                                                      response_serializer=pb.ReportResponse.SerializeToString)}),))
+    server.start()
+    assert server.port is not None
+    _ready(ready_file, server.port)
+    server.wait()
+
+
 def serve_echo_aio(ready_file: str) -> None:
     """The same trivial server on ``grpc.aio`` (one event loop, no worker threads), to check
     which of the two is the faster floor on this harness (``--servers echo-aio``)."""
@@ -364,12 +400,28 @@ class Server:
         self.kind = kind
         ready = workdir / f"{kind}-{time.time_ns()}.json"
         env = None
+        self.pg: Any = None  # postgresql: the throwaway cluster, on the server's CPUs
+        if kind == "postgresql":
+            from bench.pg_cluster import PgCluster
+
+            self.pg = PgCluster(cpus)
+            try:
+                extra = (*extra, "--store", self.pg.start())
+            except BaseException:
+                self.pg.stop()
+                raise
         if kind.startswith("echo"):
             cmd = [sys.executable, "-m", "bench.server_load", f"--serve-{kind}", str(ready), "--busy-us", str(busy_us)]
+        elif kind == "sqlite-stream":
+            cmd = [sys.executable, "-m", "bench.server_load", "--serve-regulator-stream", str(ready),
+                   "--stream-state-dir", str(state_dir or workdir / f"state-{time.time_ns()}")]
         else:
             cmd = [sys.executable, "-m", "regulator_service", "--port", "0", "--metrics-port", "-1",
                    "--ready-file", str(ready), *extra]
-            cmd += ["--in-memory"] if kind == "memory" else ["--state-dir", str(state_dir or workdir / f"state-{time.time_ns()}")]
+            if kind == "memory":
+                cmd += ["--in-memory"]
+            elif kind != "postgresql":
+                cmd += ["--state-dir", str(state_dir or workdir / f"state-{time.time_ns()}")]
             if kind == "baseline":
                 assert baseline is not None
                 root = str(Path(baseline).resolve())
@@ -383,6 +435,8 @@ class Server:
                                      cwd=str(Path(baseline).resolve()) if kind == "baseline" else None)
         except (RuntimeError, TimeoutError) as exc:
             self.log.close()
+            if self.pg is not None:
+                self.pg.stop()
             raise RuntimeError(f"{kind} server did not start ({exc}): {' '.join(cmd)} (log {self.log.name})") from None
         self.target = f"127.0.0.1:{info['port']}"
 
@@ -395,15 +449,33 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        if self.pg is not None:
+            self.pg.stop()
+
+    def cpu_seconds(self) -> Optional[float]:
+        """The server's CPU time so far; with PostgreSQL, its cluster's too (the postmaster, its
+        backends, and the children it has reaped): what one Report costs the machine."""
+        own = cpu_seconds(self.proc.pid)
+        if own is None or self.pg is None:
+            return own
+        from bench.pg_cluster import tree_pids
+
+        postmaster = self.pg.postmaster_pid()
+        if postmaster is None:
+            return None
+        pids = tree_pids(postmaster)
+        return own + sum(cpu_seconds(pid, reaped=pid == postmaster) or 0.0 for pid in pids)
 
 
-def cpu_seconds(pid: int) -> Optional[float]:
-    """User + system CPU time of a process so far (Linux ``/proc``; None elsewhere)."""
+def cpu_seconds(pid: int, reaped: bool = False) -> Optional[float]:
+    """User + system CPU time of a process so far (Linux ``/proc``; None elsewhere);
+    ``reaped``: with that of its children that have exited and been waited for."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if reaped else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def measure(server: Server, clients: int, duration_s: float, warmup_s: float, cpus: Sequence[int]) -> dict[str, Any]:
@@ -412,11 +484,11 @@ def measure(server: Server, clients: int, duration_s: float, warmup_s: float, cp
     barely moves when other work shares the machine, so it is the steadier measure of cost."""
     cmd = [sys.executable, "-m", "bench.server_load", "--load", server.target, "--clients", str(clients),
            "--duration", str(duration_s), "--warmup", str(warmup_s)]
-    if server.kind == "echo-stream":
+    if server.kind.endswith("-stream"):
         cmd.append("--stream")
-    cpu0 = cpu_seconds(server.proc.pid)
+    cpu0 = server.cpu_seconds()
     done = subprocess.run(**pinned(cmd, cpus), capture_output=True, text=True, timeout=duration_s + warmup_s + 120)
-    cpu1 = cpu_seconds(server.proc.pid)
+    cpu1 = server.cpu_seconds()
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed against {server.kind}: {done.stderr[-2000:]}")
     res = json.loads(done.stdout.strip().splitlines()[-1])
@@ -479,6 +551,9 @@ def run(
         if base is not None:
             row["qps_vs_floor"] = row["qps"] / base["qps"]
             row["p99_vs_floor"] = row["p99_ms"] / base["p99_ms"]
+            if row["server_us_per_call"] and base["server_us_per_call"]:
+                # issue 20's measure: the server's CPU per Report against the floor's per call
+                row["cpu_vs_floor"] = row["server_us_per_call"] / base["server_us_per_call"]
     return {
         "benchmark": "server_load",
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -591,17 +666,19 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"server load ({result['date']}, {result['machine']}; server on CPU {result['server_cpus']}, "
         f"load on {result['load_cpus']}; {result['duration_s']:g} s per cell, median of {result['rounds']} round(s))",
-        f"{'server':<16}{'in flight':>10}{'QPS':>9}{'x floor':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99 x floor':>13}"
-        f"{'CPU us/call':>13}",
+        f"{'server':<20}{'in flight':>10}{'QPS':>9}{'x floor':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99 x floor':>13}"
+        f"{'CPU us/call':>13}{'CPU x floor':>13}",
     ]
     names = {"echo": "grpcio floor", "echo-aio": "grpcio aio echo", "echo-interceptors": "echo+intercept.",
              "echo-busy": f"echo+{result.get('busy_us') or 0:g}us Python", "echo-stream": "echo, a stream",
-             "sqlite": "regulator SQLite", "memory": "regulator memory", "baseline": "baseline SQLite"}
+             "sqlite": "regulator SQLite", "sqlite-stream": "SQLite, a stream", "postgresql": "regulator PostgreSQL",
+             "memory": "regulator memory",
+             "baseline": "baseline SQLite"}
     for row in sorted(result["rows"], key=lambda r: (SERVERS.index(r["server"]), r["in_flight"])):
         lines.append(
-            f"{names[row['server']]:<16}{row['in_flight']:>10}{row['qps']:>9.0f}{row.get('qps_vs_floor', float('nan')):>9.2f}"
+            f"{names[row['server']]:<20}{row['in_flight']:>10}{row['qps']:>9.0f}{row.get('qps_vs_floor', float('nan')):>9.2f}"
             f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row.get('p99_vs_floor', float('nan')):>13.2f}"
-            f"{row.get('server_us_per_call') or float('nan'):>13.0f}"
+            f"{row.get('server_us_per_call') or float('nan'):>13.0f}{row.get('cpu_vs_floor', float('nan')):>13.2f}"
         )
     return "\n".join(lines)
 
@@ -617,7 +694,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="echo-aio: the trivial server on grpc.aio (the floor stays the synchronous echo); "
                         "echo-interceptors: the floor behind the regulator's interceptors; echo-busy: the floor "
                         "plus --busy-us of pure-Python CPU per call; echo-stream: Reports as messages of one "
-                        "bidi stream per client")
+                        "bidi stream per client; sqlite-stream: the regulator (SQLite) answering such a stream; "
+                        "postgresql: the regulator on a throwaway PostgreSQL cluster (its CPU counted as the server's)")
     p.add_argument("--busy-us", type=float, default=DEFAULT_BUSY_US, metavar="US",
                    help=f"pure-Python CPU per call of echo-busy (default {DEFAULT_BUSY_US:g})")
     p.add_argument("--in-process", type=int, metavar="N", default=0,
@@ -632,6 +710,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--serve-echo-interceptors", metavar="READY_FILE", help=argparse.SUPPRESS)
     p.add_argument("--serve-echo-busy", metavar="READY_FILE", help=argparse.SUPPRESS)
     p.add_argument("--serve-echo-stream", metavar="READY_FILE", help=argparse.SUPPRESS)
+    p.add_argument("--serve-regulator-stream", metavar="READY_FILE", help=argparse.SUPPRESS)
+    p.add_argument("--stream-state-dir", help=argparse.SUPPRESS)
     p.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--load", metavar="TARGET", help=argparse.SUPPRESS)
@@ -651,6 +731,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.serve_echo_stream:
         serve_echo(args.serve_echo_stream, stream=True)
+        return 0
+    if args.serve_regulator_stream:
+        serve_regulator_stream(args.serve_regulator_stream, args.stream_state_dir)
         return 0
     if args.in_process:
         if args.emit_json:

@@ -28,15 +28,15 @@ log = logging.getLogger("regulator")
 def subcommands() -> tuple[ModuleType | ServeMissing, ...]:
     """The modules that add a subcommand each (``add_parser(sub)``, ``set_defaults(func=...)``).
     In a client-only install (no [server] extra) ``serve`` is a stand-in that says what to install."""
-    from .commands import inspect, plot, replay
+    from .commands import inspect, migrate, plot, replay
 
     try:
         from regulator_service import serve
     except ModuleNotFoundError as exc:
         if not is_missing_server_extra(exc):
             raise
-        return (ServeMissing(exc), replay, inspect, plot)
-    return (serve, replay, inspect, plot)
+        return (ServeMissing(exc), replay, inspect, plot, migrate)
+    return (serve, replay, inspect, plot, migrate)
 
 
 def _log_level_flag(parser: argparse.ArgumentParser, default: object) -> None:

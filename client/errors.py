@@ -28,8 +28,12 @@ from regulator_service.client_api import (
 
 class Overloaded(Unavailable, ResourceExhausted):
     """The server shed the call (RESOURCE_EXHAUSTED with ``RETRY_AFTER_KEY``: its concurrency
-    limit, or all its history-read slots taken) without running it: nothing happened, and the
-    same call may be retried after a backoff. It is an ``Unavailable``, so every delivery mode treats it like a
+    limit, all its history-read slots taken, or a Report or EndEpoch that would pass its
+    ``--memory-budget`` with nothing left to evict) without running it: nothing happened, and the
+    same call may be retried after a backoff. A budget refusal lasts until sessions close or the
+    budget is raised, so it is retried only within the limits every outage has: the call's
+    deadline, then ``wait_timeout`` (wait mode, which then fails loudly) or the deferred-message
+    cap (fallback modes, whose steps train unregulated meanwhile). It is an ``Unavailable``, so every delivery mode treats it like a
     server that is briefly down; real quotas (too many sessions, modalities or bytes) stay plain
     ``ResourceExhausted`` and are never retried."""
 
@@ -57,8 +61,8 @@ def retry_after_ms(exc: grpc.RpcError) -> Optional[int]:
 def is_shed(code: grpc.StatusCode, retry_after: Optional[int]) -> bool:
     """Whether a RESOURCE_EXHAUSTED is about load (retry later), not a quota (never retried):
     decided by the status's ``RETRY_AFTER_KEY`` alone, never by its text. Every shed answer of
-    the regulator carries the key (its admission limit, its history-read slots); a quota (too
-    many sessions, modalities or bytes) and grpcio's own RESOURCE_EXHAUSTED (a message over the
+    the regulator carries the key (its admission limit, its history-read slots, a step or epoch
+    refused for the memory budget); a quota (too many sessions, modalities or bytes) and grpcio's own RESOURCE_EXHAUSTED (a message over the
     size limit) do not."""
     return code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after is not None
 

@@ -24,6 +24,7 @@ from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 from regulator_service.client_api import FileWatch, RetryLater, TokenSource, token_from_env
 
 from .errors import InvalidArgument, Overloaded, from_rpc_error, shed
+from .routing import job_metadata, routing_for
 
 if TYPE_CHECKING:
     from regulator_service.client_api import RegulatorAPI
@@ -158,8 +159,10 @@ class GrpcTransport:
         self.tls = tls
         # an explicit token ("" = none) wins; else REGULATOR_TOKEN / REGULATOR_TOKEN_FILE (re-read)
         self._tokens = TokenSource(token=token) if token else None if token == "" else token_from_env()
+        # several replicas named: each job's calls to one of them (ring_hash on the job header)
+        self.routing = routing_for(self.target)
         self._options = [
-            ("grpc.service_config", json.dumps(service_config or DEFAULT_SERVICE_CONFIG)),
+            ("grpc.service_config", json.dumps(self.routing.service_config(service_config or DEFAULT_SERVICE_CONFIG))),
             ("grpc.enable_retries", 1),
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
@@ -180,10 +183,12 @@ class GrpcTransport:
         self.channels_opened = 0
         self.shed_retries = 0  # calls the server shed and this transport retried
 
-    def _metadata(self) -> Optional[tuple[tuple[str, str], ...]]:
+    def _metadata(self, req: object = None) -> Optional[tuple[tuple[str, str], ...]]:
+        """The token, and the job header that routes a call about a job (``routing``)."""
+        job = job_metadata(req.job_id) if isinstance(getattr(req, "job_id", None), str) else ()
         if self._tokens is None:
-            return None
-        return (("authorization", "Bearer " + self._tokens.current().decode()),)
+            return job or None
+        return (("authorization", "Bearer " + self._tokens.current().decode()), *job)
 
     def _get_stub(self) -> pb_grpc.RegulatorStub:
         pid = os.getpid()
@@ -214,7 +219,7 @@ class GrpcTransport:
                 return fn(
                     req,
                     timeout=seconds_left,
-                    metadata=self._metadata(),
+                    metadata=self._metadata(req),
                     wait_for_ready=self.wait_for_ready if wait_for_ready is None else wait_for_ready,
                 )
             except grpc.RpcError as exc:

@@ -24,6 +24,7 @@ from .model import Limits
 from .wire.profile_wire import load_registry
 from .edge.security import TlsFiles, TokenSource
 from .edge.server import RegulatorServer, ServerConfig
+from .edge.tenants import Tenants
 from .storage import StoreError
 from .storage.sqlite import STATE_FILE
 
@@ -67,7 +68,23 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--uds", default=None, help="also listen on this Unix domain socket path (plaintext)")
     s.add_argument("--state-dir", default=".regulator", help="directory of the SQLite state file (default .regulator)")
     s.add_argument("--in-memory", action="store_true", help="keep state in memory only (lost on exit)")
+    s.add_argument(
+        "--store", default=None, metavar="DSN",
+        help="keep state in PostgreSQL instead of --state-dir: postgresql://USER@HOST:PORT/DATABASE "
+        "(password from ~/.pgpass or PGPASSWORD; docs/operations.md, PostgreSQL store)",
+    )
+    s.add_argument(
+        "--lease-ttl", type=float, default=_SERVER.lease_ttl_s, metavar="SECONDS",
+        help="with --store: several replicas may share the database; a job is served by one replica at a time "
+        "under a lease this long, renewed while it serves the job; a dead replica's jobs move after it lapses "
+        f"(default {_SERVER.lease_ttl_s:g}; docs/operations.md, Several replicas)",
+    )
     s.add_argument("--token-file", default=None, help="require this bearer token (file, re-read when it changes); or set REGULATOR_TOKEN")
+    s.add_argument(
+        "--tenants", default=None, metavar="FILE",
+        help="serve several teams: a YAML file of tenants, each with its identities (token_file, client_cert_san) "
+        "and its job_prefix; replaces --token-file; re-read when it or its token files change (docs/operations.md, Tenants)",
+    )
     s.add_argument("--tls-cert", default=None, help="server certificate chain (PEM); enables TLS")
     s.add_argument("--tls-key", default=None, help="server private key (PEM)")
     s.add_argument("--tls-client-ca", default=None, help="CA bundle for client certificates; enables mutual TLS")
@@ -106,6 +123,11 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         "--max-concurrent-rpcs", type=int, default=_SERVER.max_concurrent_rpcs,
         help=f"RPCs admitted at once (running or queued); beyond it calls are shed with RESOURCE_EXHAUSTED, "
         f"which clients retry with backoff (default {_SERVER.max_concurrent_rpcs}; 0 = unbounded)",
+    )
+    s.add_argument(
+        "--max-pending-calls", type=int, default=_SERVER.max_pending_calls, metavar="N",
+        help="calls grpc core queues before admission takes them (a burst beyond it is CANCELLED by grpc "
+        f"itself, uncounted; default {_SERVER.max_pending_calls})",
     )
     s.add_argument(
         "--plugin", action=PluginAction, default=[], metavar="MODULE",
@@ -199,6 +221,32 @@ def _tls_files(cert: Optional[str], key: Optional[str], client_ca: Optional[str]
     return None
 
 
+def _tenants(path: Optional[str], token: Optional[TokenSource], tls: Optional[TlsFiles]) -> Optional[Tenants]:
+    """The --tenants file, loaded and checked now (a mistake is one line at startup)."""
+    if not path:
+        return None
+    if token is not None:
+        raise ValueError("--tenants replaces the single bearer token: drop --token-file / REGULATOR_TOKEN")
+    tenants = Tenants(Path(path))
+    certified = [t.name for t in tenants.table().tenants if t.sans]
+    if certified and (tls is None or tls.client_ca is None):
+        raise ValueError(f"--tenants: {certified} are identified by client_cert_san, which needs mutual TLS (--tls-client-ca)")
+    return tenants
+
+
+def _store_dsn(dsn: Optional[str], in_memory: bool) -> Optional[str]:
+    """The --store DSN, checked now (a mistake is one line at startup)."""
+    if not dsn:
+        return None
+    if in_memory:
+        raise ValueError("--store and --in-memory exclude each other")
+    try:
+        from .storage.pg_schema import check_dsn
+    except ImportError as exc:
+        raise ValueError(f"--store needs psycopg 3 (pip install 'inforeg-regulator[server]'): {exc}") from None
+    return check_dsn(dsn)
+
+
 def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] = None) -> ServerConfig:
     """The server's configuration; ValueError names the flag that is wrong."""
     env = os.environ if env is None else env
@@ -208,6 +256,7 @@ def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] 
     elif env.get(ENV_PREFIX + "TOKEN"):
         token = TokenSource(token=env[ENV_PREFIX + "TOKEN"])
     tls = _tls_files(args.tls_cert, args.tls_key, args.tls_client_ca, "tls")
+    tenants = _tenants(args.tenants, token, tls)
     metrics_tls = _tls_files(args.metrics_tls_cert, args.metrics_tls_key, args.metrics_tls_client_ca, "metrics-tls")
     metrics_token = TokenSource(path=Path(args.metrics_token_file)) if args.metrics_token_file else None
     _check_port("--port", args.port, off=False)
@@ -217,10 +266,15 @@ def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] 
         raise ValueError("--health-host needs --health-port")
     if args.store_timeout <= 0:
         raise ValueError(f"--store-timeout must be > 0, got {args.store_timeout}")
+    store_dsn = _store_dsn(args.store, args.in_memory)
+    if not args.lease_ttl > 0:
+        raise ValueError(f"--lease-ttl must be > 0 seconds, got {args.lease_ttl}")
     if args.step_retention < 0:
         raise ValueError(f"--step-retention must be >= 0 (0 = keep forever), got {args.step_retention}")
     if args.max_concurrent_rpcs < 0:
         raise ValueError(f"--max-concurrent-rpcs must be >= 0, got {args.max_concurrent_rpcs}")
+    if args.max_pending_calls < 1:
+        raise ValueError(f"--max-pending-calls must be >= 1, got {args.max_pending_calls}")
     if args.max_history_readers < 0:
         raise ValueError(f"--max-history-readers must be >= 0 (0 = unbounded), got {args.max_history_readers}")
     return ServerConfig(
@@ -233,10 +287,13 @@ def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] 
         health_port=None if args.health_port < 0 else args.health_port,
         health_host=args.health_host,
         uds=args.uds,
-        state_dir=None if args.in_memory else Path(args.state_dir),
+        state_dir=None if args.in_memory or store_dsn else Path(args.state_dir),
+        store_dsn=store_dsn,
+        lease_ttl_s=args.lease_ttl,
         grace_seconds=args.grace,
         max_workers=args.max_workers,
         max_concurrent_rpcs=args.max_concurrent_rpcs or None,
+        max_pending_calls=args.max_pending_calls,
         max_receive_bytes=args.max_message_bytes,
         limits=Limits(
             max_open_sessions=args.max_sessions,
@@ -251,6 +308,7 @@ def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] 
         metrics_max_jobs=args.metrics_max_jobs,
         profiles=load_registry(plugin_list(args.plugin)),
         token=token,
+        tenants=tenants,
         tls=tls,
         debug_delay_s=args.debug_delay,
         debug_hold_file=args.debug_hold_file,
@@ -276,6 +334,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"regulator serve: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1
     state = "in memory" if config.state_dir is None else str(config.state_dir / STATE_FILE)
+    if config.store_dsn:
+        from .storage.pg_schema import where
+
+        state = where(config.store_dsn)
     if server.store_error:
         state += " UNUSABLE (answering UNAVAILABLE; see the log)"
     metrics = (
@@ -290,6 +352,7 @@ def run(args: argparse.Namespace) -> int:
             f", socket {config.uds}" if config.uds else "",
             ", TLS" + (" (mutual)" if config.tls and config.tls.client_ca else "") if config.tls else "",
             ", token required" if config.token else "",
+            f", tenants {[t.name for t in config.tenants.table().tenants]}" if config.tenants else "",
             f", plugin profiles {[s.name for s in config.profiles.plugins()]}" if config.profiles.plugins() else "",
         ]
     )
@@ -307,7 +370,10 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         tmp.replace(args.ready_file)
-    stop.wait()
+    # Timed waits: a SIGTERM the kernel hands to another thread (grpc's, the committer's) only sets
+    # Python's flag; an untimed wait here would never run the handler (seen under load).
+    while not stop.wait(0.25):
+        pass
     log.info("shutting down: health NOT_SERVING, draining in-flight calls (grace %.1fs)", config.grace_seconds)
     server.stop()
     log.info("state flushed; bye")

@@ -14,6 +14,8 @@ from regulator_client import RegulatorClient
 from regulator_service.model import Limits
 from regulator_service.edge.server import SERVICE_NAME, RegulatorServer, ServerConfig
 
+from .postgres import pg_cluster, pg_dsn, stores  # noqa: F401  (a throwaway PostgreSQL, one database per test)
+
 ROOT = Path(__file__).resolve().parents[1]
 # The traces the docs' examples and the tests use ship with the repository.
 TRACES = ROOT / "examples" / "traces"

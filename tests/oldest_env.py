@@ -12,6 +12,7 @@ Built once per set of versions under pytest's cache directory (gitignored), from
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -91,6 +92,17 @@ def oldest_venv(cache: Path) -> Path:
     python = venv / "bin" / "python"
     if (venv / ".complete").exists():
         return python
+    # Tests on several pytest-xdist workers may want it at once: one builds, the others wait.
+    with open(cache / f"{f.key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (venv / ".complete").exists():
+            return python
+        _build(f, venv)
+    return python
+
+
+def _build(f: Floors, venv: Path) -> None:
+    cache = venv.parent
     building = cache / f"{f.key}.building"
     shutil.rmtree(building, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(building)], check=True)
@@ -111,7 +123,6 @@ def oldest_venv(cache: Path) -> Path:
     building.rename(venv)
     # venv's scripts name the path it was created at; only bin/python (a symlink) is used here.
     (venv / ".complete").touch()
-    return python
 
 
 def _env() -> dict[str, str]:

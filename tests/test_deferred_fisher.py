@@ -5,7 +5,6 @@ across restarts, and rejects every inconsistent use with the right code, changin
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
@@ -16,9 +15,9 @@ from regulator_client.errors import AlreadyExists, FailedPrecondition, InvalidAr
 from regulator_client.trace import TraceEpochEnd, TraceStep, read_trace
 from regulator_service.wire.api import RegulatorAPI
 from regulator_service.core.manager import SessionManager
-from regulator_service.storage import SQLiteStore
 
 from .conftest import data_file
+from .postgres import Stores
 
 JOB = "deferred"
 
@@ -92,24 +91,24 @@ def test_deferred_values_give_the_same_history_bit_for_bit(trace: str, profile: 
     assert history(deferred) == history(immediate)  # every step's fisher, every epoch's trace
 
 
-def test_a_pending_step_survives_restarts_of_a_sqlite_store(tmp_path: Path) -> None:
-    """Restart (new store, new manager on the same file) at many points, including right after
-    a step whose value is still pending: the history ends up identical."""
+def test_a_pending_step_survives_restarts_of_the_store(stores: Stores) -> None:
+    """Restart (new store, new manager on the same file or database) at many points, including
+    right after a step whose value is still pending: the history ends up identical."""
     trace = "trace_pix+mor_seed0.jsonl"
-    stores: list[SQLiteStore] = []
+    opened: list[Any] = []
 
     def fresh() -> RegulatorClient:
-        if stores:
-            stores[-1].close()
-        stores.append(SQLiteStore(tmp_path))
-        return RegulatorClient.in_process(api_for(stores[-1]))
+        if opened and stores.backend != "memory":
+            opened[-1].close()
+        opened.append(stores.open())
+        return RegulatorClient.in_process(api_for(opened[-1]))
 
     restarts = {1, 2, 26, 27, 300, 301, 777}  # after the first step, around an epoch end, ...
     client, _ = feed_deferred(fresh, trace, "official", JOB, between=lambda i: fresh() if i in restarts else None)
     reference = RegulatorClient.in_process()
     feed_immediate(reference, trace, "official", JOB)
     assert history(client) == history(reference)
-    stores[-1].close()
+    opened[-1].close()
 
 
 def _session(client: RegulatorClient) -> None:

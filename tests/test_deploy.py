@@ -62,12 +62,16 @@ CRDS = {
     ("cert-manager.io/v1", "Certificate"),
     ("kubeflow.org/v1", "PyTorchJob"),
     ("jobset.x-k8s.io/v1alpha2", "JobSet"),
+    ("postgresql.cnpg.io/v1", "Cluster"),  # CloudNativePG: tests/test_routing_deploy.py
 }
 CENTRAL = {"ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "ServiceMonitor", "NetworkPolicy", "PriorityClass"}
 KUSTOMIZATIONS = {
     "overlays/sidecar": {"ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "Job", "PodMonitor", "NetworkPolicy"},
     "overlays/central": CENTRAL,
     "overlays/central-mtls": CENTRAL,
+    "overlays/central-tenants": CENTRAL,  # its own checks: tests/test_tenants.py
+    # its own checks: tests/test_routing_deploy.py
+    "overlays/central-ha": {"ServiceAccount", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor", "NetworkPolicy"},
     "examples/central-trainer": {"PersistentVolumeClaim", "Job"},
     "examples/multi-pod-ddp": {"Service", "Job", "NetworkPolicy"},
     "examples/cert-manager": {"Issuer", "Certificate"},

@@ -27,6 +27,8 @@ from regulator_service.policy import BUILTIN_PROFILES, Window
 from regulator_service.storage import MemoryStore, SQLiteStore
 from trainers.serverproc import ServerProcess
 
+from .postgres import Stores
+
 OPEN = (Window(open=True, growth=0.5), Window(open=False, growth=float("nan")))
 
 
@@ -64,6 +66,18 @@ def seed(store: Any, job: str, steps: int, epoch_len: int = 100, first_step: int
             conn.execute("UPDATE sessions SET open_epoch=? WHERE job_id=? AND attempt=0", (len(epochs), job))
 
         store._writer.submit(WriteOp(fn=bulk), timeout_s=300)
+    elif type(store).__name__ == "PostgreSQLStore":
+        from regulator_service.storage import codec
+        from regulator_service.storage.pg_ops import PgOp
+
+        def pg_bulk(conn: Any) -> None:
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO steps (job_id, attempt, step, epoch, record, at_ms) VALUES (%s,%s,%s,%s,%s,%s)",
+                                [(job, 0, r.step, r.epoch, codec.step_to_json(r), now) for r in records])
+                cur.executemany("INSERT INTO epochs VALUES (%s,%s,%s,%s)", [(job, 0, e.epoch, codec.epoch_to_json(e)) for e in epochs])
+            conn.execute("UPDATE sessions SET open_epoch=%s WHERE job_id=%s AND attempt=0", (len(epochs), job))
+
+        store._writer.submit(PgOp(fn=pg_bulk), timeout_s=300)
     else:
         it = iter(epochs)
         for r in records:
@@ -123,8 +137,8 @@ def _env() -> dict[str, str]:
     return dict(os.environ)
 
 
-def test_pages_cover_the_history_once_with_the_epochs_on_the_first_page(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path)
+def test_pages_cover_the_history_once_with_the_epochs_on_the_first_page(stores: Stores) -> None:
+    store = stores.open()
     seed(store, "job", 2_345, epoch_len=100, close=False)
     client = RegulatorClient.in_process(_api(store))
     pages = list(client.session_pages("job", page_size=700))

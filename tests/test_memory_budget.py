@@ -33,7 +33,7 @@ from regulator_service.core.accounting import session_bytes
 from regulator_service.model import EpochSummary, Fallback, Limits, SessionConfig, StepRecord
 from regulator_service.policy import BUILTIN_PROFILES, Window
 from regulator_service.core.session import Session
-from regulator_service.storage import MemoryStore
+from regulator_service.storage import SQLiteStore
 from trainers.serverproc import ServerProcess
 
 from .conftest import scrape, wait_until
@@ -81,10 +81,12 @@ def test_parse_bytes_reads_kubernetes_quantities() -> None:
         parse_bytes("lots")
 
 
-def test_caches_are_evicted_before_a_session_is_refused() -> None:
+def test_caches_are_evicted_before_a_session_is_refused(tmp_path: Path) -> None:
     limit = 20 * session_bytes(BUILTIN_PROFILES.get("official").restore({}), 2) + 300 * answer_bytes(2)  # ~35 sessions with their answers trimmed
     budget = MemoryBudget(limit)
-    manager = SessionManager(MemoryStore(), limits=Limits(max_open_sessions=1000), budget=budget)
+    # a store that is not in memory: evicted answers are re-read from it (the memory store keeps
+    # them all, counted: tests/test_memory_open_sessions.py)
+    manager = SessionManager(SQLiteStore(tmp_path), limits=Limits(max_open_sessions=1000), budget=budget)
     client = RegulatorClient.in_process(RegulatorAPI(manager))
     answers: dict[str, list[pb.ReportResponse]] = {}
     opened = 0
@@ -105,6 +107,7 @@ def test_caches_are_evicted_before_a_session_is_refused() -> None:
     client.close_session("job-0", attempt=0)
     client.close_session("job-1", attempt=0)
     client.open_session("after-closing", ["a", "b"], "official")  # room again
+    manager.close_store()
 
 
 @pytest.mark.e2e

@@ -19,10 +19,10 @@ from regulator_service.core.manager import SessionManager
 from regulator_service.edge.security import TlsFiles, TokenSource
 from regulator_service.serve import apply_env_defaults, config_from_args
 from regulator_service.edge.server import RegulatorServer, ServerConfig
-from regulator_service.storage import SQLiteStore
 
 from .conftest import STORE_TIMEOUT_S, health, roomy_limits, wait_until
 from .pki import make_pki
+from .postgres import Stores
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -162,12 +162,12 @@ def test_idle_sessions_expire_and_the_expiry_is_persisted(tmp_path: Path) -> Non
             assert client.list_sessions() == []
 
 
-def test_only_idleness_expires_a_session(tmp_path: Path) -> None:
+def test_only_idleness_expires_a_session(stores: Stores) -> None:
     """Which sessions expire is a question of the session's clock, not of this machine's speed:
     a job that reports every 4 s of a 10 s TTL stays open, one silent for 12 s expires
-    (the manager's clock is the test's; a real SQLite store)."""
+    (the manager's clock is the test's; every store)."""
     now = [1_000.0]
-    store = SQLiteStore(tmp_path, timeout_s=STORE_TIMEOUT_S)
+    store = stores.open() if stores.backend == "memory" else stores.open(timeout_s=STORE_TIMEOUT_S)
     manager = SessionManager(store, limits=roomy_limits(session_ttl_s=10.0), clock=lambda: now[0])
     manager.restore()
     client = RegulatorClient.in_process(RegulatorAPI(manager))

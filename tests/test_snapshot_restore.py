@@ -29,6 +29,7 @@ from regulator_client.errors import FailedPrecondition, InvalidArgument, NotFoun
 from regulator_service.edge.server import RegulatorServer, ServerConfig
 
 from .conftest import ROOT, read_jsonl, roomy_limits
+from .postgres import Stores
 from .test_frameworks import steps_of
 from .test_hook_checkpoint import EPOCHS, STEPS_PER_EPOCH, run
 
@@ -117,23 +118,21 @@ def test_a_regulator_that_does_not_hold_the_job_restores_its_snapshot(connect: C
     assert [e.restored for e in b.get_session("job").epochs] == [True, True, True, False, False]
 
 
-def test_restored_epochs_are_stored_as_such(tmp_path: Path) -> None:
-    """The flag survives a restart (SQLite); observed epochs keep the stored layout they had."""
+def test_restored_epochs_are_stored_as_such(stores: Stores) -> None:
+    """The flag survives a restart; observed epochs keep the stored layout they had."""
     from dataclasses import replace
 
     from regulator_service.model import EpochSummary, SessionConfig
     from regulator_service.policy import CLOSED
     from regulator_service.storage import codec
-    from regulator_service.storage.sqlite import SQLiteStore
-
     config = SessionConfig("j", 0, 1, ("a", "b"), codec.profile_from_dict({"name": "none"}), resume_epoch=2)
     epochs = tuple(EpochSummary.start(e, (CLOSED, CLOSED)).close() for e in range(2))
     restored = (replace(epochs[0], restored=True), epochs[1])
     assert '"restored"' not in codec.epoch_to_json(epochs[0])
-    store = SQLiteStore(tmp_path)
+    store = stores.open()
     store.create_session(config, 1, (CLOSED, CLOSED), None, restored)
     store.close()
-    store = SQLiteStore(tmp_path)
+    store = stores.open()
     try:
         loaded = store.load_session(config.key)
     finally:

@@ -18,6 +18,7 @@ from regulator_service.storage import MemoryStore, SQLiteStore, StoreError
 from regulator_service.storage.sqlite import STATE_FILE
 
 from .conftest import data_file
+from .postgres import Stores
 
 
 def api_for(store) -> RegulatorAPI:  # type: ignore[no-untyped-def]
@@ -46,9 +47,8 @@ def snapshot(client: RegulatorClient) -> list[bytes]:
     return out
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "memory"])
-def test_restart_restores_every_session_exactly(tmp_path: Path, backend: str) -> None:
-    store = SQLiteStore(tmp_path) if backend == "sqlite" else MemoryStore()
+def test_restart_restores_every_session_exactly(stores: Stores) -> None:
+    store = stores.open()
     client = RegulatorClient.in_process(api_for(store))
     feed(client, "done", "official")
     client.close_session("done", attempt=0)
@@ -58,7 +58,7 @@ def test_restart_restores_every_session_exactly(tmp_path: Path, backend: str) ->
     before = snapshot(client)
     store.close()
 
-    store2 = SQLiteStore(tmp_path) if backend == "sqlite" else store
+    store2 = stores.open()
     client2 = RegulatorClient.in_process(api_for(store2))
     assert snapshot(client2) == before
     # and it continues exactly where the uninterrupted run would have been

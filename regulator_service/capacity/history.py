@@ -32,7 +32,9 @@ MAX_PAGE_BYTES = 2 << 20  # and never more bytes than this, whatever the modalit
 BLOCK_OVERHEAD = 256  # bookkeeping per cached block, for the budget
 YIELD_EVERY = 32  # records encoded between offers of the GIL to other threads (~0.5 ms)
 
+EPOCH_CHUNK = 256  # spilled closed epochs read from the store at a time
 Loader = Callable[[int, int, int], Sequence[StepRecord]]  # (first, last, limit) -> records in order
+EpochLoader = Callable[[int, int], Sequence[EpochSummary]]  # (first, last) -> closed epochs in order
 Encoder = Callable[[StepRecord], bytes]  # a StepRecord message's serialized bytes
 
 
@@ -122,6 +124,7 @@ class HistoryPages:
         self._block_steps = block_steps
         self._lock = threading.Lock()
         self._blocks: OrderedDict[tuple[SessionKey, int, int], Block] = OrderedDict()  # (key, version, index)
+        self._of_session: dict[SessionKey, set[tuple[SessionKey, int, int]]] = {}  # for ``forget``
         self._epochs: OrderedDict[tuple[SessionKey, int], tuple[int, bytes]] = OrderedDict()
         self._encoders = threading.BoundedSemaphore(max_encoders)
         if budget is not None:
@@ -146,6 +149,7 @@ class HistoryPages:
             if old is not None and old.through > block.through:
                 block = old  # a concurrent reader got further
             self._blocks[key] = block
+            self._of_session.setdefault(key[0], set()).add(key)
             delta = block.size - (old.size if old is not None else 0)
         self._charge(delta)
         if self._budget is not None and not self._budget.fits():
@@ -157,7 +161,8 @@ class HistoryPages:
         with self._lock:
             while freed < wanted and (self._blocks or self._epochs):
                 if self._blocks:
-                    _, block = self._blocks.popitem(last=False)
+                    bk, block = self._blocks.popitem(last=False)
+                    self._unindex(bk)
                     freed += block.size
                 else:
                     _, (_, data) = self._epochs.popitem(last=False)
@@ -166,15 +171,22 @@ class HistoryPages:
         return freed
 
     def forget(self, key: SessionKey) -> None:
-        """Drops a session's pages (its records changed: pruned, or reloaded)."""
+        """Drops a session's pages (its records changed - pruned, reloaded - or it left memory)."""
         freed = 0
         with self._lock:
-            for k in [k for k in self._blocks if k[0] == key]:
+            for k in self._of_session.pop(key, ()):
                 freed += self._blocks.pop(k).size
             old = self._epochs.pop((key, 0), None)
             if old is not None:
                 freed += len(old[1]) + BLOCK_OVERHEAD
         self._charge(-freed)
+
+    def _unindex(self, bk: tuple[SessionKey, int, int]) -> None:
+        keys = self._of_session.get(bk[0])
+        if keys is not None:
+            keys.discard(bk)
+            if not keys:
+                del self._of_session[bk[0]]
 
     # -- pages --------------------------------------------------------------------------------
 
@@ -246,21 +258,46 @@ class HistoryPages:
             step = last_step + 1
         return Page(b"".join(parts), count, step if step <= last_step else None)
 
-    def closed_epochs(self, key: SessionKey, closed: Sequence[EpochSummary], encode: Callable[[EpochSummary], bytes]) -> bytes:
-        """The ``epochs`` fields of the closed epochs (they never change), extended as more close."""
+    def closed_epochs(
+        self, key: SessionKey, closed: Sequence[EpochSummary], encode: Callable[[EpochSummary], bytes],
+        spilled: int = 0, read: Optional[EpochLoader] = None,
+    ) -> bytes:
+        """The ``epochs`` fields of the closed epochs (they never change), extended as more close:
+        ``spilled`` epochs come from ``read`` (the store, ``EPOCH_CHUNK`` at a time), then ``closed``."""
         ck = (key, 0)
+        total = spilled + len(closed)
         with self._lock:
             cached = self._epochs.get(ck)
             if cached is not None:
                 self._epochs.move_to_end(ck)
         n, data = cached if cached is not None else (0, b"")
-        if n > len(closed):  # an older snapshot than the cache: encode what it has
-            return b"".join(field_bytes(2, encode(e)) for e in closed)
-        if n < len(closed):
-            more = b"".join(field_bytes(2, encode(e)) for e in closed[n:])
+        if n > total:  # an older snapshot than the cache: encode what it has
+            return _encoded_epochs(0, spilled, closed, encode, read)
+        if n < total:
+            more = _encoded_epochs(n, spilled, closed, encode, read)
             with self._lock:
                 old = self._epochs.pop(ck, None)
-                self._epochs[ck] = (len(closed), data + more)
-            self._charge(len(more) + (0 if old is not None else BLOCK_OVERHEAD))
+                if old is not None and old[0] > total:  # a newer snapshot got further meanwhile
+                    self._epochs[ck] = old
+                    return data + more
+                self._epochs[ck] = (total, data + more)
+            self._charge(len(data) + len(more) - (len(old[1]) if old is not None else -BLOCK_OVERHEAD))
             data += more
         return data
+
+
+def _encoded_epochs(
+    first: int, spilled: int, closed: Sequence[EpochSummary], encode: Callable[[EpochSummary], bytes],
+    read: Optional[EpochLoader],
+) -> bytes:
+    """Epochs ``first``.. of a session as ``epochs`` fields: those below ``spilled`` from
+    ``read``, in chunks, the rest from ``closed``."""
+    parts: list[bytes] = []
+    for start in range(first, spilled, EPOCH_CHUNK):
+        if read is None:
+            raise ValueError("spilled epochs need a reader")
+        for e in read(start, min(spilled, start + EPOCH_CHUNK) - 1):
+            parts.append(field_bytes(2, encode(e)))
+        time.sleep(0)  # thousands of epochs: let Reports in between
+    parts.extend(field_bytes(2, encode(e)) for e in closed[max(first - spilled, 0) :])
+    return b"".join(parts)

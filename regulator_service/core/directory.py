@@ -4,7 +4,8 @@ It holds what the server keeps of every job (open sessions, a small LRU of inact
 job's latest attempt, quarantined sessions, jobs with a write of unknown outcome) under one lock
 that guards the dictionaries only, and it is the one place that calls the store for the manager:
 a failing store is UNAVAILABLE, a record that does not decode quarantines its session (DATA_LOSS),
-a write of unknown outcome blocks its job until the store settles it.
+a write of unknown outcome blocks its job until the store settles it. With several replicas on
+one store (``ownership``), a job is served only under its lease: ``claim`` before anything else.
 """
 
 from __future__ import annotations
@@ -19,19 +20,29 @@ from ..errors import DataLoss, FailedPrecondition, NotFound, Unavailable
 from ..capacity.history import HistoryPages
 from ..model import SessionKey, SessionStatus
 from ..storage import StateStore, StoreError
-from ..storage.base import CorruptRecord, Quarantined, StoreInDoubt
+from ..storage.base import CorruptRecord, Quarantined, SessionFenced, StoreInDoubt
 from .accounting import SessionMemory
 from .observer import SessionObserver
+from .ownership import Ownership
 from .session import Session
 
 log = logging.getLogger(__name__)
 
 
-def quarantine_message(q: Quarantined) -> str:
-    return (
+def quarantine_message(q: Quarantined, resuming: bool = False) -> str:
+    """Why the session cannot be served, and how its job goes on: a new attempt starts afresh
+    beside the untouched rows, and one resuming from a checkpoint needs the checkpoint's own
+    copy of the closed epochs (the regulation snapshot ``InfoRegHook.state_dict`` writes)."""
+    head = (
         f"session {q.key} is quarantined: its stored records cannot be decoded ({q.reason}); its rows "
-        "are left untouched for inspection. Open a new attempt of the job to continue."
+        "are left untouched for inspection."
     )
+    resume = (
+        "A job resuming from a checkpoint continues as a new attempt only with the checkpoint's regulation "
+        "snapshot (InfoRegHook.state_dict writes it; OpenSessionRequest.snapshot), from which its closed epochs "
+        "are restored; without one, start the job at epoch 0 (resume_epoch 0) or under a new job id."
+    )
+    return f"{head} {resume}" if resuming else f"{head} Open a new attempt of the job to continue; {resume[0].lower()}{resume[1:]}"
 
 
 class KeyedLocks:
@@ -70,9 +81,10 @@ class SessionDirectory:
 
     def __init__(
         self, store: StateStore, observer: SessionObserver, memory: SessionMemory, pages: HistoryPages,
-        wait_s: float, inactive_cache: int,
+        wait_s: float, inactive_cache: int, ownership: Optional[Ownership] = None,
     ) -> None:
         self._store = store
+        self.ownership = ownership  # several replicas: the leases of this one
         self._observer = observer
         self._memory = memory
         self._pages = pages
@@ -90,7 +102,10 @@ class SessionDirectory:
 
     def pop_oldest_inactive(self) -> Optional[Session]:
         with self.lock:
-            return self.inactive.popitem(last=False)[1] if self.inactive else None
+            session = self.inactive.popitem(last=False)[1] if self.inactive else None
+        if session is not None:
+            self._pages.forget(session.key)  # nothing of a session stays once it leaves memory
+        return session
 
     def open_by_activity(self) -> list[Session]:
         """Open sessions, least recently active first."""
@@ -111,8 +126,16 @@ class SessionDirectory:
                 self.in_doubt.add(job)
             exc.on_resolved(lambda: self.resolved(job))
             raise Unavailable(f"state store write timed out: {exc}") from exc
+        except SessionFenced as exc:  # another replica took the job over: what memory holds is stale
+            self.forget_job(job)
+            if self.ownership is not None:
+                self.ownership.forget(job)
+            log.warning("a write of job %r was fenced: another replica serves it now", job)
+            raise Unavailable(f"job {job!r} is served by another regulator replica now; nothing was changed; retry") from exc
         except StoreError as exc:
             log.error("state store write failed: %s", exc)
+            if self.ownership is not None:
+                self.ownership.distrust(job)  # the next call asks the database who serves the job
             raise Unavailable(f"state store write failed, nothing was changed: {exc}") from exc
 
     def load(self, read: Callable[[], object]) -> object:
@@ -130,6 +153,12 @@ class SessionDirectory:
         the job, so that its sessions are read back as the store has them."""
         with self.lock:
             self.in_doubt.discard(job)
+        self.forget_job(job)
+        log.warning("the pending write of job %r is settled; its sessions are re-read from the store", job)
+
+    def forget_job(self, job: str) -> None:
+        """Drops what memory holds of ``job``: its sessions are read back from the store."""
+        with self.lock:
             self.latest.pop(job, None)
             dropped = [s for s in (*self.open.values(), *self.inactive.values()) if s.key.job_id == job]
             for s in dropped:
@@ -138,7 +167,17 @@ class SessionDirectory:
         for s in dropped:
             self._memory.uncharge(s)
             self._pages.forget(s.key)
-        log.warning("the pending write of job %r is settled; its sessions are re-read from the store", job)
+
+    def claim(self, job: str) -> None:
+        """Several replicas: this one must hold the job's lease (``ownership.py``) before it
+        serves the job; a lease taken with a new token drops the job's memory first
+        (``NotOwner``: UNAVAILABLE while another replica holds it). One replica: nothing to do."""
+        own = self.ownership
+        if own is None or own.holds(job):
+            return
+        with self.jobs.hold(job, self._wait_s):
+            if not own.holds(job):
+                own.claim(job, lambda: self.forget_job(job))
 
     def acquire(self, session: Session) -> None:
         """The session's lock, within the store timeout; then no write of its job may be in doubt
@@ -154,6 +193,12 @@ class SessionDirectory:
             except BaseException:
                 session.lock.release()
                 raise
+        if self.ownership is not None and session.status == SessionStatus.OPEN:
+            with self.lock:
+                current = self.open.get(session.key) is session
+            if not current:  # dropped while we waited (its job's lease changed hands): stale
+                session.lock.release()
+                raise Unavailable(f"session {session.key} was reloaded while this call waited; retry")
 
     @contextlib.contextmanager
     def locked(self, session: Session) -> Iterator[None]:
@@ -195,6 +240,10 @@ class SessionDirectory:
             attempt = self.load(lambda: self._store.latest_attempt(job_id))  # type: ignore[assignment]
         return attempt
 
+    def attempt_opened_by(self, job_id: str, open_token: str) -> Optional[int]:
+        """The job's attempt that ``open_token`` opened, from the store (call with the job's lock held)."""
+        return self.load(lambda: self._store.attempt_opened_by(job_id, open_token))  # type: ignore[return-value]
+
     def get(self, key: SessionKey) -> Optional[Session]:
         """The session in memory, else read from the store (DATA_LOSS if quarantined)."""
         with self.lock:
@@ -221,6 +270,7 @@ class SessionDirectory:
             except Exception as exc:
                 q = self.quarantine(key, f"{type(exc).__name__}: {exc}")
                 raise DataLoss(quarantine_message(q)) from exc
+            self._memory.spill(session)  # not yet seen by other calls
             with self.lock:
                 if session.status == SessionStatus.OPEN:  # re-read after a write of unknown outcome
                     self.open[key] = session
@@ -237,6 +287,7 @@ class SessionDirectory:
         while len(self.inactive) > self._inactive_cache:
             _, old = self.inactive.popitem(last=False)
             self._memory.uncharge(old)
+            self._pages.forget(old.key)  # its cached history pages: nothing stays per job
 
     def retire_locked(self, session: Session) -> None:
         """An open session that ended: to the inactive cache (manager lock held)."""
@@ -248,6 +299,7 @@ class SessionDirectory:
     def live(self, key: SessionKey) -> Session:
         """The session a write addresses, with attempt fencing."""
         job = key.job_id
+        self.claim(job)
         with self.lock:
             doubtful = job in self.in_doubt
             latest = self.latest.get(job)
@@ -270,6 +322,7 @@ class SessionDirectory:
         return session
 
     def find(self, job_id: str, attempt: Optional[int]) -> Session:
+        self.claim(job_id)
         self.check_doubt(job_id)
         if attempt is None:
             with self.jobs.hold(job_id, self._wait_s):

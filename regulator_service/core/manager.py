@@ -45,6 +45,7 @@ from ..storage.base import Quarantined
 from .accounting import SessionMemory
 from .directory import SessionDirectory
 from .observer import NullObserver, SessionObserver
+from .ownership import Ownership
 from .opening import OpenPlan, SessionOpener
 from .paging import HistorySnapshot, SessionHistory
 from .session import EpochOutcome, Session, StepOutcome
@@ -68,7 +69,9 @@ class SessionManager:
         limits: Limits = Limits(),
         clock: Callable[[], float] = time.time,
         budget: Optional[MemoryBudget] = None,
+        ownership: Optional[Ownership] = None,
     ) -> None:
+        """``ownership``: several replicas share the store; each job is served under its lease."""
         self._store = store
         self._observer: SessionObserver = observer or NullObserver()
         self.limits = limits
@@ -76,9 +79,10 @@ class SessionManager:
         self._wait_s = limits.store_timeout_s
         self.budget = budget if budget is not None else MemoryBudget(limits.memory_budget)
         self.history = SessionHistory(HistoryPages(self.budget))  # registers first: history is evicted first
-        self.memory = SessionMemory(self.budget)
+        # closed epochs are spilled to the store and re-read on demand, unless it is this memory
+        self.memory = SessionMemory(self.budget, None if store.in_budget else self._read_epochs)
         self.directory = SessionDirectory(
-            store, self._observer, self.memory, self.history.pages, self._wait_s, limits.inactive_cache
+            store, self._observer, self.memory, self.history.pages, self._wait_s, limits.inactive_cache, ownership
         )
         self._opener = SessionOpener(self.directory, self.memory, limits)
         self.budget.add_evictor(lambda wanted: self.memory.evict_inactive(wanted, self.directory.pop_oldest_inactive))
@@ -87,11 +91,18 @@ class SessionManager:
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
+    def _read_epochs(self, key: SessionKey, first: int, last: int) -> list[EpochSummary]:
+        """Closed epochs ``first``..``last`` of ``key`` from the store (spilled from memory)."""
+        return self.directory.load(lambda: self._store.closed_epochs(key, first, last))  # type: ignore[return-value]
+
     # -- lifecycle --------------------------------------------------------------------------
 
     def restore(self) -> int:
         """Loads the open sessions from the store; returns how many. Sessions that do not decode
-        are quarantined, the others are served."""
+        are quarantined, the others are served. Several replicas: none (a job is loaded by the
+        replica that takes its lease)."""
+        if self.directory.ownership is not None:
+            return 0
         restored = 0
         for item in self._store.load(open_only=True):
             key = item.key if isinstance(item, Quarantined) else item.config.key
@@ -105,6 +116,7 @@ class SessionManager:
             except Exception as exc:  # decodable, but not a state this server can run
                 self.directory.quarantine(key, f"{type(exc).__name__}: {exc}")
                 continue
+            self.memory.spill(session)
             with self.directory.lock:
                 self.directory.open[key] = session
             self.memory.charge(session)
@@ -116,6 +128,8 @@ class SessionManager:
         return restored
 
     def close_store(self) -> None:
+        if self.directory.ownership is not None:  # first: the leases end now, others take over at once
+            self.directory.ownership.close()
         self._store.close()
 
     def store_health(self, probe: bool = False) -> Optional[str]:
@@ -132,6 +146,7 @@ class SessionManager:
         ``next_attempt``: the server assigns the attempt (``SessionOpener._assigned``). ``snapshot``:
         the closed epochs a resuming job's checkpoint carries (``restore.py``), restored only if
         this regulator holds no attempt of the job. Planned, persisted, committed, as a step is."""
+        self.directory.claim(config.job_id)
         with self.directory.jobs.hold(config.job_id, self._wait_s):
             plan = self._opener.plan(config, next_attempt, snapshot, self._now_ms())
             if plan.existing is not None:
@@ -153,10 +168,12 @@ class SessionManager:
 
         if superseded is None:
             self.directory.persist(job, write)
+            self.memory.spill(session)  # not seen by other calls before adopt
             self.directory.adopt(session)
         else:
             with self.directory.locked(superseded):
                 self.directory.persist(job, write)
+                self.memory.spill(session)
                 superseded.deactivate(SessionStatus.SUPERSEDED)
                 self.directory.adopt(session, superseded)
             self.memory.charge(superseded)
@@ -177,6 +194,8 @@ class SessionManager:
                 lambda key, epoch: self.directory.load(lambda: self._store.epoch_steps(key, epoch)),  # type: ignore[arg-type,return-value]
             )
             if not outcome.duplicate:
+                if not outcome.amended and not self.memory.spills:
+                    self.memory.room_for_step(session)  # the memory store keeps every step
                 now = self._now_ms()
                 key = session.key
                 if outcome.amended:
@@ -210,6 +229,7 @@ class SessionManager:
                 epoch, measured, lambda k, step: self.directory.load(lambda: self._store.get_step(k, step))  # type: ignore[arg-type,return-value]
             )
             if not outcome.duplicate:
+                self.memory.room_for_epoch(session)
                 now = self._now_ms()
                 args = (key, outcome.closed, outcome.next_epoch, outcome.next_window, now)
                 if outcome.filled is None:
@@ -218,6 +238,7 @@ class SessionManager:
                     self.directory.persist(key.job_id, lambda: self._store.close_epoch(*args, filled=outcome.filled))
                 session.commit_end_epoch(outcome)
                 session.last_active_ms = now
+                self.memory.spill(session)
                 self.memory.charge(session)
                 self._observer.epoch_closed(session.config, outcome.closed, outcome.next_window)
         return session.config, outcome
@@ -322,8 +343,10 @@ class SessionManager:
     def closed_epochs(
         self, snap: HistorySnapshot, closed: list[EpochSummary], encode: Callable[[EpochSummary], bytes]
     ) -> bytes:
-        """The ``epochs`` fields of a snapshot's closed epochs (cached: they never change)."""
-        return self.history.closed_epochs(snap, closed, encode)
+        """The ``epochs`` fields of a snapshot's closed epochs (cached: they never change); those
+        the session spilled are read from the store."""
+        key = snap.key
+        return self.history.closed_epochs(snap, closed, encode, lambda first, last: self._read_epochs(key, first, last))
 
     def list(self, include_inactive: bool = False, limit: int = 0) -> list[Union[SessionView, Quarantined]]:
         """Open sessions and quarantined ones; with ``include_inactive`` also the newest ended ones."""

@@ -22,6 +22,8 @@ from .session import Session
 
 log = logging.getLogger(__name__)
 
+MAX_ATTEMPT = (1 << 53) - 1  # attempts stay below 2^53, as the wire checks (wire/convert.py MAX_INDEX)
+
 
 @dataclass(frozen=True)
 class OpenPlan:
@@ -80,9 +82,12 @@ class SessionOpener:
         n_open = self._dir.open_count()
         if n_open >= self._limits.max_open_sessions:
             raise ResourceExhausted(f"{n_open} sessions are open, the limit is {self._limits.max_open_sessions}")
-        if quarantined is not None and config.resume_epoch:
-            raise DataLoss(f"cannot resume job {job!r}: {quarantine_message(quarantined)}")
-        inherited = self._inherited(config, previous, snapshot, held=latest is not None)
+        if quarantined is not None and config.resume_epoch and not snapshot:
+            raise DataLoss(
+                f"cannot resume job {job!r} at epoch {config.resume_epoch}: {quarantine_message(quarantined, resuming=True)}"
+            )
+        # a quarantined latest attempt holds no epochs that can be read: a checkpoint's snapshot restores them
+        inherited = self._inherited(config, previous, snapshot, held=latest is not None and quarantined is None)
         if not self._memory.make_room_for(config, len(inherited)):
             raise ResourceExhausted(self._memory.full_message(self._dir.open_count()))
         session = Session.new(config, now_ms, inherited)
@@ -95,10 +100,23 @@ class SessionOpener:
         retried request gets the attempt its first try created (job lock held)."""
         if latest is None:
             return replace(config, attempt=0)
-        if config.open_token and SessionKey(config.job_id, latest) not in self._dir.corrupt:
-            previous = self._dir.get(SessionKey(config.job_id, latest))
-            if previous is not None and previous.config.open_token == config.open_token:
+        job, token = config.job_id, config.open_token
+        if token and SessionKey(job, latest) not in self._dir.corrupt:
+            previous = self._dir.get(SessionKey(job, latest))
+            if previous is not None and previous.config.open_token == token:
                 return replace(config, attempt=latest)
+        if token:
+            opened = self._dir.attempt_opened_by(job, token)
+            if opened is not None and opened < latest:  # a replay (or a late retry) of a superseded opener
+                raise FailedPrecondition(
+                    f"open_token {token!r} of job {job!r} is stale: it opened attempt {opened}, which attempt "
+                    f"{latest} superseded; attempt {latest} is the live attempt, and this opener must not replace it"
+                )
+        if latest >= MAX_ATTEMPT:
+            raise FailedPrecondition(
+                f"job {job!r} has no next attempt: its latest attempt {latest} is the largest allowed (2^53 - 1); "
+                "use a new job id"
+            )
         return replace(config, attempt=latest + 1)
 
     def _inherited(

@@ -2,7 +2,9 @@
 
 The pages come from the store through the cache of encoded blocks (``capacity/history.py``);
 a session's history version is bumped when a recorded step is amended, so that cached pages of
-the old record are never served.
+the old record are never served. An open session keeps only its newest closed epochs in memory
+(``accounting.py``): the snapshot says how many were spilled, and those are read from the store
+in chunks and encoded into the same cache.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..capacity.history import MAX_PAGE_BYTES, HistoryPages, Loader, Page
+from ..capacity.history import MAX_PAGE_BYTES, EpochLoader, HistoryPages, Loader, Page
 from ..model import EpochSummary, SessionKey, SessionView, StepRecord
 from .session import Session
 
@@ -22,9 +24,10 @@ class HistorySnapshot:
 
     key: SessionKey
     view: SessionView
-    epochs: tuple[EpochSummary, ...]  # closed epochs, then the open one
+    epochs: tuple[EpochSummary, ...]  # the closed epochs in memory, then the open one
     version: int  # bumped when a recorded step is amended (cached pages are then stale)
     steps_pruned_ms: int
+    spilled: int = 0  # closed epochs before ``epochs[0]``, read from the store
 
 
 class SessionHistory:
@@ -44,7 +47,8 @@ class SessionHistory:
         """Call with the session's lock held."""
         with self._lock:
             version = self._versions.get(session.key, 0)
-        return HistorySnapshot(session.key, session.view(), session.epochs(), version, session.steps_pruned_ms)
+        spilled, epochs = session.kept_epochs()
+        return HistorySnapshot(session.key, session.view(), epochs, version, session.steps_pruned_ms, spilled)
 
     def page(
         self, snap: HistorySnapshot, start: int, max_steps: int, load: Loader, encode: Callable[[StepRecord], bytes],
@@ -53,6 +57,8 @@ class SessionHistory:
         return self.pages.page(snap.key, snap.version, snap.view.last_step, start, max_steps, load, encode, max_bytes)
 
     def closed_epochs(
-        self, snap: HistorySnapshot, closed: Sequence[EpochSummary], encode: Callable[[EpochSummary], bytes]
+        self, snap: HistorySnapshot, closed: Sequence[EpochSummary], encode: Callable[[EpochSummary], bytes],
+        read: EpochLoader,
     ) -> bytes:
-        return self.pages.closed_epochs(snap.key, closed, encode)
+        """The ``epochs`` fields of the snapshot's closed epochs: ``read`` gives the spilled ones."""
+        return self.pages.closed_epochs(snap.key, closed, encode, snap.spilled, read)

@@ -38,7 +38,8 @@ def normalize(cfg: SessionConfig, index: Mapping[str, int], raw: RawReport) -> S
     semantic validation)."""
     if raw.rank >= cfg.world_size:
         raise InvalidArgument(f"rank {raw.rank} is outside world_size {cfg.world_size}")
-    slots: list[Optional[object]] = [None] * len(cfg.modalities)
+    slots: list[Optional[ModalityReport]] = [None] * len(cfg.modalities)
+    bound = raw.count * (1.0 + SCORE_SLACK)
     for entry in raw.stats:
         i = index.get(entry.modality)
         if i is None:
@@ -47,45 +48,45 @@ def normalize(cfg: SessionConfig, index: Mapping[str, int], raw: RawReport) -> S
             )
         if slots[i] is not None:
             raise InvalidArgument(f"modality {shown(entry.modality)} reported twice")
-        if entry.score_sum > raw.count * (1.0 + SCORE_SLACK):
+        if entry.score_sum > bound:
             raise InvalidArgument(
                 f"score_sum {entry.score_sum} of {shown(entry.modality)} exceeds count {raw.count}: "
                 "it must be a sum of probabilities"
             )
         slots[i] = entry
-    missing = [m for m, e in zip(cfg.modalities, slots) if e is None]
-    if missing:
-        raise InvalidArgument(f"missing modalities {missing}")
-    entries = slots  # all set now
+    if len(raw.stats) < len(slots):  # each entry took its own slot (a second one is refused above)
+        raise InvalidArgument(f"missing modalities {[m for m, e in zip(cfg.modalities, slots) if e is None]}")
+    entries: list[ModalityReport] = slots  # type: ignore[assignment]  # all set now
     applied: Optional[tuple[float, ...]] = None
     scales: tuple[tuple[float, ...], tuple[float, ...]] = ((), ())
     if raw.fallback == Fallback.NONE:
-        if any(e.applied is not None for e in entries):  # type: ignore[union-attr]
-            raise InvalidArgument("'applied' factors are only accepted with a fallback")
+        for e in entries:
+            if e.applied is not None:
+                raise InvalidArgument("'applied' factors are only accepted with a fallback")
     elif raw.fallback == Fallback.NEUTRAL:
         applied = tuple(0.0 for _ in entries)
-        if any(e.applied not in (None, 0.0) for e in entries):  # type: ignore[union-attr]
+        if any(e.applied not in (None, 0.0) for e in entries):
             raise InvalidArgument("a neutral fallback applies zero coefficients")
-        if applied_scales(entries) != ((), ()):  # type: ignore[arg-type]
+        if applied_scales(entries) != ((), ()):
             raise InvalidArgument("a neutral fallback applies no gradient scale (1) and no noise (0)")
     else:
-        if any(e.applied is None for e in entries):  # type: ignore[union-attr]
+        if any(e.applied is None for e in entries):
             raise InvalidArgument("a 'last' fallback must send the applied factors")
-        applied = tuple(e.applied for e in entries)  # type: ignore[union-attr,misc]
-        scales = applied_scales(entries)  # type: ignore[arg-type]
+        applied = tuple(e.applied for e in entries)  # type: ignore[misc]
+        scales = applied_scales(entries)
     return StepReport(
         key=raw.key,
         rank=raw.rank,
         epoch=raw.epoch,
         step=raw.step,
         count=raw.count,
-        score_sums=tuple(e.score_sum for e in entries),  # type: ignore[union-attr]
-        fisher=tuple(e.fisher for e in entries),  # type: ignore[union-attr]
+        score_sums=tuple([e.score_sum for e in entries]),
+        fisher=tuple([e.fisher for e in entries]),
         fallback=raw.fallback,
         applied=applied,
         applied_grad_scale=scales[0],
         applied_noise_scale=scales[1],
-        measured=pending.in_order(raw.measured, index, cfg.modalities),
+        measured=pending.in_order(raw.measured, index, cfg.modalities) if raw.measured else (),
     )
 
 
@@ -95,10 +96,10 @@ def require_finite(mods: Sequence[str], rep: StepReport, record: StepRecord, sum
     and the epoch's running sums (two steps of 1.7e308). Such a report is INVALID_ARGUMENT
     and changes nothing, so no record, trace or window is ever non-finite."""
     for m, f, a, value in zip(mods, rep.fisher, record.proximal, record.fishers):
-        if isinstance(f, FisherDeferred) and value != value:
+        if value != value and isinstance(f, FisherDeferred):
             continue  # pending: checked when it arrives
-        terms = (f.grad_sq, 2.0 * a * f.grad_delta, a * a * f.delta_sq) if isinstance(f, FisherTerms) and a else ()
-        if not math.isfinite(value) or not all(math.isfinite(t) for t in terms):
+        terms = (f.grad_sq, 2.0 * a * f.grad_delta, a * a * f.delta_sq) if a and isinstance(f, FisherTerms) else ()
+        if not math.isfinite(value) or (terms and not all(math.isfinite(t) for t in terms)):
             raise InvalidArgument(
                 f"the regulated Fisher value of {shown(m)} at step {record.step} overflows float64 "
                 f"with proximal coefficient {a:g}: report smaller fisher_terms"

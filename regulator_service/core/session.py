@@ -8,10 +8,12 @@ was.
 
 from __future__ import annotations
 
+import sys
 import threading
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 from . import pending, reports
 from ..errors import AlreadyExists, FailedPrecondition
@@ -33,6 +35,9 @@ from ..policy import Policy, StepFactors, Window, build_policy
 from ..storage import StoredSession
 
 RECENT_STEPS = 1024  # answers kept in memory for duplicate reports; older ones come from the store
+
+# (first, last) -> the closed epochs numbered first..last from the store (``Session.spill``)
+EpochSource = Callable[[int, int], Sequence[EpochSummary]]
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,12 @@ class Session:
         self.status = status
         self.created_ms = created_ms
         self.last_active_ms = last_active_ms
-        self._closed: list[EpochSummary] = list(closed_epochs)
-        self._traces: list[list[float]] = [
-            [e.fisher[m] for e in closed_epochs] for m in range(len(config.modalities))
+        self._closed: list[EpochSummary] = list(closed_epochs)  # the newest closed epochs (``spill``)
+        self._spilled = 0  # closed epochs before ``_closed[0]``, dropped from memory: ``_source`` reads them
+        self._source: Optional[EpochSource] = None
+        # what the policy reads: every closed epoch's Fisher trace, 8 bytes a value (``array``)
+        self._traces: list[array] = [
+            array("d", [e.fisher[m] for e in closed_epochs]) for m in range(len(config.modalities))
         ]
         self._current = current
         self._step_count = step_count
@@ -143,8 +151,20 @@ class Session:
         )
 
     def epochs(self) -> tuple[EpochSummary, ...]:
-        """Closed epochs, then the open one."""
-        return (*self._closed, self._current)
+        """Closed epochs, then the open one (spilled ones are read back from the store)."""
+        spilled = self._source(0, self._spilled - 1) if self._spilled and self._source is not None else ()
+        return (*spilled, *self._closed, self._current)
+
+    def kept_epochs(self) -> tuple[int, tuple[EpochSummary, ...]]:
+        """(how many closed epochs were spilled, the closed epochs in memory then the open one)."""
+        return self._spilled, (*self._closed, self._current)
+
+    def closed_epoch(self, epoch: int) -> EpochSummary:
+        """Closed epoch ``epoch``, from memory or, spilled, from the store."""
+        if epoch >= self._spilled:
+            return self._closed[epoch - self._spilled]
+        assert self._source is not None
+        return self._source(epoch, epoch)[0]
 
     def gauges(self) -> tuple[int, tuple[Window, ...], Optional[EpochSummary], Optional[StepRecord]]:
         """(open epoch, its windows, the last closed epoch, the last step's record) for the
@@ -161,7 +181,31 @@ class Session:
 
     @property
     def closed_epoch_count(self) -> int:
+        return self._spilled + len(self._closed)
+
+    @property
+    def recorded_steps(self) -> int:
+        return self._step_count
+
+    @property
+    def kept_epoch_count(self) -> int:
+        """Closed epochs held in memory (the others are spilled)."""
         return len(self._closed)
+
+    def trace_bytes(self) -> int:
+        """What the Fisher traces the policy reads take (they grow with the closed epochs)."""
+        return sys.getsizeof(self._traces) + sum(sys.getsizeof(t) for t in self._traces)
+
+    def spill(self, keep: int, source: EpochSource) -> int:
+        """Drops all but the ``keep`` newest closed epochs from memory (the store has them all;
+        ``source`` reads them back for GetSession and late ranks); returns how many went."""
+        self._source = source
+        drop = len(self._closed) - max(keep, 1)  # the newest stays: the metrics read it
+        if drop <= 0:
+            return 0
+        del self._closed[:drop]
+        self._spilled += drop
+        return drop
 
     def trim_answers(self, keep: int) -> int:
         """Drops all but the ``keep`` newest cached answers (the store has every answer, so a
@@ -206,7 +250,7 @@ class Session:
     def _window_of(self, epoch: int) -> tuple[Window, ...]:
         if epoch == self._current.epoch:
             return self._current.windows
-        return self._closed[epoch].windows
+        return self.closed_epoch(epoch).windows
 
     def plan_report(
         self,
@@ -336,7 +380,7 @@ class Session:
         recorded = lambda s: self._stored_answer(s, lookup)  # noqa: E731
         if epoch < current.epoch:  # closed before: also after CloseSession, for late ranks
             pending.resolve_earlier(entries, None, recorded)
-            return EpochOutcome(self._closed[epoch], epoch + 1, self._window_of(epoch + 1), True)
+            return EpochOutcome(self.closed_epoch(epoch), epoch + 1, self._window_of(epoch + 1), True)
         self.require_open()
         if epoch > current.epoch:
             raise FailedPrecondition(
@@ -346,7 +390,7 @@ class Session:
         if filled is not None:
             pending.finite_trace(current.fisher, self.config.modalities, filled.step)
         closed = current.close()
-        traces = [tr + [f] for tr, f in zip(self._traces, closed.fisher)]
+        traces = [tr + array("d", (f,)) for tr, f in zip(self._traces, closed.fisher)]
         next_window = self.policy.window(traces, epoch + 1)
         return EpochOutcome(closed, epoch + 1, next_window, duplicate=False, filled=filled)
 

@@ -1,5 +1,6 @@
 """Admission: at most ``limit`` RPCs held at once (running or queued for a worker); one more is
-shed at once with RESOURCE_EXHAUSTED and the ``RETRY_AFTER_KEY`` trailing metadata.
+shed at once with RESOURCE_EXHAUSTED and the ``RETRY_AFTER_KEY`` trailing metadata; and every
+call that ends without its handler running is still counted.
 
 grpcio's own ``maximum_concurrent_rpcs`` sheds with a fixed status and no metadata, which a
 client cannot tell from grpcio's other RESOURCE_EXHAUSTED (a message over the size limit, never
@@ -7,14 +8,26 @@ worth a retry) except by its text. So the regulator counts admitted RPCs itself:
 is the server's thread pool and counts the calls it holds (grpcio hands it one task per admitted
 call, and the task's future ends with the call, even one cancelled before it ran);
 ``AdmissionInterceptor``, outermost, runs in grpcio's polling thread just before that hand-over,
-so the count it reads is exact, and answers a full pool with ``SHED_HANDLER``, whose task the
-pool runs on a small pool of its own: a shed call is answered at once, never queued behind the
-work it could not join.
+so the count it reads is exact, and answers a full pool with the pool's shed handler, whose task
+the pool runs on a small pool of its own: a shed call is answered at once, never queued behind
+the work it could not join.
+
+Before any of that, grpc core queues the calls that arrived and that grpcio's polling thread has
+not asked for yet; past its backlog limits (1,000 soft, 3,000 hard by default) it refuses calls
+itself, and the client sees CANCELLED from a call the regulator never saw (36-57% of a
+30,000-Report open-loop burst). ``core_backlog_options`` raises those limits (``--max-pending-calls``)
+so that a burst reaches admission and is shed with RESOURCE_EXHAUSTED.
+
+Counting: a shed call, and an admitted call that grpcio never handed to its handler (its client
+cancelled or its deadline passed while it waited for a worker), are reported to
+``count_unhandled`` (the server's ``grpc_server_handled_total``, ``MetricsInterceptor``); a
+handler marks its task as run with ``handler_started``.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent import futures
 from typing import Any, Callable, Optional
 
@@ -24,27 +37,66 @@ from ..errors import RETRY_AFTER_KEY
 
 SHED_RETRY_AFTER_MS = 50  # the pause a shed call is asked to wait before its retry
 SHED_MESSAGE = "the regulator is at its --max-concurrent-rpcs limit; retry later"
+# Calls grpc core may queue before grpcio's polling thread takes them (``--max-pending-calls``;
+# core's own defaults, 1,000 soft and 3,000 hard, cancel the rest of a burst before the regulator
+# sees it). Large enough for a 30,000-call burst to reach admission and be shed; bounded, because
+# each queued call holds memory in core (about 13 KiB for a Report, measured: docs/operations.md).
+CORE_BACKLOG_LIMIT = 32768
+# How long a call may wait there before core cancels it, unseen (core's default: 30 s). Admitted
+# calls drain that queue at the server's service rate: 30,000 Reports sent at once waited up to
+# 29 s on a 2-core machine, too close to 30.
+CORE_BACKLOG_MAX_AGE_S = 120
+
+# (method path, the status its client got) -> None: counts a call whose handler never ran
+CountUnhandled = Callable[[str, grpc.StatusCode], None]
 
 
-def shed(request: Any, context: grpc.ServicerContext) -> None:
-    """The behaviour of a call that was not admitted (the only use of this function object:
-    ``AdmissionPool`` recognises its tasks by it)."""
-    context.set_trailing_metadata(((RETRY_AFTER_KEY, str(SHED_RETRY_AFTER_MS)),))
-    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, SHED_MESSAGE)
+def core_backlog_options(limit: int = CORE_BACKLOG_LIMIT) -> list[tuple[str, int]]:
+    """grpc server options: core's queue of calls not yet taken by grpcio raised to ``limit``
+    calls and ``CORE_BACKLOG_MAX_AGE_S``."""
+    return [
+        ("grpc.server.max_pending_requests", limit),
+        ("grpc.server.max_pending_requests_hard_limit", limit),
+        ("grpc.server_max_unrequested_time_in_server", CORE_BACKLOG_MAX_AGE_S),
+    ]
 
 
-SHED_HANDLER = grpc.unary_unary_rpc_method_handler(shed)  # raw bytes in: nothing is decoded
+def _call_event(args: tuple[Any, ...]) -> Any:
+    """grpcio's call event among a task's arguments (it carries the method and deadline)."""
+    return next((a for a in args if hasattr(a, "call_details")), None)
+
+
+def _method_and_code(args: tuple[Any, ...], shed_answered: bool) -> Optional[tuple[str, grpc.StatusCode]]:
+    """(method path, the status a call whose handler did not run ended with):
+    RESOURCE_EXHAUSTED if it was shed, else DEADLINE_EXCEEDED once its deadline passed, else
+    CANCELLED (its client left); None when the task carries no call event."""
+    event = _call_event(args)
+    if event is None:
+        return None
+    details = event.call_details
+    method = details.method or event.tag  # a registered method's call names it by its tag only
+    method = method.decode(errors="replace") if isinstance(method, bytes) else str(method)
+    if shed_answered:
+        return method, grpc.StatusCode.RESOURCE_EXHAUSTED
+    expired = details.deadline is not None and details.deadline <= time.time()
+    return method, grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
 class AdmissionPool(futures.Executor):
-    """The server's worker pool, counting the calls it holds; shed calls run apart."""
+    """The server's worker pool, counting the calls it holds; shed calls run apart. Every task
+    whose handler did not run (shed, or cancelled before a worker took it) goes to
+    ``count_unhandled`` once assembly has wired it."""
 
     def __init__(self, max_workers: int, limit: Optional[int], thread_name_prefix: str = "regulator-rpc") -> None:
         self.limit = limit  # None: unbounded
+        self.count_unhandled: Optional[CountUnhandled] = None
         self._work = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
         self._shed = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{thread_name_prefix}-shed")
         self._lock = threading.Lock()
         self._held = 0
+        self._ran = threading.local()  # per worker thread: did the current task's handler start?
+        self._shed_behavior = self._shed_call  # one bound method: tasks are recognised by identity
+        self.shed_handler = grpc.unary_unary_rpc_method_handler(self._shed_behavior)  # raw bytes: nothing decoded
 
     @property
     def held(self) -> int:
@@ -54,13 +106,37 @@ class AdmissionPool(futures.Executor):
     def full(self) -> bool:
         return self.limit is not None and self._held >= self.limit
 
+    def handler_started(self) -> None:
+        """Called by the handler of the task this thread runs (``MetricsInterceptor``)."""
+        self._ran.value = True
+
+    def _shed_call(self, request: Any, context: grpc.ServicerContext) -> None:
+        """The behaviour of a call that was not admitted."""
+        self._ran.value = True
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(SHED_RETRY_AFTER_MS)),))
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, SHED_MESSAGE)
+
+    def _run(self, shed: bool, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``fn`` (grpcio's task for one call), then the count of a call whose handler did not
+        run: a shed call is counted here too (RESOURCE_EXHAUSTED), the handler of an admitted
+        call counts itself."""
+        self._ran.value = False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            count, ran = self.count_unhandled, self._ran.value
+            if count is not None and (shed or not ran):
+                found = _method_and_code(args, shed_answered=shed and ran)
+                if found is not None:
+                    count(*found)
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:  # type: ignore[override]
-        if any(a is shed for a in args):
-            return self._shed.submit(fn, *args, **kwargs)
+        if any(a is self._shed_behavior for a in args):
+            return self._shed.submit(self._run, True, fn, args, kwargs)
         with self._lock:
             self._held += 1
         try:
-            future = self._work.submit(fn, *args, **kwargs)
+            future = self._work.submit(self._run, False, fn, args, kwargs)
         except BaseException:
             self._release()
             raise
@@ -77,8 +153,8 @@ class AdmissionPool(futures.Executor):
 
 
 class AdmissionInterceptor(grpc.ServerInterceptor):
-    """Outermost interceptor: a call that finds the pool full gets ``SHED_HANDLER``. An unknown
-    method stays UNIMPLEMENTED (grpcio's order: the method first, then admission)."""
+    """Outermost interceptor: a call that finds the pool full gets the pool's shed handler. An
+    unknown method stays UNIMPLEMENTED (grpcio's order: the method first, then admission)."""
 
     def __init__(self, pool: AdmissionPool) -> None:
         self._pool = pool
@@ -91,4 +167,4 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or not self._pool.full():
             return handler
-        return SHED_HANDLER
+        return self._pool.shed_handler

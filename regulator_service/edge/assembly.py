@@ -19,16 +19,19 @@ from prometheus_client import CollectorRegistry
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
+from ..core.ownership import DEFAULT_LEASE_TTL_S, Ownership, replica_ownership
 from ..model import Limits
 from ..policy import BUILTIN_PROFILES, ProfileRegistry
 from ..storage import MemoryStore, SQLiteStore, StateStore, StoreError
 from ..storage.instrumented import InstrumentedStore
 from ..storage.lockfile import StateDirLock
-from .admission import AdmissionInterceptor, AdmissionPool
+from .admission import CORE_BACKLOG_LIMIT, AdmissionInterceptor, AdmissionPool, core_backlog_options
 from .interceptors import DelayInterceptor, MalformedRequestInterceptor, MetricsInterceptor, method_paths
 from .metrics import GrpcServerMetrics, RegulatorMetrics, add_runtime_collectors
 from .security import BearerTokenInterceptor, TlsFiles, TokenSource
 from .servicer import RegulatorServicer
+from .tenant_access import TenantInterceptor, TenantMetrics
+from .tenants import Tenants
 from .wire_handlers import add_regulator_servicer
 
 log = logging.getLogger(__name__)
@@ -64,15 +67,19 @@ class ServerConfig:
     health_port: Optional[int] = None  # plaintext, health service only (kubelet probes)
     health_host: Optional[str] = None  # address of the health port; None = host
     uds: Optional[str] = None  # also listen on this Unix domain socket path
-    state_dir: Optional[Path] = None  # None = in memory only
+    state_dir: Optional[Path] = None  # None = in memory only (or store_dsn)
+    store_dsn: Optional[str] = None  # PostgreSQL (postgresql://...) instead of state_dir
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S  # PostgreSQL: a job's lease (several replicas, core/ownership.py)
     max_workers: int = 16
     max_concurrent_rpcs: Optional[int] = DEFAULT_MAX_CONCURRENT_RPCS  # None = unbounded
+    max_pending_calls: int = CORE_BACKLOG_LIMIT  # calls grpc core queues before admission sees them
     max_receive_bytes: int = 1 << 20
     grace_seconds: float = 10.0
     limits: Limits = field(default_factory=Limits)
     profiles: ProfileRegistry = BUILTIN_PROFILES  # built-ins plus the --plugin profiles
     metrics_max_jobs: int = 100
     token: Optional[TokenSource] = None  # bearer token required on Regulator RPCs
+    tenants: Optional[Tenants] = None  # --tenants: callers' identities and their jobs (instead of token)
     tls: Optional[TlsFiles] = None
     debug_delay_s: float = 0.0  # fault injection: every Regulator RPC sleeps this long first
     debug_hold_file: Optional[str] = None  # fault injection: every Regulator RPC waits while this file exists
@@ -91,16 +98,31 @@ class OpenedStore:
     store: StateStore  # instrumented: every write is timed for the metrics
     error: Optional[str]  # why the state file is unusable (the store is then an empty one in memory)
     lock: Optional[StateDirLock]  # the state directory's lock, held for the server's lifetime
+    ownership: Optional[Ownership] = None  # PostgreSQL: this replica's leases (its writes are fenced)
 
 
 def open_store(config: ServerConfig, metrics: RegulatorMetrics) -> OpenedStore:
-    """The state store: SQLite under ``state_dir`` (its directory locked first: a second server
+    """The state store: PostgreSQL at ``store_dsn`` (raises ``StoreError`` when it cannot be
+    reached), SQLite under ``state_dir`` (its directory locked first: a second server
     stops here, ``StateDirLocked``), else in memory. A state file that cannot be used is not
     raised but returned as ``error``: the server then serves health, metrics and UNAVAILABLE."""
     inner: StateStore = MemoryStore()
     lock: Optional[StateDirLock] = None
     error: Optional[str] = None
-    if config.state_dir is not None:
+    ownership: Optional[Ownership] = None
+    if config.store_dsn:  # unreachable or a newer schema: StoreError, one line (a restart may cure it)
+        from ..storage.postgresql import PostgreSQLStore
+
+        # several replicas may share the database: a job is served under its lease, and every
+        # write of it is fenced by the lease's token in the database (core/ownership.py)
+        leases = replica_ownership(config.store_dsn, config.lease_ttl_s, config.limits.store_timeout_s)
+        inner = PostgreSQLStore(
+            config.store_dsn, profiles=config.profiles, timeout_s=config.limits.store_timeout_s,
+            guard=lambda key: leases.fence(key.job_id),
+        )
+        leases.start()
+        ownership = leases
+    elif config.state_dir is not None:
         lock = StateDirLock.acquire(config.state_dir)
         try:
             inner = SQLiteStore(
@@ -114,18 +136,28 @@ def open_store(config: ServerConfig, metrics: RegulatorMetrics) -> OpenedStore:
             error = str(exc)
             log.error("state store unusable, serving UNAVAILABLE until fixed: %s", exc)
             metrics.store_healthy.set(0)
-    return OpenedStore(InstrumentedStore(inner, metrics.timed_write), error, lock)
+    return OpenedStore(InstrumentedStore(inner, metrics.timed_write), error, lock, ownership)
 
 
 def make_interceptors(
-    config: ServerConfig, grpc_metrics: GrpcServerMetrics, pool: Optional[AdmissionPool] = None
+    config: ServerConfig,
+    grpc_metrics: GrpcServerMetrics,
+    pool: Optional[AdmissionPool] = None,
+    tenant_metrics: Optional[TenantMetrics] = None,
 ) -> list[grpc.ServerInterceptor]:
     """Admission outermost (a shed call costs nothing more), then metrics (refused calls are
-    counted, under bounded labels), then the token, then decoding: an unauthenticated request is
-    never deserialized."""
+    counted, under bounded labels), then the token or the tenants, then decoding: an
+    unauthenticated request is never deserialized."""
     interceptors: list[grpc.ServerInterceptor] = [AdmissionInterceptor(pool)] if pool is not None else []
-    interceptors.append(MetricsInterceptor(grpc_metrics, REGISTERED_METHODS))
-    if config.token is not None:
+    counting = MetricsInterceptor(grpc_metrics, REGISTERED_METHODS, pool.handler_started if pool is not None else None)
+    if pool is not None:  # shed calls, and calls gone before a worker took them, are counted too
+        pool.count_unhandled = counting.count_unhandled
+    interceptors.append(counting)
+    if config.tenants is not None:
+        if config.token is not None:
+            raise ValueError("--tenants replaces the single bearer token (--token-file, REGULATOR_TOKEN): give one of them")
+        interceptors.append(TenantInterceptor(config.tenants, tenant_metrics))
+    elif config.token is not None:
         interceptors.append(BearerTokenInterceptor(config.token))
     interceptors.append(MalformedRequestInterceptor())
     if config.debug_delay_s > 0 or config.debug_hold_file:
@@ -140,14 +172,20 @@ def make_grpc_server(
     # The regulator admits calls itself (edge/admission.py) so that a shed answer carries the
     # structural "retry later" (RETRY_AFTER_KEY), which grpcio's maximum_concurrent_rpcs cannot.
     pool = AdmissionPool(config.max_workers, config.max_concurrent_rpcs)
+    tenant_metrics = (
+        TenantMetrics(grpc_metrics.registry, config.tenants, servicer.api.manager.open_sessions)
+        if config.tenants is not None
+        else None
+    )
     server = grpc.server(
         pool,
-        interceptors=make_interceptors(config, grpc_metrics, pool),
+        interceptors=make_interceptors(config, grpc_metrics, pool, tenant_metrics),
         options=[
             ("grpc.so_reuseport", 0),  # a port clash must be an error, not a silent second server
             ("grpc.max_receive_message_length", config.max_receive_bytes),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
             ("grpc.keepalive_permit_without_calls", 1),
+            *core_backlog_options(config.max_pending_calls),  # a burst reaches admission, not cancelled in core
         ],
     )
     add_regulator_servicer(servicer, server)  # GetSession answers pre-encoded bytes

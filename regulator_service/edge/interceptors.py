@@ -81,12 +81,29 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     That is safe because label values come only from ``known`` (the registered methods): any
     other path, authenticated or not, is counted as ``unknown``/``unknown``, so the number of
     series is fixed by the server, never by its callers. The wrapped handler and its metric
-    children are built once per method (``HandlerCache``)."""
+    children are built once per method (``HandlerCache``). A call whose client left before
+    its answer (deadline passed, or cancelled) is counted with the code its client got
+    (DEADLINE_EXCEEDED, CANCELLED); ``count_unhandled`` counts the calls whose handler never ran
+    (``admission.AdmissionPool``), and ``on_start`` tells the pool that a handler did."""
 
-    def __init__(self, metrics: GrpcServerMetrics, known: frozenset[str]) -> None:
+    def __init__(
+        self, metrics: GrpcServerMetrics, known: frozenset[str], on_start: Optional[Callable[[], None]] = None
+    ) -> None:
         self._m = metrics
         self._known = known
         self._cache = HandlerCache()
+        self._on_start = on_start
+        self._labels: dict[Optional[str], tuple[str, str, str]] = {}  # method (None: unknown) -> labels
+
+    def count_unhandled(self, method: str, code: grpc.StatusCode) -> None:
+        """A call that ended without its handler running (shed, or gone while it queued for a
+        worker): started and handled with ``code``, under the labels its handler would have had."""
+        name = method if method in self._known else None
+        labels = self._labels.get(name)
+        if labels is None:  # no call of this method reached its handler yet
+            labels = ("unary", *_split(method)) if name is not None else ("unary", UNKNOWN_METHOD, UNKNOWN_METHOD)
+        self._m.started.labels(*labels).inc()
+        self._m.handled.labels(*labels, GO_CODE_NAMES.get(code, str(code))).inc()
 
     def intercept_service(
         self,
@@ -107,7 +124,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         behavior, factory = _handler_parts(handler)
         kind = _KINDS[(handler.request_streaming, handler.response_streaming)]
         labels = (kind, service, method)
+        self._labels[name] = labels
         m = self._m
+        on_start = self._on_start
         started = m.started.labels(*labels)
         received = m.msg_received.labels(*labels)
         sent = m.msg_sent.labels(*labels)
@@ -115,7 +134,10 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         handled = {code: m.handled.labels(*labels, go) for code, go in GO_CODE_NAMES.items()}
 
         def done(context: grpc.ServicerContext, t0: float, default: grpc.StatusCode) -> None:
-            code = context.code()
+            if not context.is_active():  # the client left first: it got this, not our answer
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if context.time_remaining() <= 0 else grpc.StatusCode.CANCELLED
+            else:
+                code = context.code()
             if code is None:
                 code = default
             child = handled.get(code) if isinstance(code, grpc.StatusCode) else None
@@ -125,6 +147,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             seconds.observe(time.perf_counter() - t0)
 
         def wrapped(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
+            if on_start is not None:
+                on_start()
             started.inc()
             t0 = time.perf_counter()
             if handler.request_streaming:

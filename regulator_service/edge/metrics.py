@@ -271,6 +271,7 @@ class GrpcServerMetrics:
     else ``unknown``): a caller can never create series by calling made-up method names."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry  # where the tenants' series go too (tenant_access.TenantMetrics)
         labels = ["grpc_type", "grpc_service", "grpc_method"]
         self.started = Counter(
             "grpc_server_started_total", "Total number of RPCs started on the server.", labels, registry=registry

@@ -15,6 +15,8 @@ from typing import Callable, Optional, Sequence
 
 import grpc
 
+from .cert_checks import RenewalCheck
+
 log = logging.getLogger(__name__)
 
 # Kubernetes probes and grpcurl can send neither tokens nor client certificates.
@@ -215,6 +217,7 @@ class ReloadingServerCredentials:
         self._lock = threading.Lock()
         self.reloads = 0
         key, cert, ca = files.read()
+        self._renewal = RenewalCheck(key, cert, ca, "server")  # dates, and the CA where it chains to one
         self._initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def credentials(self) -> grpc.ServerCredentials:
@@ -224,10 +227,11 @@ class ReloadingServerCredentials:
 
     def fetch(self) -> Optional[grpc.ServerCertificateConfiguration]:
         with self._lock:
-            if not self._watch.changed():
+            if not self._watch.changed() and not self._renewal.retry_due():
                 return None
             try:
                 key, cert, ca = self._files.read()
+                self._renewal.check(key, cert, ca)
             except Exception as exc:  # called from gRPC's handshake: never raise into it
                 log.error("TLS files %s changed but are unusable, keeping the previous certificate: %s", self._files.cert, exc)
                 return None
@@ -245,6 +249,7 @@ class ReloadingSSLContext:
         self._watch = FileWatch(files.paths())
         self._lock = threading.Lock()
         self._context = self._build()
+        self._renewal = RenewalCheck(*files.read(), "metrics")
 
     def _build(self) -> ssl.SSLContext:
         self._files.read()  # raises ValueError with a clear message when unusable
@@ -258,8 +263,9 @@ class ReloadingSSLContext:
 
     def current(self) -> ssl.SSLContext:
         with self._lock:
-            if self._watch.changed():
+            if self._watch.changed() or self._renewal.retry_due():
                 try:
+                    self._renewal.check(*self._files.read())
                     self._context = self._build()
                     log.info("metrics TLS certificate reloaded from %s", self._files.cert)
                 except Exception as exc:  # keep serving with the last good pair

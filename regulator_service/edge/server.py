@@ -48,7 +48,7 @@ class RegulatorServer:
         # health (NOT_SERVING), metrics and logs, and answer UNAVAILABLE with the reason.
         opened = assembly.open_store(config, self.metrics)
         self.store, self.store_error, self._state_lock = opened.store, opened.error, opened.lock
-        self.api = build_api(self.store, self.metrics, config.limits, profiles=config.profiles)
+        self.api = build_api(self.store, self.metrics, config.limits, profiles=config.profiles, ownership=opened.ownership)
         self.manager = self.api.manager
         self.metrics.track_memory(self.manager.budget)
         self.metrics.track_sessions(self.manager.open_sessions)

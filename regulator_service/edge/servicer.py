@@ -16,7 +16,7 @@ from inforeg.regulator.v1 import regulator_pb2 as pb
 from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 
 from ..wire.api import RegulatorAPI
-from ..errors import RETRY_AFTER_KEY, RegulatorError, RetryLater
+from ..errors import RETRY_AFTER_KEY, RegulatorError
 from .metrics import RegulatorMetrics
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,10 @@ class RegulatorServicer(pb_grpc.RegulatorServicer):
         self._metrics = metrics
         self._unavailable = unavailable  # why every call must fail (an unusable state store)
 
+    @property
+    def api(self) -> RegulatorAPI:
+        return self._api
+
     def _call(
         self,
         fn: Callable[[Req], Resp],
@@ -46,8 +50,9 @@ class RegulatorServicer(pb_grpc.RegulatorServicer):
         except RegulatorError as exc:
             if on_error is not None:
                 on_error()
-            if isinstance(exc, RetryLater):  # the structural "retry later" the client decides on
-                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
+            retry_after_ms = getattr(exc, "retry_after_ms", None)  # RetryLater; NotOwner (another replica's job)
+            if retry_after_ms is not None:  # the structural "retry later" the client decides on
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(retry_after_ms)),))
             context.abort(exc.code, exc.message)
         except Exception:  # a bug: log it, do not leak it
             if on_error is not None:

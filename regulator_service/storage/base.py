@@ -33,6 +33,11 @@ class StoreInDoubt(StoreError):
         self.on_resolved = on_resolved
 
 
+class SessionFenced(StoreError):
+    """A write of a session was refused by the store's guard for that session (a replica whose
+    lease on it was taken over): nothing was written."""
+
+
 class CorruptRecord(StoreError):
     """A stored record of one session cannot be decoded; the session is quarantined, its rows
     are left as they are, and every other session is served."""
@@ -84,6 +89,10 @@ class StateStore(ABC):
     Every write carries ``at_ms``, the session's last-activity time, so that an idle-session
     TTL survives restarts and a restored session reads back exactly as it was.
     """
+
+    # True for a store whose records live in this process and count against the memory budget
+    # (``regulator serve --in-memory``): nothing a session holds can be spilled to it.
+    in_budget: bool = False
 
     @abstractmethod
     def create_session(
@@ -152,6 +161,27 @@ class StateStore(ABC):
 
     @abstractmethod
     def latest_attempt(self, job_id: str) -> Optional[int]: ...
+
+    def closed_epochs(self, key: SessionKey, first: int, last: int) -> list[EpochSummary]:
+        """The session's closed epochs numbered ``first`` to ``last`` (inclusive), in order: an
+        open session keeps only its newest in memory (``core/accounting.py``). This default
+        reads the whole session; a store with an index reads just the range."""
+        stored = self.load_session(key)
+        return [] if stored is None else list(stored.closed_epochs[max(first, 0) : last + 1])
+
+    def attempt_opened_by(self, job_id: str, open_token: str) -> Optional[int]:
+        """The job's lowest attempt opened with ``open_token`` (``OpenSession(next_attempt)``),
+        None if none: a replayed token of a superseded attempt is refused as stale. This default
+        reads every attempt; a store with an index answers it with one query."""
+        latest = self.latest_attempt(job_id)
+        for attempt in range(0 if latest is None else latest + 1):
+            try:
+                stored = self.load_session(SessionKey(job_id, attempt))
+            except CorruptRecord:
+                continue
+            if stored is not None and stored.config.open_token == open_token:
+                return attempt
+        return None
 
     @abstractmethod
     def inactive_keys(self, limit: int) -> list[SessionKey]:

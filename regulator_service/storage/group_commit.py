@@ -1,7 +1,7 @@
 """Group commit: the writes of concurrent requests share one SQLite transaction.
 
-A request thread hands its ``WriteOp`` to the store and waits; one thread at a time (the leader,
-see ``GroupCommitWriter``) takes every op queued so far, runs them in one ``BEGIN IMMEDIATE ...
+A request thread hands its ``WriteOp`` to the store and waits; the store's committer thread (see
+``GroupCommitWriter``) takes every op queued so far, runs them in one ``BEGIN IMMEDIATE ...
 COMMIT`` and releases each waiter after that commit, so "answered => durable" holds for every one
 of them while 16 concurrent Reports cost one commit instead of 16. Ops of the same shape (the same statements)
 run as one ``executemany`` per statement. A batch that fails for one op's sake (a constraint) is
@@ -10,28 +10,25 @@ locked) fails the batch, and its ops change nothing.
 
 Every wait is bounded (``timeout_s``): an op still queued when its caller gives up is withdrawn
 (``StoreTimeout``: nothing changed); an op a leader is already executing (a hung disk) is
-``StoreInDoubt``: its caller answers UNAVAILABLE and learns the outcome later. The leader's own
-call cannot be interrupted while the kernel holds its thread; every other call is bounded. ``health()`` says
+``StoreInDoubt``: its caller answers UNAVAILABLE and learns the outcome later. No request thread
+ever runs SQLite itself, so every call is bounded, the one whose own commit hangs included: the
+thread the kernel holds on a frozen disk is the committer's. ``health()`` says
 why writes fail (the last error, cleared by the next successful commit); ``probe()`` tries a small
 real write so that recovery is seen without traffic.
 """
 
 from __future__ import annotations
 
-import _thread
 import logging
 import sqlite3
-import threading
 import time
-from collections import deque
 from typing import Callable, Optional, Sequence
 
-from .base import StoreError, StoreInDoubt, StoreTimeout
+from .base import StoreError
+from .commit_queue import PENDING, CommitQueue, Op, execute, run_alone
+from .statements import Statement
 
 log = logging.getLogger(__name__)
-
-PENDING, RUNNING, DONE, CANCELLED, PROMOTED = range(5)
-Statement = tuple[str, tuple, Optional[int]]  # SQL, parameters, expected rowcount (None: any)
 
 # Failures of the store as a whole (as opposed to one op's constraint): the batch fails.
 _STORE_LEVEL = {
@@ -72,59 +69,29 @@ def rollback(conn: sqlite3.Connection) -> None:
             log.warning("rollback failed: %s", exc)
 
 
-class WriteOp:
-    """One durable write: statements (batchable with ops of the same shape) or a function."""
+class WriteOp(Op):
+    """One durable write on the state file: statements or a function of the connection."""
 
-    __slots__ = ("statements", "fn", "state", "error", "done", "callbacks", "shape")
-
-    def __init__(
-        self,
-        statements: Sequence[Statement] = (),
-        fn: Optional[Callable[[sqlite3.Connection], None]] = None,
-        shape: Optional[object] = None,
-    ) -> None:
-        """``shape``: what ops of the same statements share (given by hot callers as a constant,
-        else derived from the statements)."""
-        self.statements = statements
-        self.fn = fn
-        if fn is not None:
-            self.shape = None
-        else:
-            self.shape = shape if shape is not None else tuple((sql, expect is not None) for sql, _, expect in statements)
-        self.state = PENDING
-        self.error: Optional[BaseException] = None
-        self.done = _thread.allocate_lock()
-        self.done.acquire()  # released by the writer once the op is committed or failed
-        self.callbacks: list[Callable[[], None]] = []
+    __slots__ = ()
 
     def run_alone(self, conn: sqlite3.Connection) -> None:
-        if self.fn is not None:
-            self.fn(conn)
-            return
-        for sql, params, expect in self.statements:
-            cur = conn.execute(sql, params)
-            if expect is not None and cur.rowcount != expect:
-                raise sqlite3.IntegrityError(f"expected {expect} row(s) changed by {sql.split()[0]}, got {cur.rowcount}")
+        run_alone(conn, self, _mismatch)
 
 
-def _run_group(conn: sqlite3.Connection, ops: list[WriteOp]) -> None:
-    """Ops of one shape: one executemany per statement position."""
-    for i, (sql, _, expect) in enumerate(ops[0].statements):
-        cur = conn.executemany(sql, [op.statements[i][1] for op in ops])
-        if expect is not None:
-            want = sum(op.statements[i][2] for op in ops)  # type: ignore[misc]
-            if cur.rowcount != want:
-                raise sqlite3.IntegrityError(f"expected {want} row(s) changed by {sql.split()[0]}, got {cur.rowcount}")
+def _mismatch(op: Optional[Op], i: int, verb: str, want: int, got: int) -> Exception:
+    return sqlite3.IntegrityError(f"expected {want} row(s) changed by {verb}, got {got}")
 
 
-class GroupCommitWriter:
-    """Leader/follower group commit on one write connection.
+class GroupCommitWriter(CommitQueue[WriteOp]):
+    """Group commit on one write connection, run by one committer thread.
 
-    A caller that finds no commit in progress leads: it commits the queue (its own op and any
-    that arrive meanwhile) on its own thread, so a lone request pays no thread hand-off. Callers
-    that arrive during a commit queue up and wait; when the leader is done it releases them and
-    promotes the first one still waiting to lead the next batch.
+    Callers queue their op and wait for it, each within its own timeout; the committer takes
+    every op queued so far into one transaction, releases them after its COMMIT and takes the
+    next batch (ops that arrived meanwhile). A lone request pays one thread hand-off for a wait
+    that can always end on time.
     """
+
+    _doubt_note = " (is the disk hung?)"
 
     def __init__(
         self,
@@ -133,76 +100,37 @@ class GroupCommitWriter:
         path: object,
         timeout_s: float,
     ) -> None:
+        super().__init__(timeout_s, "is the disk hung?")
         self._check_file = check_file  # the state file's identity: None, or why it is gone
         self._path = path
-        self.timeout_s = timeout_s
         try:
             self._conn = connect()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the state file {path} for writing: {exc}") from exc
-        self._qlock = _thread.allocate_lock()
-        self._queue: deque[WriteOp] = deque()
-        self._leading = False
-        self._closing = False
-        self._busy_since: Optional[float] = None  # a commit in progress since (monotonic)
-        self._failing: Optional[str] = None  # why the last write failed; None after a commit
         self._lost: Optional[str] = None  # the state file was removed or replaced: for good
-        self._prober: Optional[threading.Thread] = None
-        self.commits = 0  # transactions committed (a batch of ops is one)
+        self._start("regulator-store-commit", self._run)
 
     # -- callers ------------------------------------------------------------------------------
 
     def submit(self, op: WriteOp, timeout_s: Optional[float] = None) -> None:
-        """Runs ``op`` in the next group commit; returns once it is committed."""
+        """Runs ``op`` in the next group commit; returns once it is committed, or raises
+        ``StoreTimeout`` (withdrawn, nothing changed) or ``StoreInDoubt`` (still running) after
+        ``timeout_s`` (the store's timeout by default)."""
         if self._lost is not None:
             raise StoreError(self._lost)
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout
-        with self._qlock:
-            if self._closing:
-                raise StoreError("the state store is closed")
-            self._queue.append(op)
-            lead = not self._leading
-            self._leading = True
-        if not lead and not self._follow(op, timeout):
-            return self._result(op)
-        self._lead(op, deadline, timeout)
-        return self._result(op)
-
-    def _follow(self, op: WriteOp, timeout: float) -> bool:
-        """Waits for a leader to commit ``op``; True if this caller was promoted to lead."""
-        if not op.done.acquire(timeout=timeout):
-            with self._qlock:
-                state = op.state
-                if state == PENDING:
-                    op.state = CANCELLED
-            if state == PENDING:
-                why = self._failing or self._lost
-                self._fail(f"writes are not completing within {timeout:g}s" + (f": {why}" if why else ""))
-                raise StoreTimeout(
-                    f"the state store did not complete the write within {timeout:g}s; nothing was changed"
-                    + (f" ({why})" if why else "")
-                )
-            if state == RUNNING:
-                self._fail(f"a write has been running for more than {timeout:g}s (is the disk hung?)")
-                raise StoreInDoubt(
-                    f"the state store did not complete the write within {timeout:g}s and it is still "
-                    "running (is the disk hung?); its outcome is settled before this session takes another write",
-                    lambda fn: self._on_resolved(op, fn),
-                )
-            op.done.acquire()  # promoted or finished just now: the release is ours
-        return op.state == PROMOTED
-
-    @staticmethod
-    def _result(op: WriteOp) -> None:
+        self._enqueue(op)
+        self._wait(op, timeout)
         if op.error is not None:
             raise op.error
 
+    def _withdrawn(self, timeout: float) -> Optional[str]:
+        why = self._failing or self._lost
+        self._fail(f"writes are not completing within {timeout:g}s" + (f": {why}" if why else ""))
+        return why
+
     def health(self) -> Optional[str]:
-        since = self._busy_since
-        if since is not None and time.monotonic() - since > self.timeout_s:
-            return f"a write has been running for {time.monotonic() - since:.0f}s (is the disk hung?)"
-        return self._lost or self._failing
+        return self._stuck() or self._lost or self._failing
 
     def probe(self, statements: Sequence[Statement]) -> Optional[str]:
         """While unhealthy: a real write (``statements``) on a helper thread (never more than
@@ -211,32 +139,15 @@ class GroupCommitWriter:
             lost = self._check_file()
             if lost is not None:
                 self._lose(lost)
-        if self._lost is None and self._failing is not None and (self._prober is None or not self._prober.is_alive()):
-
-            def attempt() -> None:
-                try:
-                    self.submit(WriteOp(statements))
-                except StoreError:
-                    pass
-
-            self._prober = threading.Thread(target=attempt, name="regulator-store-probe", daemon=True)
-            self._prober.start()
-            self._prober.join(self.timeout_s * 2)
+        if self._lost is None:
+            self._probe_write(lambda: self.submit(WriteOp(statements)))
         return self.health()
 
     def close(self, finalize: Optional[Callable[[sqlite3.Connection], None]] = None) -> None:
-        """Waits (bounded) for the commit in progress, then closes the connection."""
-        deadline = time.monotonic() + max(self.timeout_s, 1.0) * 5
-        while True:
-            with self._qlock:
-                self._closing = True
-                if not self._leading:
-                    self._leading = True  # nobody leads again
-                    break
-            if time.monotonic() > deadline:
-                log.warning("closing the state store while a write is still running")
-                return
-            time.sleep(0.01)
+        """Waits (bounded) for the commit in progress, fails what is still queued, then closes
+        the connection."""
+        if not self._stop():
+            return
         self._finish(self._claim(), StoreError("the state store is closed"))
         try:
             if finalize is not None and self._lost is None:
@@ -249,54 +160,35 @@ class GroupCommitWriter:
 
     # -- state --------------------------------------------------------------------------------
 
-    def _fail(self, why: str) -> None:
-        if self._failing != why:
-            log.error("state store failing: %s", why)
-        self._failing = why
-
     def _lose(self, why: str) -> None:
         if self._lost is None:
             log.error("%s; refusing every write from now on (restart the server to start over)", why)
         self._lost = why
 
-    def _on_resolved(self, op: WriteOp, fn: Callable[[], None]) -> None:
+    # -- the committer ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """The committer thread: one batch at a time until the store closes."""
+        while self._next():
+            try:
+                self._batch()
+            except BaseException:  # never let the committer die: every later write would hang
+                log.exception("state store commit failed")
+                self._finish(self._claim(), StoreError("state write failed: an internal error (see the server log)"))
+
+    def _waiting(self) -> bool:
+        """Whether an op in the queue still waits (dropping those their callers gave up on)."""
         with self._qlock:
-            if op.state != DONE:
-                op.callbacks.append(fn)
-                return
-        threading.Thread(target=fn, name="regulator-store-resolved", daemon=True).start()
+            live = [op for op in self._queue if op.state == PENDING]
+            if len(live) != len(self._queue):
+                self._queue.clear()
+                self._queue.extend(live)
+            return bool(live) and not self._closing
 
-    def _finish(self, ops: Sequence[WriteOp], error: Optional[BaseException]) -> None:
-        for op in ops:
-            with self._qlock:
-                op.error = error
-                op.state = DONE
-                callbacks, op.callbacks = op.callbacks, []
-            op.done.release()
-            for fn in callbacks:  # a caller gave up on this op: let it re-read what was stored
-                threading.Thread(target=fn, name="regulator-store-resolved", daemon=True).start()
-
-    # -- the leader ---------------------------------------------------------------------------
-
-    def _lead(self, own: WriteOp, deadline: float, timeout: float) -> None:
-        """Commits one batch (``own`` and whatever is queued), then hands the lead on."""
-        try:
-            self._batch(own, deadline, timeout)
-        finally:
-            with self._qlock:
-                successor = None
-                if not self._closing:
-                    successor = next((op for op in self._queue if op.state == PENDING), None)
-                if successor is not None:
-                    successor.state = PROMOTED
-                else:
-                    self._leading = False
-            if successor is not None:
-                successor.done.release()
-
-    def _begin(self, own: WriteOp, deadline: float, timeout: float) -> bool:
-        """BEGIN IMMEDIATE, retried while another process holds the write lock, until the
-        leader's own deadline (then its op is withdrawn: False)."""
+    def _begin(self) -> bool:
+        """BEGIN IMMEDIATE, retried while another process holds the write lock and an op still
+        waits (each caller gives up at its own deadline: False once none waits)."""
+        started = time.monotonic()
         while True:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -304,33 +196,20 @@ class GroupCommitWriter:
             except sqlite3.OperationalError as exc:
                 if primary_code(exc) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                     raise
-                if time.monotonic() > deadline:
-                    why = describe(exc, self._path)
-                    self._fail(why)
-                    with self._qlock:
-                        if own.state in (PENDING, PROMOTED):
-                            own.state = CANCELLED
-                    own.error = StoreTimeout(
-                        f"the state store did not complete the write within {timeout:g}s; nothing was changed ({why})"
-                    )
+                waiting = self._waiting()
+                if not waiting or time.monotonic() - started > self.timeout_s:
+                    self._fail(describe(exc, self._path))
+                if not waiting:
                     return False
 
-    def _claim(self) -> list[WriteOp]:
-        with self._qlock:
-            batch = [op for op in self._queue if op.state in (PENDING, PROMOTED)]
-            self._queue.clear()
-            for op in batch:
-                op.state = RUNNING
-        return batch
-
-    def _batch(self, own: WriteOp, deadline: float, timeout: float) -> None:
+    def _batch(self) -> None:
         # the file's identity is checked after each commit (and by probe()): a batch committed
         # into a removed file is answered as failed, and every later one refused here
         if self._lost is not None:
             self._finish(self._claim(), StoreError(self._lost))
             return
         try:
-            if not self._begin(own, deadline, timeout):
+            if not self._begin():
                 return
         except sqlite3.Error as exc:
             why = describe(exc, self._path)
@@ -378,17 +257,7 @@ class GroupCommitWriter:
 
     @staticmethod
     def _execute(conn: sqlite3.Connection, batch: list[WriteOp]) -> None:
-        groups: dict[object, list[WriteOp]] = {}
-        for op in batch:
-            if op.shape is None:
-                op.run_alone(conn)
-            else:
-                groups.setdefault(op.shape, []).append(op)
-        for ops in groups.values():
-            if len(ops) == 1:
-                ops[0].run_alone(conn)
-            else:
-                _run_group(conn, ops)
+        execute(conn, batch, _mismatch)
 
     def _one_by_one(self, conn: sqlite3.Connection, batch: list[WriteOp]) -> None:
         """Isolates the op that failed a batch: each in its own transaction."""

@@ -74,6 +74,16 @@ class InstrumentedStore(StateStore):
     def latest_attempt(self, job_id: str) -> Optional[int]:
         return self.inner.latest_attempt(job_id)
 
+    @property
+    def in_budget(self) -> bool:  # type: ignore[override]
+        return self.inner.in_budget
+
+    def closed_epochs(self, key: SessionKey, first: int, last: int) -> list[EpochSummary]:
+        return self.inner.closed_epochs(key, first, last)
+
+    def attempt_opened_by(self, job_id: str, open_token: str) -> Optional[int]:
+        return self.inner.attempt_opened_by(job_id, open_token)
+
     def inactive_keys(self, limit: int) -> list[SessionKey]:
         return self.inner.inactive_keys(limit)
 

@@ -8,6 +8,7 @@ a stale lock behind. The holder writes its PID into the file for the refusal mes
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -36,7 +37,7 @@ class StateDirLock:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise StoreError(f"cannot create the lock file {path}: {exc.strerror or exc}") from exc
+            raise StoreError(_unwritable(Path(state_dir), path, exc)) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -71,3 +72,18 @@ def _read_pid(fd: int) -> Optional[int]:
         return int(text) if text.isdigit() else None
     except OSError:
         return None
+
+
+def _unwritable(state_dir: Path, path: Path, exc: OSError) -> str:
+    """Why the server cannot start on ``state_dir``, in one line. A read-only state directory
+    is refused, not served read-only: every answer is committed there before it is sent, so a
+    server that cannot write would answer nothing but UNAVAILABLE (to read a read-only state,
+    copy the directory somewhere writable and serve the copy)."""
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "is on a read-only file system" if exc.errno == errno.EROFS else f"is not writable by uid {os.getuid()}"
+        return (
+            f"state dir {state_dir} {why}: the regulator commits every answer there before sending it, "
+            "so it needs a writable --state-dir (to read this state, copy the directory somewhere writable "
+            "and serve the copy)"
+        )
+    return f"cannot create the lock file {path}: {exc.strerror or exc}"

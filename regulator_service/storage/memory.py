@@ -35,7 +35,12 @@ def _of_epoch(row: _Row, epoch: int) -> list[StepRecord]:
 
 
 class MemoryStore(StateStore):
-    def __init__(self) -> None:
+    """``in_budget``: a server's store, its records counted against ``--memory-budget`` (the
+    default); False for the client's in-process mode, whose records are its caller's own memory
+    (closed epochs are then dropped from sessions and read back from here, like from a file)."""
+
+    def __init__(self, in_budget: bool = True) -> None:
+        self.in_budget = in_budget
         self._lock = threading.Lock()
         self._rows: dict[SessionKey, _Row] = {}
 
@@ -157,6 +162,11 @@ class MemoryStore(StateStore):
             last_step=row.last_step,
             steps_pruned_ms=row.pruned_ms,
         )
+
+    def closed_epochs(self, key: SessionKey, first: int, last: int) -> list[EpochSummary]:
+        with self._lock:
+            row = self._rows.get(key)
+            return [] if row is None else row.epochs[max(first, 0) : last + 1]
 
     def epoch_steps(self, key: SessionKey, epoch: int) -> list[StepRecord]:
         with self._lock:

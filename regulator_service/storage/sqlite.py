@@ -24,46 +24,36 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, TypeVar
 
-from ..model import EpochSummary, SessionConfig, SessionKey, SessionStatus, StepRecord
-from ..policy import BUILTIN_PROFILES, ProfileRegistry, Window
-from . import codec, sqlite_rows
-from .base import CorruptRecord, Quarantined, StateStore, StoredSession
-from .group_commit import GroupCommitWriter, Statement, WriteOp
+from ..model import SessionKey, StepRecord
+from ..policy import BUILTIN_PROFILES, ProfileRegistry
+from .group_commit import GroupCommitWriter, WriteOp
 from .lockfile import StateDirLock
 from .readers import ReadPool
+from .rows import step as decode_step
+from .sql_store import SqlStore
 from .sqlite_file import STATE_FILE, StateFile
+from .sqlite_rows import ROWS as SQLITE_ROWS
+from .statements import SQLITE, Shape, Statement
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 2.0  # a store call that takes longer answers UNAVAILABLE
 READERS = 4  # reads at once (history pages, sessions loaded on demand)
 CHECKPOINT_INTERVAL_S = 1.0
-_ENDED = (int(SessionStatus.CLOSED), int(SessionStatus.SUPERSEDED), int(SessionStatus.EXPIRED))
-
-
-_SESSION_COLUMNS = (
-    "job_id, attempt, config, status, created_ms, last_active_ms, open_epoch, open_window, "
-    "step_count, last_step, steps_pruned_ms"
-)
-_STEP_COLUMNS = "job_id, attempt, step, epoch, record, at_ms"
-_UPDATE_STEP = "UPDATE steps SET epoch=?, record=?, at_ms=? WHERE job_id=? AND attempt=? AND step=?"
-_INSERT_STEP = f"INSERT INTO steps ({_STEP_COLUMNS}) VALUES (?,?,?,?,?,?)"
-_APPEND = ((_INSERT_STEP, True),)  # the shapes of the hot ops (group_commit batches equal shapes)
-_APPEND_FILLED = ((_UPDATE_STEP, True), (_INSERT_STEP, True))
 _PROBE: tuple[Statement, ...] = (
     ("INSERT INTO probe VALUES (zeroblob(8192))", (), 1),
     ("DELETE FROM probe", (), None),
 )
 
 
-def _update_step(key: SessionKey, record: StepRecord, at_ms: int) -> Statement:
-    """Overwrites a recorded step (an amendment, or a step whose deferred Fisher arrived)."""
-    return (_UPDATE_STEP, (record.epoch, codec.step_to_json(record), at_ms, key.job_id, key.attempt, record.step), 1)
+class SQLiteStore(SqlStore):
+    SQL = SQLITE
+    ROWS = SQLITE_ROWS
 
-
-class SQLiteStore(StateStore):
     def __init__(
         self,
         state_dir: str | os.PathLike[str],
@@ -108,213 +98,46 @@ class SQLiteStore(StateStore):
         if conn is not None:
             conn.close()
 
-    # -- writes -------------------------------------------------------------------------------
+    # -- commits and reads (``SqlStore``) ------------------------------------------------------
 
-    def _submit(self, statements: Sequence[Statement] = (), fn: Optional[Callable[[sqlite3.Connection], None]] = None) -> None:
-        self._writer.submit(WriteOp(statements, fn))
+    def _write(self, key: SessionKey, statements: Sequence[Statement], shape: Optional[Shape] = None) -> None:
+        self._writer.submit(WriteOp(statements, shape=shape))
 
-    def create_session(
-        self,
-        config: SessionConfig,
-        created_ms: int,
-        window: tuple[Window, ...],
-        supersedes: Optional[SessionKey] = None,
-        inherited: tuple[EpochSummary, ...] = (),
-    ) -> None:
-        statements: list[Statement] = []
-        if supersedes is not None:
-            statements.append((
-                "UPDATE sessions SET status=? WHERE job_id=? AND attempt=?",
-                (int(SessionStatus.SUPERSEDED), supersedes.job_id, supersedes.attempt),
-                1,
-            ))
-        statements.append((
-            f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,0,-1,0)",
-            (
-                config.job_id,
-                config.attempt,
-                codec.config_to_json(config),
-                int(SessionStatus.OPEN),
-                created_ms,
-                created_ms,
-                len(inherited),
-                codec.windows_to_json(window),
-            ),
-            1,
-        ))
-        for e in inherited:
-            statements.append((
-                "INSERT INTO epochs VALUES (?,?,?,?)",
-                (config.job_id, config.attempt, e.epoch, codec.epoch_to_json(e)),
-                1,
-            ))
-        self._submit(statements)
+    def _write_fn(self, fn: Callable[[sqlite3.Connection], None]) -> None:
+        self._writer.submit(WriteOp(fn=fn))
 
-    def set_status(self, key: SessionKey, status: SessionStatus, at_ms: int) -> None:
-        self._submit([(
-            "UPDATE sessions SET status=?, last_active_ms=? WHERE job_id=? AND attempt=?",
-            (int(status), at_ms, key.job_id, key.attempt),
-            1,
-        )])
+    def _read(self, fn: Callable[[sqlite3.Connection], T], bounded: bool = True) -> T:
+        return self._readers.run(fn, bounded=bounded)
 
-    def append_step(
-        self, key: SessionKey, record: StepRecord, at_ms: int, filled: Optional[StepRecord] = None
-    ) -> None:
-        """One INSERT (the session row is not touched: the step row's ``at_ms`` is the session's
-        last activity, see ``_session``)."""
-        insert: Statement = (_INSERT_STEP, (key.job_id, key.attempt, record.step, record.epoch, codec.step_to_json(record), at_ms), 1)
-        if filled is None:
-            self._writer.submit(WriteOp((insert,), shape=_APPEND))
-        else:
-            self._writer.submit(WriteOp((_update_step(key, filled, at_ms), insert), shape=_APPEND_FILLED))
-
-    def replace_step(self, key: SessionKey, record: StepRecord, at_ms: int) -> None:
-        self._submit([
-            _update_step(key, record, at_ms),
-            ("UPDATE sessions SET last_active_ms=? WHERE job_id=? AND attempt=?", (at_ms, key.job_id, key.attempt), 1),
-        ])
-
-    def close_epoch(
-        self,
-        key: SessionKey,
-        closed: EpochSummary,
-        next_epoch: int,
-        next_window: tuple[Window, ...],
-        at_ms: int,
-        filled: Optional[StepRecord] = None,
-    ) -> None:
-        statements: list[Statement] = [] if filled is None else [_update_step(key, filled, at_ms)]
-        statements.append((
-            "INSERT INTO epochs VALUES (?,?,?,?)",
-            (key.job_id, key.attempt, closed.epoch, codec.epoch_to_json(closed)),
-            1,
-        ))
-        statements.append((
-            "UPDATE sessions SET open_epoch=?, open_window=?, last_active_ms=? WHERE job_id=? AND attempt=?",
-            (next_epoch, codec.windows_to_json(next_window), at_ms, key.job_id, key.attempt),
-            1,
-        ))
-        self._submit(statements)
-
-    def prune_steps(
-        self, ended_before_ms: int, now_ms: int, max_rows: int, skip: frozenset[SessionKey] = frozenset()
-    ) -> list[SessionKey]:
-        rows = self._readers.run(
-            lambda conn: conn.execute(
-                f"SELECT job_id, attempt FROM sessions WHERE status IN {_ENDED} AND last_active_ms < ? "
-                "AND steps_pruned_ms <= 0 ORDER BY last_active_ms LIMIT 64",
-                (ended_before_ms,),
-            ).fetchall()
-        )
-        pruned: list[SessionKey] = []
-        budget = max_rows
-        for job_id, attempt in rows:
-            key = SessionKey(job_id, attempt)
-            if key in skip or budget <= 0:
-                continue
-            done: list[int] = []
-
-            def chunk(conn: sqlite3.Connection, key: SessionKey = key, n: int = budget, done: list[int] = done) -> None:
-                args = (key.job_id, key.attempt)
-                # first chunk: keep what the session row cannot learn from its steps any more
-                conn.execute(
-                    "UPDATE sessions SET steps_pruned_ms=-1, "
-                    "step_count=(SELECT COUNT(*) FROM steps WHERE job_id=? AND attempt=?), "
-                    "last_step=(SELECT COALESCE(MAX(step), -1) FROM steps WHERE job_id=? AND attempt=?), "
-                    "last_active_ms=MAX(last_active_ms, COALESCE((SELECT at_ms FROM steps WHERE job_id=? AND attempt=? "
-                    "ORDER BY step DESC LIMIT 1), 0)) "
-                    "WHERE job_id=? AND attempt=? AND steps_pruned_ms=0",
-                    (*args, *args, *args, *args),
-                )
-                deleted = conn.execute(
-                    "DELETE FROM steps WHERE job_id=? AND attempt=? AND step IN "
-                    "(SELECT step FROM steps WHERE job_id=? AND attempt=? ORDER BY step LIMIT ?)",
-                    (*args, *args, n),
-                ).rowcount
-                left = conn.execute("SELECT EXISTS (SELECT 1 FROM steps WHERE job_id=? AND attempt=?)", args).fetchone()[0]
-                if not left:
-                    conn.execute(
-                        "UPDATE sessions SET steps_pruned_ms=? WHERE job_id=? AND attempt=?", (now_ms, *args)
-                    )
-                done[:] = [deleted, 0 if left else 1]
-
-            self._submit(fn=chunk)
-            budget -= done[0]
-            if done[1]:
-                pruned.append(key)
-        return pruned
-
-    # -- reads (reader threads, bounded in time) ----------------------------------------------
-
-    def get_step(self, key: SessionKey, step: int) -> Optional[StepRecord]:
-        rows = self._readers.run(
-            lambda conn: conn.execute(
-                "SELECT epoch, record FROM steps WHERE job_id=? AND attempt=? AND step=?",
-                (key.job_id, key.attempt, step),
-            ).fetchall()
-        )
-        return sqlite_rows.step(key, rows[0][0], step, rows[0][1]) if rows else None
+    # -- reads of its own (reader threads, bounded in time) -----------------------------------
 
     def step_range(self, key: SessionKey, first: int, last: int, limit: int) -> list[StepRecord]:
         def read(conn: sqlite3.Connection) -> list[StepRecord]:
-            rows = conn.execute(
-                "SELECT step, epoch, record FROM steps WHERE job_id=? AND attempt=? AND step BETWEEN ? AND ? "
-                "ORDER BY step LIMIT ?",
-                (key.job_id, key.attempt, first, last, limit),
-            ).fetchall()
+            rows = conn.execute(SQLITE.step_range, (key.job_id, key.attempt, first, last, limit)).fetchall()
             out = []
             for i, (s, e, r) in enumerate(rows):
-                out.append(sqlite_rows.step(key, e, s, r))
+                out.append(decode_step(key, e, s, r))
                 if i % 64 == 63:
                     time.sleep(0)  # a page of history is thousands of records: let Reports in between
             return out
 
         return self._readers.run(read)
 
-    def iter_steps(self, key: SessionKey) -> Iterator[StepRecord]:
-        return iter(self.step_range(key, 0, 2**63 - 1, 2**62))
-
-    def epoch_steps(self, key: SessionKey, epoch: int) -> list[StepRecord]:
-        return self._readers.run(lambda conn: sqlite_rows.epoch_steps(conn, key, epoch))
-
-    def load(self, open_only: bool = True) -> list[Union[StoredSession, Quarantined]]:
-        where = f"WHERE status={int(SessionStatus.OPEN)}" if open_only else ""
-
-        def read(conn: sqlite3.Connection) -> list[Union[StoredSession, Quarantined]]:
-            out: list[Union[StoredSession, Quarantined]] = []
-            rows = conn.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions {where} ORDER BY created_ms, job_id, attempt").fetchall()
-            for row in rows:
-                try:
-                    out.append(sqlite_rows.session(self.profiles, conn, row))
-                except CorruptRecord as exc:
-                    log.error("quarantined session %s: %s", exc.key, exc.reason)
-                    out.append(Quarantined(exc.key, exc.reason, _int(row[4]), _int(row[5])))
-            return out
-
-        return self._readers.run(read, bounded=False)
-
-    def load_session(self, key: SessionKey) -> Optional[StoredSession]:
-        def read(conn: sqlite3.Connection) -> Optional[StoredSession]:
-            rows = conn.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE job_id=? AND attempt=?", (key.job_id, key.attempt)
-            ).fetchall()
-            return sqlite_rows.session(self.profiles, conn, rows[0]) if rows else None
-
-        return self._readers.run(read)
-
     def latest_attempt(self, job_id: str) -> Optional[int]:
+        return self._readers.run(lambda conn: conn.execute(SQLITE.latest_attempt, (job_id,)).fetchone()[0])
+
+    def attempt_opened_by(self, job_id: str, open_token: str) -> Optional[int]:
+        """One indexed query; a config that is not JSON (quarantined) is skipped, not an error."""
         return self._readers.run(
-            lambda conn: conn.execute("SELECT MAX(attempt) FROM sessions WHERE job_id=?", (job_id,)).fetchone()[0]
+            lambda conn: conn.execute(
+                "SELECT MIN(attempt) FROM sessions WHERE job_id=? AND "
+                "(CASE WHEN json_valid(config) THEN json_extract(config, '$.open_token') END)=?",
+                (job_id, open_token),
+            ).fetchone()[0]
         )
 
     def inactive_keys(self, limit: int) -> list[SessionKey]:
-        rows = self._readers.run(
-            lambda conn: conn.execute(
-                "SELECT job_id, attempt FROM sessions WHERE status<>? "
-                "ORDER BY created_ms DESC, job_id DESC, attempt DESC LIMIT ?",
-                (int(SessionStatus.OPEN), limit),
-            ).fetchall()
-        )
+        rows = self._readers.run(lambda conn: conn.execute(SQLITE.inactive_keys, (limit,)).fetchall())
         return [SessionKey(job, attempt) for job, attempt in rows]
 
     # -- health -------------------------------------------------------------------------------
@@ -333,11 +156,4 @@ class SQLiteStore(StateStore):
         self._checkpointer.join(timeout=2.0)
         if self._own_lock:
             self._dir_lock.release()
-
-
-def _int(value: object) -> int:
-    try:
-        return int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        return 0
 

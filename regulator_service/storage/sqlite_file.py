@@ -93,7 +93,10 @@ class StateFile:
 
     def inspect_read_only(self) -> None:
         """Version and integrity checks through a read-only connection, so that a file we
-        refuse is left byte for byte as we found it (a read-write close could checkpoint it)."""
+        refuse is left byte for byte as we found it (a read-write close could checkpoint it).
+        Without a ``-wal`` beside it (a clean shutdown folds it back) the file is opened
+        ``immutable``: SQLite then makes no ``-wal``/``-shm`` files beside a file it refuses.
+        With one (a killed server), that WAL is part of the state and is read with it."""
         try:
             size = self.path.stat().st_size
         except OSError as exc:
@@ -104,7 +107,9 @@ class StateFile:
                 "is never made over an existing file (refusing to touch it; remove it to start afresh)"
             )
         try:
-            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+            sides = any(Path(f"{self.path}{side}").exists() for side in ("-wal", "-shm"))
+            uri = f"{self.path.resolve().as_uri()}?mode=ro" + ("" if sides else "&immutable=1")
+            conn = sqlite3.connect(uri, uri=True, timeout=10.0)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open state file {self.path}: {exc}") from exc
         try:

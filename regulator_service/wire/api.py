@@ -18,6 +18,7 @@ from ..model import Limits, SessionView
 from ..capacity.read_pacing import ReadPacer
 from ..policy import BUILTIN_PROFILES, ProfileRegistry
 from ..core.observer import SessionObserver
+from ..core.ownership import Ownership
 from ..storage import MemoryStore, StateStore
 
 
@@ -131,11 +132,15 @@ def build_api(
     observer: Optional[SessionObserver] = None,
     limits: Limits = Limits(),
     profiles: ProfileRegistry = BUILTIN_PROFILES,
+    ownership: Optional[Ownership] = None,
 ) -> RegulatorAPI:
     """The one composition of the regulator's core (store -> session manager -> API), used by
     the gRPC server and by the client's in-process transport alike. No store = in memory.
     ``profiles``: what OpenSession accepts (the built-ins, plus a server's plugins); a store
-    that decodes stored profiles must be given the same registry."""
+    that decodes stored profiles must be given the same registry. ``ownership``: several
+    replicas share the store (``core/ownership.py``)."""
     return RegulatorAPI(
-        SessionManager(store if store is not None else MemoryStore(), observer, limits=limits), profiles
+        # no store: the in-process client's, whose history is its caller's own memory, outside the budget
+        SessionManager(store if store is not None else MemoryStore(in_budget=False), observer, limits=limits, ownership=ownership),
+        profiles,
     )

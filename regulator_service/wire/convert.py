@@ -251,38 +251,38 @@ def _modality_report(s: pb.ModalityStats, fallback: Fallback) -> ModalityReport:
         if s.applied.HasField("grad_scale"):
             grad_scale = _finite("applied.grad_scale", s.applied.grad_scale, nonneg=True, of=name)
         noise_scale = _finite("applied.noise_scale", s.applied.noise_scale, nonneg=True, of=name)
-    return ModalityReport(
-        modality=name, score_sum=score, fisher=fisher, applied=applied,
-        applied_grad_scale=grad_scale, applied_noise_scale=noise_scale,
-    )
+    return ModalityReport(name, score, fisher, applied, grad_scale, noise_scale)
 
 
 def report_from_request(req: pb.ReportRequest) -> RawReport:
     """Field-by-field validation of a Report (what needs the session is checked by it)."""
-    try:
-        fallback = Fallback(req.fallback)
-    except ValueError:
-        raise InvalidArgument(f"unknown fallback value {req.fallback}") from None
+    fallback = _FALLBACKS.get(req.fallback)
+    if fallback is None:
+        raise InvalidArgument(f"unknown fallback value {req.fallback}")
+    measured = req.measured
     return RawReport(
-        key=session_key(req.job_id, req.attempt),
-        rank=_index("rank", req.rank),
-        epoch=_index("epoch", req.epoch),
-        step=_index("step", req.step),
-        count=_index("count", req.count, 1),
-        stats=tuple(_modality_report(s, fallback) for s in req.stats),
-        fallback=fallback,
-        measured=tuple(measured_from_proto(m) for m in req.measured),
+        session_key(req.job_id, req.attempt),
+        _index("rank", req.rank),
+        _index("epoch", req.epoch),
+        _index("step", req.step),
+        _index("count", req.count, 1),
+        tuple([_modality_report(s, fallback) for s in req.stats]),
+        fallback,
+        tuple([measured_from_proto(m) for m in measured]) if measured else (),
     )
+
+
+_FALLBACKS = {int(f): f for f in Fallback}  # a dict lookup: cheaper than Fallback(value) on every Report
 
 
 def measured_from_proto(m: pb.MeasuredFisher) -> MeasuredFisher:
     """Deferred Fisher values of one step (matched to the session's modalities by the session)."""
     step = _index("measured.step", m.step)
-    values = tuple(
-        (e.modality, _finite(f"measured fisher of {shown(e.modality)} at step {step}", e.fisher, nonneg=True))
-        for e in m.modalities
-    )
-    return MeasuredFisher(step, values)
+    values = tuple([(e.modality, e.fisher) for e in m.modalities])
+    for name, value in values:
+        if not (value >= 0.0 and value < math.inf):  # NaN, inf or negative: the message is built only then
+            _finite(f"measured fisher of {shown(name)} at step {step}", value, nonneg=True)
+    return MeasuredFisher(step, tuple([(name, value + 0.0) for name, value in values]))
 
 
 # -- answers ----------------------------------------------------------------------------------
@@ -335,13 +335,17 @@ def factors(r: StepRecord, i: int) -> pb.Factors:
 
 
 def step_record(modalities: tuple[str, ...], r: StepRecord) -> pb.StepRecord:
+    if r.grad_scale or r.noise_scale:
+        per = [factors(r, i) for i in range(len(modalities))]
+    else:  # the common case, built without a call per modality (this runs for every Report)
+        per = [pb.Factors(proximal=a) for a in r.proximal]
     return pb.StepRecord(
         epoch=r.epoch,
         step=r.step,
         count=r.count,
         modalities=[
-            pb.ModalityStep(modality=m, score_sum=s, fisher=f, factors=factors(r, i))
-            for i, (m, s, f) in enumerate(zip(modalities, r.score_sums, r.fishers))
+            pb.ModalityStep(modality=m, score_sum=s, fisher=f, factors=k)
+            for m, s, f, k in zip(modalities, r.score_sums, r.fishers, per)
         ],
         fallback=int(r.fallback),
     )
