@@ -8,14 +8,13 @@ was.
 
 from __future__ import annotations
 
-import sys
 import threading
-from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional
 
 from . import pending, reports
+from .closed_epochs import ClosedEpochs, EpochSource
 from ..errors import AlreadyExists, FailedPrecondition
 from ..model import (
     EpochSummary,
@@ -35,9 +34,6 @@ from ..policy import Policy, StepFactors, Window, build_policy
 from ..storage import StoredSession
 
 RECENT_STEPS = 1024  # answers kept in memory for duplicate reports; older ones come from the store
-
-# (first, last) -> the closed epochs numbered first..last from the store (``Session.spill``)
-EpochSource = Callable[[int, int], Sequence[EpochSummary]]
 
 
 @dataclass(frozen=True)
@@ -80,13 +76,7 @@ class Session:
         self.status = status
         self.created_ms = created_ms
         self.last_active_ms = last_active_ms
-        self._closed: list[EpochSummary] = list(closed_epochs)  # the newest closed epochs (``spill``)
-        self._spilled = 0  # closed epochs before ``_closed[0]``, dropped from memory: ``_source`` reads them
-        self._source: Optional[EpochSource] = None
-        # what the policy reads: every closed epoch's Fisher trace, 8 bytes a value (``array``)
-        self._traces: list[array] = [
-            array("d", [e.fisher[m] for e in closed_epochs]) for m in range(len(config.modalities))
-        ]
+        self._closed = ClosedEpochs(closed_epochs, len(config.modalities))
         self._current = current
         self._step_count = step_count
         self._last_step = last_step
@@ -152,26 +142,23 @@ class Session:
 
     def epochs(self) -> tuple[EpochSummary, ...]:
         """Closed epochs, then the open one (spilled ones are read back from the store)."""
-        spilled = self._source(0, self._spilled - 1) if self._spilled and self._source is not None else ()
-        return (*spilled, *self._closed, self._current)
+        return (*self._closed.all(), self._current)
 
     def kept_epochs(self) -> tuple[int, tuple[EpochSummary, ...]]:
         """(how many closed epochs were spilled, the closed epochs in memory then the open one)."""
-        return self._spilled, (*self._closed, self._current)
+        spilled, kept = self._closed.kept()
+        return spilled, (*kept, self._current)
 
     def closed_epoch(self, epoch: int) -> EpochSummary:
         """Closed epoch ``epoch``, from memory or, spilled, from the store."""
-        if epoch >= self._spilled:
-            return self._closed[epoch - self._spilled]
-        assert self._source is not None
-        return self._source(epoch, epoch)[0]
+        return self._closed.get(epoch)
 
     def gauges(self) -> tuple[int, tuple[Window, ...], Optional[EpochSummary], Optional[StepRecord]]:
         """(open epoch, its windows, the last closed epoch, the last step's record) for the
         metrics, read at scrape time without the lock: each is one attribute read, and a scrape
         that races a step sees the step before or after it."""
-        current, closed = self._current, self._closed
-        return current.epoch, current.windows, (closed[-1] if closed else None), self._recent.get(self._last_step)
+        current = self._current
+        return current.epoch, current.windows, self._closed.last(), self._recent.get(self._last_step)
 
     # -- memory (accounted by the manager against the server's budget) -----------------------
 
@@ -181,7 +168,7 @@ class Session:
 
     @property
     def closed_epoch_count(self) -> int:
-        return self._spilled + len(self._closed)
+        return self._closed.count
 
     @property
     def recorded_steps(self) -> int:
@@ -190,22 +177,16 @@ class Session:
     @property
     def kept_epoch_count(self) -> int:
         """Closed epochs held in memory (the others are spilled)."""
-        return len(self._closed)
+        return self._closed.kept_count
 
     def trace_bytes(self) -> int:
         """What the Fisher traces the policy reads take (they grow with the closed epochs)."""
-        return sys.getsizeof(self._traces) + sum(sys.getsizeof(t) for t in self._traces)
+        return self._closed.trace_bytes()
 
     def spill(self, keep: int, source: EpochSource) -> int:
         """Drops all but the ``keep`` newest closed epochs from memory (the store has them all;
         ``source`` reads them back for GetSession and late ranks); returns how many went."""
-        self._source = source
-        drop = len(self._closed) - max(keep, 1)  # the newest stays: the metrics read it
-        if drop <= 0:
-            return 0
-        del self._closed[:drop]
-        self._spilled += drop
-        return drop
+        return self._closed.spill(keep, source)
 
     def trim_answers(self, keep: int) -> int:
         """Drops all but the ``keep`` newest cached answers (the store has every answer, so a
@@ -390,7 +371,7 @@ class Session:
         if filled is not None:
             pending.finite_trace(current.fisher, self.config.modalities, filled.step)
         closed = current.close()
-        traces = [tr + array("d", (f,)) for tr, f in zip(self._traces, closed.fisher)]
+        traces = self._closed.traces_with(closed.fisher)
         next_window = self.policy.window(traces, epoch + 1)
         return EpochOutcome(closed, epoch + 1, next_window, duplicate=False, filled=filled)
 
@@ -398,6 +379,4 @@ class Session:
         if outcome.filled is not None and outcome.filled.step in self._recent:
             self._recent[outcome.filled.step] = outcome.filled
         self._closed.append(outcome.closed)
-        for tr, f in zip(self._traces, outcome.closed.fisher):
-            tr.append(f)
         self._current = EpochSummary.start(outcome.next_epoch, outcome.next_window)
