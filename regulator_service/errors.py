@@ -7,6 +7,8 @@ policy in-process.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import grpc
 
 
@@ -17,9 +19,12 @@ def shown(text: str, limit: int = 64) -> str:
 
 
 class RegulatorError(Exception):
-    """Base class; ``code`` is the gRPC status the error is sent as."""
+    """Base class; ``code`` is the gRPC status the error is sent as. An error that may go away
+    by itself sets ``retry_after_ms``: it is sent with ``RETRY_AFTER_KEY``, the structural
+    "retry later" a client decides on (``RetryLater``; another replica's job)."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    retry_after_ms: Optional[int] = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -10,7 +10,7 @@ import logging
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Iterable, Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -166,14 +166,19 @@ def make_interceptors(
 
 
 def make_grpc_server(
-    config: ServerConfig, servicer: RegulatorServicer, grpc_metrics: GrpcServerMetrics, health_servicer: health.HealthServicer
+    config: ServerConfig,
+    servicer: RegulatorServicer,
+    grpc_metrics: GrpcServerMetrics,
+    health_servicer: health.HealthServicer,
+    open_sessions: Callable[[], Iterable[Any]] = tuple,
 ) -> grpc.Server:
-    """The main gRPC server (not bound yet): the Regulator service, health and reflection."""
+    """The main gRPC server (not bound yet): the Regulator service, health and reflection;
+    ``open_sessions`` feeds the per-tenant gauge (``--tenants``)."""
     # The regulator admits calls itself (edge/admission.py) so that a shed answer carries the
     # structural "retry later" (RETRY_AFTER_KEY), which grpcio's maximum_concurrent_rpcs cannot.
     pool = AdmissionPool(config.max_workers, config.max_concurrent_rpcs)
     tenant_metrics = (
-        TenantMetrics(grpc_metrics.registry, config.tenants, servicer.api.manager.open_sessions)
+        TenantMetrics(grpc_metrics.registry, config.tenants, open_sessions)
         if config.tenants is not None
         else None
     )

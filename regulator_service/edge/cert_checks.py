@@ -60,13 +60,7 @@ def check_certificate(key: bytes, cert: bytes, ca: Optional[bytes] = None, dates
     yet valid", "unable to get local issuer certificate") unless a client accepts ``cert``: its
     dates now (unless not ``dates``), and with ``ca`` its chain up to that bundle. ``key``/``cert``
     must form a pair."""
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with tempfile.TemporaryDirectory(prefix="regulator-tls-check-") as tmp:
-        cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
-        cert_path.write_bytes(cert)
-        key_path.touch(mode=0o600)
-        key_path.write_bytes(key)
-        server.load_cert_chain(cert_path, key_path)
+    server = server_context(key, cert)
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.check_hostname = False  # the names are the operator's business; dates and chain are checked
     client.verify_mode = ssl.CERT_REQUIRED
@@ -84,6 +78,19 @@ def check_certificate(key: bytes, cert: bytes, ca: Optional[bytes] = None, dates
         raise ValueError(f"a client would refuse the certificate ({against}): {exc.verify_message}") from None
     except ssl.SSLError as exc:
         raise ValueError(f"a TLS handshake with the certificate fails: {exc.reason or exc}") from None
+
+
+def server_context(key: bytes, cert: bytes) -> ssl.SSLContext:
+    """A TLS server context holding ``key`` and ``cert`` (``ssl.SSLError`` when they are no pair);
+    ssl loads a pair only from files, so they pass through a private temporary directory."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory(prefix="regulator-tls-") as tmp:
+        cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        cert_path.write_bytes(cert)
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(key)
+        ctx.load_cert_chain(cert_path, key_path)
+    return ctx
 
 
 def chains_to(key: bytes, cert: bytes, ca: bytes) -> bool:

@@ -6,7 +6,6 @@ import hmac
 import logging
 import os
 import ssl
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import grpc
 
-from .cert_checks import RenewalCheck
+from .cert_checks import RenewalCheck, server_context
 
 log = logging.getLogger(__name__)
 
@@ -155,16 +154,10 @@ class TlsFiles:
 def check_server_identity(key: bytes, cert: bytes, ca: Optional[bytes] = None) -> None:
     """Raises ValueError unless ``cert`` is a PEM chain whose first certificate matches ``key``
     (and ``ca`` parses). gRPC would accept a mismatched pair and fail every handshake later."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with tempfile.TemporaryDirectory(prefix="regulator-tls-") as tmp:
-        cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
-        cert_path.write_bytes(cert)
-        key_path.touch(mode=0o600)
-        key_path.write_bytes(key)
-        try:
-            ctx.load_cert_chain(cert_path, key_path)
-        except ssl.SSLError as exc:
-            raise ValueError(f"the TLS certificate and key do not form a usable pair: {exc.reason or exc}") from None
+    try:
+        ctx = server_context(key, cert)
+    except ssl.SSLError as exc:
+        raise ValueError(f"the TLS certificate and key do not form a usable pair: {exc.reason or exc}") from None
     if ca is not None:
         try:
             ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))

@@ -55,7 +55,7 @@ class RegulatorServer:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._server = assembly.make_grpc_server(
             config, RegulatorServicer(self.api, self.metrics, unavailable=self.store_error), self.grpc_metrics,
-            self.health,
+            self.health, self.manager.open_sessions,
         )
         self._health_server = assembly.make_health_server(self.health) if config.health_port is not None else None
         self.port: Optional[int] = None

@@ -32,10 +32,6 @@ class RegulatorServicer(pb_grpc.RegulatorServicer):
         self._metrics = metrics
         self._unavailable = unavailable  # why every call must fail (an unusable state store)
 
-    @property
-    def api(self) -> RegulatorAPI:
-        return self._api
-
     def _call(
         self,
         fn: Callable[[Req], Resp],
@@ -50,9 +46,8 @@ class RegulatorServicer(pb_grpc.RegulatorServicer):
         except RegulatorError as exc:
             if on_error is not None:
                 on_error()
-            retry_after_ms = getattr(exc, "retry_after_ms", None)  # RetryLater; NotOwner (another replica's job)
-            if retry_after_ms is not None:  # the structural "retry later" the client decides on
-                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(retry_after_ms)),))
+            if exc.retry_after_ms is not None:  # the structural "retry later" the client decides on
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
             context.abort(exc.code, exc.message)
         except Exception:  # a bug: log it, do not leak it
             if on_error is not None:
