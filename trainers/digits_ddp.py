@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -187,4 +188,12 @@ def main(argv: Optional[Sequence[str]] = None, on_step: Optional[Callable[[int],
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without the interpreter's finalization: after a correct run (outputs written, the
+    # process group destroyed), a rank could still abort at exit under load - "terminate called
+    # without an active exception", SIGABRT - when a gloo worker thread meets the interpreter's
+    # teardown (pytorch/pytorch#179291 discusses it). Nothing is left to run at exit but that.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
