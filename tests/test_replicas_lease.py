@@ -140,3 +140,48 @@ def test_renewals_keep_served_jobs_and_forget_long_idle_ones(leases_db: str) -> 
         assert claim(a, "idle") is True  # forgotten (bounded memory): a new token, its sessions re-read
     finally:
         a.close()
+
+
+def test_renewal_never_deadlocks_with_a_write_in_flight(leases_db: str) -> None:
+    """A renewal of several leases and a group commit (which holds ``FOR SHARE`` on the lease row
+    of every job it writes, in the order its writes came) must not wait on each other in a cycle:
+    the renewal used to lock its rows one by one in its own order, so that a commit holding job B's
+    row and then asking for job A's, while the renewal held A's and waited for B's, was a deadlock
+    that PostgreSQL broke by failing one of them (seen under a 16-job bench as UNAVAILABLE)."""
+    table = LeaseTable(leases_db, "replica-a", 30.0, timeout_s=30)
+    try:
+        assert table.take("job-a", None) == 1 and table.take("job-b", None) == 1
+        with psycopg.connect(leases_db) as writer:  # a commit's transaction: job-b written first
+            assert writer.execute(*table.fence("job-b", 1)).rowcount == 1
+            renewed: dict = {}
+            errors: list[BaseException] = []
+
+            def renew() -> None:
+                try:
+                    renewed.update(table.renew(["job-a", "job-b"]))
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+
+            import threading
+
+            thread = threading.Thread(target=renew)
+            thread.start()
+            with psycopg.connect(leases_db, autocommit=True) as watch:  # until the renewal waits for job-b's row
+                deadline = time.monotonic() + WAIT_S
+                while not watch.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%leases%'"
+                ).fetchall():
+                    assert thread.is_alive() or errors or renewed, "the renewal ended without waiting"
+                    if not thread.is_alive():
+                        break
+                    assert time.monotonic() < deadline, "the renewal never reached job-b's row"
+                    time.sleep(0.02)
+            # the commit goes on with its second job; under the old renewal this is the deadlock
+            assert writer.execute(*table.fence("job-a", 1)).rowcount == 1
+            writer.commit()
+            thread.join(WAIT_S)
+        assert not thread.is_alive()
+        assert not errors, errors
+        assert renewed == {"job-a": 1, "job-b": 1}
+    finally:
+        table.close()

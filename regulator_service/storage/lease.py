@@ -51,9 +51,20 @@ WHERE l.owner = EXCLUDED.owner OR l.expires_at <= now()
 RETURNING token
 """
 _REMAINING = "SELECT GREATEST(0, EXTRACT(EPOCH FROM expires_at - now())) FROM leases WHERE job_id = %s"
+# A renewal never waits while it holds a row: a group commit holds FOR SHARE on the lease row of
+# every job it writes, in its writes' order, so a renewal that locked its rows in its own order
+# and waited for the next could close a cycle (a deadlock PostgreSQL breaks by failing one side).
+# All rows that are free at once in one statement (SKIP LOCKED), then the rest one row each.
 _RENEW = """
 UPDATE leases SET expires_at = now() + %s::float8 * interval '1 second'
-WHERE owner = %s AND job_id = ANY(%s) AND expires_at > now()
+WHERE job_id IN (
+    SELECT job_id FROM leases WHERE owner = %s AND job_id = ANY(%s) AND expires_at > now()
+    FOR UPDATE SKIP LOCKED)
+RETURNING job_id, token
+"""
+_RENEW_ONE = """
+UPDATE leases SET expires_at = now() + %s::float8 * interval '1 second'
+WHERE owner = %s AND job_id = %s AND expires_at > now()
 RETURNING job_id, token
 """
 _RELEASE = "UPDATE leases SET expires_at = now() WHERE owner = %s AND expires_at > now()"
@@ -123,7 +134,11 @@ class LeaseTable:
         wanted = list(jobs)
         if not wanted:
             return {}
-        return {job: int(token) for job, token in self._execute(_RENEW, (self.ttl_s, self.owner, wanted))}
+        held = {job: int(token) for job, token in self._execute(_RENEW, (self.ttl_s, self.owner, wanted))}
+        for job in wanted:  # a row a write held just now (or a lease no longer ours): alone, waiting
+            if job not in held:
+                held.update((j, int(t)) for j, t in self._execute(_RENEW_ONE, (self.ttl_s, self.owner, job)))
+        return held
 
     def release_all(self) -> None:
         """Ends every lease of this replica now (a clean shutdown: others take over at once)."""
