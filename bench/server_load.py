@@ -7,6 +7,7 @@
     python -m bench.server_load --servers echo echo-busy echo-stream --concurrency 16   # the room above the floor
     python -m bench.server_load --in-process 5000 [--baseline /tmp/before]   # the Report without gRPC, SQLite alone
     python -m bench.server_load --servers echo sqlite sqlite-stream postgresql --concurrency 16   # stores, a stream
+    python -m bench.server_load --servers echo echo-stream sqlite-stream memory-stream postgresql-stream --concurrency 16
 
 Three servers take the same closed-loop load from the same load generator: a trivial grpcio
 server that answers every Regulator RPC with a canned message (the floor: what any grpcio
@@ -19,17 +20,18 @@ floor is one core's worth of grpcio. Servers alternate within each round (A B C 
 machine noise hits all of them alike; the summary is the median over rounds. Besides QPS and
 latency, each cell gives the server's CPU time per call (steadier than QPS on a shared machine)
 and its ratio to the floor's CPU per call in the same run (``CPU x floor``, issue 20's measure).
-``sqlite-stream`` is the regulator answering Reports sent as the messages of one bidi stream per
-client through its own servicer (bench-only: the wire contract has no such RPC), and
-``postgresql`` the regulator on a throwaway PostgreSQL cluster pinned to the server's CPU, whose
-CPU time is counted with the server's (``bench/pg_cluster.py``).
+``sqlite-stream`` (and ``memory-stream``, ``postgresql-stream``) is the same regulator answering
+Reports sent as the messages of one ``ReportStream`` per client (the wire contract's stream per
+job, its ``x-inforeg-job`` header set, ``--max-streams`` above the clients), and ``postgresql``
+the regulator on a throwaway PostgreSQL cluster pinned to the server's CPU, whose CPU time is
+counted with the server's (``bench/pg_cluster.py``).
 ``echo-aio`` is the same trivial server on ``grpc.aio`` (a lower floor on this harness, so the
 synchronous one stays the floor) and ``echo-interceptors`` the floor behind the regulator's own
 interceptors. Two more measure the room a Python server has above the floor: ``echo-busy`` spends
 ``--busy-us`` microseconds of pure-Python CPU in each handler before answering (the regulator's
-whole per-Report budget if it is to keep 80% of the floor), and ``echo-stream`` answers Reports
-sent as the messages of one bidirectional stream per client (what grpcio costs per message when
-the Report is not a call of its own).
+whole per-Report budget if it is to keep 80% of the floor), and ``echo-stream`` answers the
+messages of a ``ReportStream`` per client with a canned answer (the floor for streams: what grpcio
+costs per message when the Report is not a call of its own).
 
 ``run(...) -> dict`` is the entry point for ``make bench``; ``main()`` prints the table.
 """
@@ -54,8 +56,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 SERVERS = ("echo", "echo-aio", "echo-interceptors", "echo-busy", "echo-stream", "sqlite", "sqlite-stream", "postgresql",
-           "memory", "baseline")
-STREAM_METHOD = "/bench.Echo/ReportStream"  # echo-stream: Reports as messages of one bidi stream per client
+           "postgresql-stream", "memory", "memory-stream", "baseline")
+STREAM_MAX = 1024  # --max-streams of the regulator under a stream load: above any --concurrency here
+JOB_HEADER = "x-inforeg-job"  # the routing header a stream names its job by (client/routing.py)
 DEFAULT_BUSY_US = 30.0
 MODALITIES = ("audio", "visual")
 END_EVERY = 100  # an EndEpoch every this many steps, as a 100-step epoch would
@@ -159,9 +162,9 @@ def _busy(handler: Any, seconds: float) -> Any:
     )
 
 
-def _stream_handlers() -> tuple[str, dict[str, Any]]:
-    """(service, handlers) of ``echo-stream``: one bidi stream per client whose every
-    ReportRequest message gets the canned ReportResponse (decoded and encoded as the unary floor)."""
+def _stream_handler() -> Any:
+    """``ReportStream`` of ``echo-stream``: every ReportRequest message of a client's stream gets
+    the canned ReportResponse (decoded and encoded as the unary floor)."""
     import grpc
 
     from inforeg.regulator.v1 import regulator_pb2 as pb
@@ -172,10 +175,9 @@ def _stream_handlers() -> tuple[str, dict[str, Any]]:
         for _ in requests:
             yield answer
 
-    service, method = STREAM_METHOD.strip("/").split("/")
-    return service, {method: grpc.stream_stream_rpc_method_handler(
+    return grpc.stream_stream_rpc_method_handler(
         reports, request_deserializer=pb.ReportRequest.FromString, response_serializer=pb.ReportResponse.SerializeToString
-    )}
+    )
 
 
 def serve_echo(ready_file: str, workers: int = 16, interceptors: bool = False, busy_us: float = 0.0,
@@ -183,8 +185,8 @@ def serve_echo(ready_file: str, workers: int = 16, interceptors: bool = False, b
     """The floor: a synchronous grpcio server (as the regulator's) with a trivial handler.
     ``interceptors``: with the regulator's own interceptors and RPC limit in front of it
     (``--servers echo-interceptors``), to measure what they cost per call. ``busy_us``: that
-    much pure-Python CPU per call first (``echo-busy``). ``stream``: also the Report stream of
-    ``echo-stream`` (one worker thread per open stream, so as many workers as clients may come)."""
+    much pure-Python CPU per call first (``echo-busy``). ``stream``: also ``ReportStream``
+    (``echo-stream``; one worker thread per open stream, so as many workers as clients may come)."""
     import grpc
 
     name, handlers = _echo_handlers()
@@ -192,6 +194,7 @@ def serve_echo(ready_file: str, workers: int = 16, interceptors: bool = False, b
         handlers = {method: _busy(h, busy_us * 1e-6) for method, h in handlers.items()}
     if stream:
         workers = max(workers, 64)
+        handlers = {**handlers, "ReportStream": _stream_handler()}
     options: dict[str, Any] = {}
     if interceptors:
         from prometheus_client import CollectorRegistry
@@ -207,41 +210,10 @@ def serve_echo(ready_file: str, workers: int = 16, interceptors: bool = False, b
         }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), **options)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    if stream:
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(*_stream_handlers()),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     _ready(ready_file, port)
     server.wait_for_termination()
-
-
-def serve_regulator_stream(ready_file: str, state_dir: str) -> None:
-    """``sqlite-stream``: the regulator with its SQLite store, interceptors and admission, plus
-    ``STREAM_METHOD``: Reports as the messages of one bidi stream per client, each answered by
-    the servicer's own ``Report`` in order. What a stream per job would save the server per
-    Report, measured before the wire contract gets one (a stream holds a worker thread for as
-    long as it is open, so this server has 64)."""
-    import grpc
-
-    from inforeg.regulator.v1 import regulator_pb2 as pb
-    from regulator_service.edge.server import RegulatorServer, ServerConfig
-    from regulator_service.edge.servicer import RegulatorServicer
-
-    server = RegulatorServer(ServerConfig(port=0, state_dir=Path(state_dir), max_workers=64))
-    servicer = RegulatorServicer(server.api, server.metrics)
-
-    def reports(requests: Any, context: Any) -> Any:
-        for request in requests:
-            yield servicer.Report(request, context)
-
-    service, method = STREAM_METHOD.strip("/").split("/")
-    server._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {  # noqa: SLF001 - before start
-        method: grpc.stream_stream_rpc_method_handler(reports, request_deserializer=pb.ReportRequest.FromString,
-                                                      response_serializer=pb.ReportResponse.SerializeToString)}),))
-    server.start()
-    assert server.port is not None
-    _ready(ready_file, server.port)
-    server.wait()
 
 
 def serve_echo_aio(ready_file: str) -> None:
@@ -291,8 +263,8 @@ class _Outbox:
 
 def _client_loop(target: str, index: int, run_id: str, start: threading.Barrier, window: list[float],
                  stop: threading.Event, stream: bool = False) -> tuple[list[float], int]:
-    """One closed-loop client. ``stream``: Reports go as the messages of one bidi stream
-    (``STREAM_METHOD``) and each waits for its answer before the next is sent."""
+    """One closed-loop client. ``stream``: Reports go as the messages of one ``ReportStream``
+    (the job in its header) and each waits for its answer before the next is sent."""
     import grpc
 
     from inforeg.regulator.v1 import regulator_pb2 as pb
@@ -305,10 +277,7 @@ def _client_loop(target: str, index: int, run_id: str, start: threading.Barrier,
     with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         stub = pb_grpc.RegulatorStub(channel)
         outbox = _Outbox()
-        answers = channel.stream_stream(
-            STREAM_METHOD, request_serializer=pb.ReportRequest.SerializeToString,
-            response_deserializer=pb.ReportResponse.FromString,
-        )(iter(outbox), timeout=3600) if stream else None
+        answers = stub.ReportStream(iter(outbox), metadata=((JOB_HEADER, job),), timeout=3600) if stream else None
 
         def report(request: Any, timeout: float) -> Any:
             if answers is None:
@@ -401,7 +370,7 @@ class Server:
         ready = workdir / f"{kind}-{time.time_ns()}.json"
         env = None
         self.pg: Any = None  # postgresql: the throwaway cluster, on the server's CPUs
-        if kind == "postgresql":
+        if kind.startswith("postgresql"):
             from bench.pg_cluster import PgCluster
 
             self.pg = PgCluster(cpus)
@@ -410,17 +379,17 @@ class Server:
             except BaseException:
                 self.pg.stop()
                 raise
+        store = kind.removesuffix("-stream")  # a -stream regulator: the same server, Reports on streams
         if kind.startswith("echo"):
             cmd = [sys.executable, "-m", "bench.server_load", f"--serve-{kind}", str(ready), "--busy-us", str(busy_us)]
-        elif kind == "sqlite-stream":
-            cmd = [sys.executable, "-m", "bench.server_load", "--serve-regulator-stream", str(ready),
-                   "--stream-state-dir", str(state_dir or workdir / f"state-{time.time_ns()}")]
         else:
             cmd = [sys.executable, "-m", "regulator_service", "--port", "0", "--metrics-port", "-1",
                    "--ready-file", str(ready), *extra]
-            if kind == "memory":
+            if store != kind:
+                cmd += ["--max-streams", str(STREAM_MAX)]
+            if store == "memory":
                 cmd += ["--in-memory"]
-            elif kind != "postgresql":
+            elif store != "postgresql":
                 cmd += ["--state-dir", str(state_dir or workdir / f"state-{time.time_ns()}")]
             if kind == "baseline":
                 assert baseline is not None
@@ -672,7 +641,7 @@ def table(result: dict[str, Any]) -> str:
     names = {"echo": "grpcio floor", "echo-aio": "grpcio aio echo", "echo-interceptors": "echo+intercept.",
              "echo-busy": f"echo+{result.get('busy_us') or 0:g}us Python", "echo-stream": "echo, a stream",
              "sqlite": "regulator SQLite", "sqlite-stream": "SQLite, a stream", "postgresql": "regulator PostgreSQL",
-             "memory": "regulator memory",
+             "postgresql-stream": "PostgreSQL, a stream", "memory": "regulator memory", "memory-stream": "memory, a stream",
              "baseline": "baseline SQLite"}
     for row in sorted(result["rows"], key=lambda r: (SERVERS.index(r["server"]), r["in_flight"])):
         lines.append(
@@ -694,8 +663,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="echo-aio: the trivial server on grpc.aio (the floor stays the synchronous echo); "
                         "echo-interceptors: the floor behind the regulator's interceptors; echo-busy: the floor "
                         "plus --busy-us of pure-Python CPU per call; echo-stream: Reports as messages of one "
-                        "bidi stream per client; sqlite-stream: the regulator (SQLite) answering such a stream; "
-                        "postgresql: the regulator on a throwaway PostgreSQL cluster (its CPU counted as the server's)")
+                        "ReportStream per client, answered canned; sqlite-stream, memory-stream, postgresql-stream: "
+                        "the regulator answering such streams; postgresql: the regulator on a throwaway PostgreSQL "
+                        "cluster (its CPU counted as the server's)")
     p.add_argument("--busy-us", type=float, default=DEFAULT_BUSY_US, metavar="US",
                    help=f"pure-Python CPU per call of echo-busy (default {DEFAULT_BUSY_US:g})")
     p.add_argument("--in-process", type=int, metavar="N", default=0,
@@ -710,8 +680,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--serve-echo-interceptors", metavar="READY_FILE", help=argparse.SUPPRESS)
     p.add_argument("--serve-echo-busy", metavar="READY_FILE", help=argparse.SUPPRESS)
     p.add_argument("--serve-echo-stream", metavar="READY_FILE", help=argparse.SUPPRESS)
-    p.add_argument("--serve-regulator-stream", metavar="READY_FILE", help=argparse.SUPPRESS)
-    p.add_argument("--stream-state-dir", help=argparse.SUPPRESS)
     p.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--load", metavar="TARGET", help=argparse.SUPPRESS)
@@ -731,9 +699,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.serve_echo_stream:
         serve_echo(args.serve_echo_stream, stream=True)
-        return 0
-    if args.serve_regulator_stream:
-        serve_regulator_stream(args.serve_regulator_stream, args.stream_state_dir)
         return 0
     if args.in_process:
         if args.emit_json:

@@ -125,6 +125,11 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         f"which clients retry with backoff (default {_SERVER.max_concurrent_rpcs}; 0 = unbounded)",
     )
     s.add_argument(
+        "--max-streams", type=int, default=_SERVER.max_streams, metavar="N",
+        help="Report streams open at once, each holding a worker thread of its own beside --max-workers; "
+        f"one more is refused with RESOURCE_EXHAUSTED and its client sends unary Reports (0 = no streams; default {_SERVER.max_streams})",
+    )
+    s.add_argument(
         "--max-pending-calls", type=int, default=_SERVER.max_pending_calls, metavar="N",
         help="calls grpc core queues before admission takes them (a burst beyond it is CANCELLED by grpc "
         f"itself, uncounted; default {_SERVER.max_pending_calls})",
@@ -273,6 +278,8 @@ def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] 
         raise ValueError(f"--step-retention must be >= 0 (0 = keep forever), got {args.step_retention}")
     if args.max_concurrent_rpcs < 0:
         raise ValueError(f"--max-concurrent-rpcs must be >= 0, got {args.max_concurrent_rpcs}")
+    if args.max_streams < 0:
+        raise ValueError(f"--max-streams must be >= 0 (0 = streams refused), got {args.max_streams}")
     if args.max_pending_calls < 1:
         raise ValueError(f"--max-pending-calls must be >= 1, got {args.max_pending_calls}")
     if args.max_history_readers < 0:
@@ -293,6 +300,7 @@ def config_from_args(args: argparse.Namespace, env: Optional[Mapping[str, str]] 
         grace_seconds=args.grace,
         max_workers=args.max_workers,
         max_concurrent_rpcs=args.max_concurrent_rpcs or None,
+        max_streams=args.max_streams,
         max_pending_calls=args.max_pending_calls,
         max_receive_bytes=args.max_message_bytes,
         limits=Limits(

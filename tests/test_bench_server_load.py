@@ -25,17 +25,18 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_each_server_kind_is_measured_and_named_in_the_table(tmp_path: Path) -> None:
     out = tmp_path / "load.json"
-    done = bench("--servers", "echo", "echo-busy", "echo-stream", "sqlite", "sqlite-stream", "--concurrency", "2",
+    done = bench("--servers", "echo", "echo-busy", "echo-stream", "sqlite", "sqlite-stream", "memory-stream", "--concurrency", "2",
                  "--duration", "0.4", "--warmup", "0.1", "--busy-us", "5", "--json", str(out))
     result = json.loads(out.read_text())
     rows = {row["server"]: row for row in result["rows"]}
-    assert set(rows) == {"echo", "echo-busy", "echo-stream", "sqlite", "sqlite-stream"}
+    assert set(rows) == {"echo", "echo-busy", "echo-stream", "sqlite", "sqlite-stream", "memory-stream"}
     for row in rows.values():
         assert row["in_flight"] == 2 and row["qps"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
         assert row["qps_vs_floor"] > 0 and row["cpu_vs_floor"] > 0  # CPU per call against the floor's, same run
     assert rows["echo"]["qps_vs_floor"] == 1.0 and rows["echo"]["cpu_vs_floor"] == 1.0
     assert result["busy_us"] == 5.0
-    for name in ("grpcio floor", "echo+5us Python", "echo, a stream", "regulator SQLite", "SQLite, a stream", "CPU x floor"):
+    for name in ("grpcio floor", "echo+5us Python", "echo, a stream", "regulator SQLite", "SQLite, a stream", "memory, a stream",
+                 "CPU x floor"):
         assert name in done.stdout
 
 
@@ -51,11 +52,12 @@ def test_postgresql_server_is_measured_with_its_cluster_cpu(tmp_path: Path) -> N
     if bindir() is None:
         _missing("initdb and pg_ctl not found")
     out = tmp_path / "load.json"
-    done = bench("--servers", "echo", "postgresql", "--concurrency", "2", "--duration", "0.4", "--warmup", "0.1",
-                 "--json", str(out))
+    done = bench("--servers", "echo", "postgresql", "postgresql-stream", "--concurrency", "2", "--duration", "0.4",
+                 "--warmup", "0.1", "--json", str(out))
     rows = {row["server"]: row for row in json.loads(out.read_text())["rows"]}
-    assert rows["postgresql"]["qps"] > 0 and rows["postgresql"]["cpu_vs_floor"] > 0
-    assert "regulator PostgreSQL" in done.stdout
+    for kind in ("postgresql", "postgresql-stream"):
+        assert rows[kind]["qps"] > 0 and rows[kind]["cpu_vs_floor"] > 0
+    assert "regulator PostgreSQL" in done.stdout and "PostgreSQL, a stream" in done.stdout
 
 
 def test_in_process_mode_measures_this_checkout_and_a_baseline() -> None:

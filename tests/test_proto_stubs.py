@@ -57,7 +57,7 @@ def test_contract_is_versioned_and_names_its_factors() -> None:
     assert pb.DESCRIPTOR.package == "inforeg.regulator.v1"
     assert set(pb.Factors.DESCRIPTOR.fields_by_name) == {"proximal", "grad_scale", "noise_scale"}
     methods = set(pb.DESCRIPTOR.services_by_name["Regulator"].methods_by_name)
-    assert methods == {"OpenSession", "Report", "EndEpoch", "GetSession", "ListSessions", "CloseSession"}
+    assert methods == {"OpenSession", "Report", "ReportStream", "EndEpoch", "GetSession", "ListSessions", "CloseSession"}
     # statistics are 64-bit end to end
     for msg in (pb.ModalityStats, pb.FisherTerms, pb.ModalityStep):
         for field in msg.DESCRIPTOR.fields:

@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client import generate_latest
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
+from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 from regulator_client import RegulatorClient
 from regulator_client.errors import RegulatorError, Unauthenticated
 from regulator_client.transport import TlsConfig
@@ -322,6 +323,94 @@ def test_isolation_over_mtls_identities(two_teams: Path, tmp_path: Path) -> None
             assert [s.job_id for s in audio_by_token.list_sessions(include_inactive=True)] == ["audio/wav2vec"]
 
 
+# -- Report streams ------------------------------------------------------------------------------
+
+
+def stream_report(job: str, step: int, epoch: int = 1) -> pb.ReportRequest:
+    stats = [pb.ModalityStats(modality=m, score_sum=STATS[m], fisher=FISHER[m]) for m in ("a", "b")]
+    return pb.ReportRequest(job_id=job, attempt=0, epoch=epoch, step=step, count=4, stats=stats)
+
+
+def streamed(channel: grpc.Channel, token: Optional[str], *requests: pb.ReportRequest) -> tuple[Any, ...]:
+    """(steps answered, then the status code and message the stream ended with)."""
+    metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
+    answered: list[int] = []
+    try:
+        for response in pb_grpc.RegulatorStub(channel).ReportStream(iter(requests), metadata=metadata, timeout=30):
+            answered.append(response.step.step)
+    except grpc.RpcError as exc:
+        return (answered, exc.code(), exc.details())
+    return (answered, grpc.StatusCode.OK, "")
+
+
+def assert_streams_isolated(own: RegulatorClient, other: RegulatorClient, channel: grpc.Channel,
+                            own_token: Optional[str], other_token: Optional[str], own_job: str, other_prefix: str) -> None:
+    """A stream reaches its tenant's jobs only: a message of another tenant's job ends it with
+    the unary Report's PERMISSION_DENIED, the same whether the job exists or not, and the job
+    is untouched."""
+    run_a_job(own, own_job)
+    assert streamed(channel, own_token, stream_report(own_job, 1), stream_report(own_job, 2)) == ([1, 2], grpc.StatusCode.OK, "")
+    unary = code_and_message(lambda: other.report(own_job, attempt=0, epoch=1, step=3, count=4, score_sums=STATS, fisher=FISHER))
+    for job in (own_job, own_job.rsplit("/", 1)[0] + "/no-such-job"):
+        seen = streamed(channel, other_token, stream_report(job, 3))
+        assert seen[:2] == ([], grpc.StatusCode.PERMISSION_DENIED) and seen[2] in unary[1], (job, seen, unary)
+    # its own job first, then another tenant's: the stream ends there
+    other.open_session(other_prefix + "mine", ["a", "b"])
+    seen = streamed(channel, other_token, stream_report(other_prefix + "mine", 0, epoch=0), stream_report(own_job, 3))
+    assert seen[:2] == ([0], grpc.StatusCode.PERMISSION_DENIED)
+    assert own.get_session(own_job).session.steps == 3
+
+
+@pytest.mark.e2e
+def test_report_streams_are_isolated_over_bearer_tokens(two_teams: Path) -> None:
+    config = ServerConfig(port=0, limits=roomy_limits(), tenants=Tenants(two_teams, recheck_s=0.0))
+    rpcs = "inforeg_regulator_tenant_rpcs_total"
+    with RegulatorServer(config) as srv, grpc.insecure_channel(srv.target) as channel:
+        with RegulatorClient.connect(srv.target, token=VISION_TOKEN) as vision, \
+                RegulatorClient.connect(srv.target, token=AUDIO_TOKEN) as audio:
+            assert_streams_isolated(vision, audio, channel, VISION_TOKEN, AUDIO_TOKEN, "vision/resnet", "audio/")
+        for token in ("unknown-token-0123456789", None):  # identified at open: nothing is answered
+            seen = streamed(channel, token, stream_report("vision/resnet", 4))
+            assert seen[:2] == ([], grpc.StatusCode.UNAUTHENTICATED), seen
+        # the tenant metrics count a stream's messages, each with its status
+        keys = (("vision", "OK"), ("audio", "OK"), ("audio", "PermissionDenied"))
+        before = generate_latest(srv.registry).decode()
+        streamed(channel, VISION_TOKEN, stream_report("vision/resnet", 4), stream_report("vision/resnet", 5))
+        streamed(channel, AUDIO_TOKEN, stream_report("audio/mine", 1, epoch=0), stream_report("vision/resnet", 6))
+        after = generate_latest(srv.registry).decode()
+    moved = {k: metric(after, rpcs, tenant=k[0], grpc_method="ReportStream", grpc_code=k[1])
+             - metric(before, rpcs, tenant=k[0], grpc_method="ReportStream", grpc_code=k[1]) for k in keys}
+    assert moved == {("vision", "OK"): 2, ("audio", "OK"): 1, ("audio", "PermissionDenied"): 1}
+
+
+@pytest.mark.e2e
+def test_report_streams_are_isolated_over_mtls_identities(two_teams: Path, tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_team_pki(pki)
+    tls = TlsFiles(pki / "server.pem", pki / "server.key", client_ca=pki / "ca.pem")
+    config = ServerConfig(port=0, limits=roomy_limits(), tls=tls, tenants=Tenants(two_teams, recheck_s=0.0))
+
+    def channel_as(who: str) -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials(
+            (pki / "ca.pem").read_bytes(), (pki / f"{who}.key").read_bytes(), (pki / f"{who}.pem").read_bytes()
+        )
+        return grpc.secure_channel(target, creds)
+
+    with RegulatorServer(config) as srv:
+        target = f"localhost:{srv.port}"
+        with RegulatorClient.connect(target, tls=tls_as(pki, "vision"), token="") as vision, \
+                RegulatorClient.connect(target, tls=tls_as(pki, "audio"), token="") as audio, \
+                channel_as("vision") as as_vision, channel_as("audio") as as_audio, channel_as("stranger") as as_stranger:
+            run_a_job(audio, "audio/wav2vec")
+            assert streamed(as_audio, None, stream_report("audio/wav2vec", 1)) == ([1], grpc.StatusCode.OK, "")
+            for job in ("audio/wav2vec", "audio/no-such-job"):
+                assert streamed(as_vision, None, stream_report(job, 2))[:2] == ([], grpc.StatusCode.PERMISSION_DENIED)
+            assert streamed(as_stranger, None, stream_report("audio/wav2vec", 2))[:2] == ([], grpc.StatusCode.UNAUTHENTICATED)
+            assert audio.get_session("audio/wav2vec").session.steps == 2
+            vision.list_sessions()
+
+
 # -- reloads -------------------------------------------------------------------------------------
 
 
@@ -400,7 +489,8 @@ def test_metrics_carry_the_tenant_label(two_teams: Path) -> None:
             assert refused(stranger)
         text = scrape(srv.metrics_port)  # type: ignore[arg-type]
     rpcs = "inforeg_regulator_tenant_rpcs_total"
-    assert metric(text, rpcs, tenant="vision", grpc_method="Report", grpc_code="OK") == 1
+    # the client sends its Reports on a stream per job (one tenant count per message) or unary
+    assert sum(metric(text, rpcs, tenant="vision", grpc_method=m, grpc_code="OK") for m in ("Report", "ReportStream")) == 1
     assert metric(text, rpcs, tenant="vision", grpc_method="OpenSession", grpc_code="OK") == 2
     assert metric(text, rpcs, tenant="audio", grpc_method="GetSession", grpc_code="PermissionDenied") == 1
     assert metric(text, rpcs, tenant="audio", grpc_method="Report", grpc_code="OK") == 0  # known series start at 0

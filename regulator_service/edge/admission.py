@@ -22,6 +22,14 @@ Counting: a shed call, and an admitted call that grpcio never handed to its hand
 cancelled or its deadline passed while it waited for a worker), are reported to
 ``count_unhandled`` (the server's ``grpc_server_handled_total``, ``MetricsInterceptor``); a
 handler marks its task as run with ``handler_started``.
+
+Streams (``ReportStream``): grpcio's synchronous server holds one worker thread for as long as a
+stream is open, so streams run on a pool of their own, ``max_streams`` threads beside the
+``max_workers`` of unary calls, and are counted apart: an open stream holds no
+``--max-concurrent-rpcs`` slot (unary calls - OpenSession, EndEpoch, the reads - never starve
+behind streams), and a stream opened while ``max_streams`` are open (or with ``max_streams`` 0)
+is refused at once with RESOURCE_EXHAUSTED and ``STREAMS_FULL_MESSAGE``: its client sends unary
+Reports instead, which unary admission then counts one by one.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from ..errors import RETRY_AFTER_KEY
 
 SHED_RETRY_AFTER_MS = 50  # the pause a shed call is asked to wait before its retry
 SHED_MESSAGE = "the regulator is at its --max-concurrent-rpcs limit; retry later"
+STREAMS_FULL_MESSAGE = "the regulator holds its --max-streams limit of open Report streams; send unary Reports"
+DEFAULT_MAX_STREAMS = 256  # open Report streams (one per training job talking to this replica)
 # Calls grpc core may queue before grpcio's polling thread takes them (``--max-pending-calls``;
 # core's own defaults, 1,000 soft and 3,000 hard, cancel the rest of a burst before the regulator
 # sees it). Large enough for a 30,000-call burst to reach admission and be shed; bounded, because
@@ -82,29 +92,58 @@ def _method_and_code(args: tuple[Any, ...], shed_answered: bool) -> Optional[tup
     return method, grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
-class AdmissionPool(futures.Executor):
-    """The server's worker pool, counting the calls it holds; shed calls run apart. Every task
-    whose handler did not run (shed, or cancelled before a worker took it) goes to
-    ``count_unhandled`` once assembly has wired it."""
+class StreamBehavior:
+    """A stream handler's behaviour, marked so that the pool runs its task on the stream pool."""
 
-    def __init__(self, max_workers: int, limit: Optional[int], thread_name_prefix: str = "regulator-rpc") -> None:
+    def __init__(self, inner: Callable[..., Any]) -> None:
+        self.inner = inner
+
+    def __call__(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
+        return self.inner(request_iterator, context)
+
+
+class AdmissionPool(futures.Executor):
+    """The server's worker pool, counting the calls it holds; shed calls run apart, and streams
+    on ``max_streams`` threads of their own. Every task whose handler did not run (shed, or
+    cancelled before a worker took it) goes to ``count_unhandled`` once assembly has wired it."""
+
+    def __init__(
+        self,
+        max_workers: int,
+        limit: Optional[int],
+        thread_name_prefix: str = "regulator-rpc",
+        max_streams: int = DEFAULT_MAX_STREAMS,
+    ) -> None:
         self.limit = limit  # None: unbounded
+        self.max_streams = max_streams
         self.count_unhandled: Optional[CountUnhandled] = None
         self._work = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
         self._shed = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{thread_name_prefix}-shed")
+        self._streams = futures.ThreadPoolExecutor(max_workers=max(max_streams, 1), thread_name_prefix=f"{thread_name_prefix}-stream")
         self._lock = threading.Lock()
         self._held = 0
+        self._streams_open = 0
         self._ran = threading.local()  # per worker thread: did the current task's handler start?
         self._shed_behavior = self._shed_call  # one bound method: tasks are recognised by identity
+        self._refuse_stream_behavior = self._refuse_stream
         self.shed_handler = grpc.unary_unary_rpc_method_handler(self._shed_behavior)  # raw bytes: nothing decoded
+        self.streams_full_handler = grpc.stream_stream_rpc_method_handler(self._refuse_stream_behavior)
 
     @property
     def held(self) -> int:
-        """Calls admitted and not finished (running or queued)."""
+        """Unary calls admitted and not finished (running or queued)."""
         return self._held
+
+    @property
+    def streams_open(self) -> int:
+        """Streams admitted and not finished (the ``report_streams_open`` gauge)."""
+        return self._streams_open
 
     def full(self) -> bool:
         return self.limit is not None and self._held >= self.limit
+
+    def streams_full(self) -> bool:
+        return self._streams_open >= self.max_streams
 
     def handler_started(self) -> None:
         """Called by the handler of the task this thread runs (``MetricsInterceptor``)."""
@@ -115,6 +154,11 @@ class AdmissionPool(futures.Executor):
         self._ran.value = True
         context.set_trailing_metadata(((RETRY_AFTER_KEY, str(SHED_RETRY_AFTER_MS)),))
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, SHED_MESSAGE)
+
+    def _refuse_stream(self, request_iterator: Any, context: grpc.ServicerContext) -> None:
+        """The behaviour of a stream opened while ``max_streams`` are open."""
+        self._ran.value = True
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, STREAMS_FULL_MESSAGE)
 
     def _run(self, shed: bool, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``fn`` (grpcio's task for one call), then the count of a call whose handler did not
@@ -131,33 +175,47 @@ class AdmissionPool(futures.Executor):
                     count(*found)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:  # type: ignore[override]
-        if any(a is self._shed_behavior for a in args):
-            return self._shed.submit(self._run, True, fn, args, kwargs)
+        stream = False
+        for a in args:
+            if a is self._shed_behavior or a is self._refuse_stream_behavior:
+                return self._shed.submit(self._run, True, fn, args, kwargs)
+            if isinstance(a, StreamBehavior):
+                stream = True
         with self._lock:
-            self._held += 1
+            if stream:
+                self._streams_open += 1
+            else:
+                self._held += 1
         try:
-            future = self._work.submit(self._run, False, fn, args, kwargs)
+            future = (self._streams if stream else self._work).submit(self._run, False, fn, args, kwargs)
         except BaseException:
-            self._release()
+            self._release(stream)
             raise
-        future.add_done_callback(lambda _f: self._release())
+        future.add_done_callback(lambda _f: self._release(stream))
         return future
 
-    def _release(self) -> None:
+    def _release(self, stream: bool = False) -> None:
         with self._lock:
-            self._held -= 1
+            if stream:
+                self._streams_open -= 1
+            else:
+                self._held -= 1
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._work.shutdown(wait=wait, cancel_futures=cancel_futures)
+        self._streams.shutdown(wait=wait, cancel_futures=cancel_futures)
         self._shed.shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
 class AdmissionInterceptor(grpc.ServerInterceptor):
-    """Outermost interceptor: a call that finds the pool full gets the pool's shed handler. An
-    unknown method stays UNIMPLEMENTED (grpcio's order: the method first, then admission)."""
+    """Outermost interceptor: a call that finds the pool full gets the pool's shed handler, a
+    stream that finds ``max_streams`` open its refusal; an admitted stream's behaviour is marked
+    (``StreamBehavior``, built once per handler) for the stream pool. An unknown method stays
+    UNIMPLEMENTED (grpcio's order: the method first, then admission)."""
 
     def __init__(self, pool: AdmissionPool) -> None:
         self._pool = pool
+        self._streams: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(
         self,
@@ -165,6 +223,24 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> Optional[grpc.RpcMethodHandler]:
         handler = continuation(details)
-        if handler is None or not self._pool.full():
+        if handler is None:
+            return None
+        if handler.request_streaming and handler.response_streaming:
+            return self._pool.streams_full_handler if self._pool.streams_full() else self._stream(handler)
+        if not self._pool.full():
             return handler
         return self._pool.shed_handler
+
+    def _stream(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` with its behaviour marked; built once per inner handler (a fixed set)."""
+        entry = self._streams.get(id(handler))
+        if entry is not None and entry[0] is handler:
+            return entry[1]
+        marked = grpc.stream_stream_rpc_method_handler(
+            StreamBehavior(handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        if len(self._streams) < 64:
+            self._streams[id(handler)] = (handler, marked)
+        return marked

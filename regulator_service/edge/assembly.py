@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Optional
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from inforeg.regulator.v1 import regulator_pb2 as pb
 
@@ -25,9 +25,15 @@ from ..policy import BUILTIN_PROFILES, ProfileRegistry
 from ..storage import MemoryStore, SQLiteStore, StateStore, StoreError
 from ..storage.instrumented import InstrumentedStore
 from ..storage.lockfile import StateDirLock
-from .admission import CORE_BACKLOG_LIMIT, AdmissionInterceptor, AdmissionPool, core_backlog_options
+from .admission import (
+    CORE_BACKLOG_LIMIT,
+    DEFAULT_MAX_STREAMS,
+    AdmissionInterceptor,
+    AdmissionPool,
+    core_backlog_options,
+)
 from .interceptors import DelayInterceptor, MalformedRequestInterceptor, MetricsInterceptor, method_paths
-from .metrics import GrpcServerMetrics, RegulatorMetrics, add_runtime_collectors
+from .metrics import PREFIX, GrpcServerMetrics, RegulatorMetrics, add_runtime_collectors
 from .security import BearerTokenInterceptor, TlsFiles, TokenSource
 from .servicer import RegulatorServicer
 from .tenant_access import TenantInterceptor, TenantMetrics
@@ -72,6 +78,7 @@ class ServerConfig:
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S  # PostgreSQL: a job's lease (several replicas, core/ownership.py)
     max_workers: int = 16
     max_concurrent_rpcs: Optional[int] = DEFAULT_MAX_CONCURRENT_RPCS  # None = unbounded
+    max_streams: int = DEFAULT_MAX_STREAMS  # open Report streams, each on a thread of its own; 0 = refused
     max_pending_calls: int = CORE_BACKLOG_LIMIT  # calls grpc core queues before admission sees them
     max_receive_bytes: int = 1 << 20
     grace_seconds: float = 10.0
@@ -176,7 +183,13 @@ def make_grpc_server(
     ``open_sessions`` feeds the per-tenant gauge (``--tenants``)."""
     # The regulator admits calls itself (edge/admission.py) so that a shed answer carries the
     # structural "retry later" (RETRY_AFTER_KEY), which grpcio's maximum_concurrent_rpcs cannot.
-    pool = AdmissionPool(config.max_workers, config.max_concurrent_rpcs)
+    # Streams run on max_streams threads of their own beside max_workers (edge/admission.py).
+    pool = AdmissionPool(config.max_workers, config.max_concurrent_rpcs, max_streams=config.max_streams)
+    Gauge(
+        f"{PREFIX}_report_streams_open",
+        "Report streams open now (ReportStream; at most --max-streams).",
+        registry=grpc_metrics.registry,
+    ).set_function(lambda: pool.streams_open)
     tenant_metrics = (
         TenantMetrics(grpc_metrics.registry, config.tenants, open_sessions)
         if config.tenants is not None

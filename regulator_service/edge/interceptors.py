@@ -239,7 +239,8 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
 
 class DelayInterceptor(grpc.ServerInterceptor):
     """Fault injection for tests and drills (``serve --debug-delay``, ``--debug-hold-file``):
-    every call to ``service`` sleeps first, as a saturated or swapping server would, and/or
+    every call to ``service`` (every message of a Report stream) sleeps first, as a saturated or
+    swapping server would, and/or
     waits while ``hold_file`` exists (a call held for exactly as long as a test needs, not for
     a duration it hopes is long enough)."""
 
@@ -257,21 +258,39 @@ class DelayInterceptor(grpc.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> Optional[grpc.RpcMethodHandler]:
         handler = continuation(details)
-        if handler is None or handler.request_streaming or handler.response_streaming:
+        if handler is None or handler.request_streaming != handler.response_streaming:
             return handler
         if details.method.lstrip("/").rpartition("/")[0] != self._service:
             return handler
         return self._cache.get(handler, None, lambda: self._wrap(handler))
 
+    def _pause(self, context: grpc.ServicerContext) -> None:
+        while self._hold_file and os.path.exists(self._hold_file) and context.is_active():
+            time.sleep(self.HOLD_POLL_S)
+        if self._seconds > 0:
+            time.sleep(self._seconds)
+
     def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        pause = self._pause
+        if handler.request_streaming:  # a Report stream: each message is delayed as a unary call is
+            messages = handler.stream_stream
+
+            def slow_messages(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                def paused() -> Iterator[Any]:
+                    for request in requests:
+                        pause(context)
+                        yield request
+
+                return messages(paused(), context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                slow_messages, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         behavior = handler.unary_unary
-        seconds, hold_file, poll = self._seconds, self._hold_file, self.HOLD_POLL_S
 
         def slow(request: Any, context: grpc.ServicerContext) -> Any:
-            while hold_file and os.path.exists(hold_file) and context.is_active():
-                time.sleep(poll)
-            if seconds > 0:
-                time.sleep(seconds)
+            pause(context)
             return behavior(request, context)
 
         return grpc.unary_unary_rpc_method_handler(

@@ -53,9 +53,9 @@ class RegulatorServer:
         self.metrics.track_memory(self.manager.budget)
         self.metrics.track_sessions(self.manager.open_sessions)
         self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.servicer = RegulatorServicer(self.api, self.metrics, unavailable=self.store_error)
         self._server = assembly.make_grpc_server(
-            config, RegulatorServicer(self.api, self.metrics, unavailable=self.store_error), self.grpc_metrics,
-            self.health, self.manager.open_sessions,
+            config, self.servicer, self.grpc_metrics, self.health, self.manager.open_sessions,
         )
         self._health_server = assembly.make_health_server(self.health) if config.health_port is not None else None
         self.port: Optional[int] = None
@@ -199,10 +199,13 @@ class RegulatorServer:
         return f"{host}:{self.port}"
 
     def stop(self, grace: Optional[float] = None) -> None:
-        """Health goes NOT_SERVING, in-flight calls finish within ``grace``, state is flushed."""
+        """Health goes NOT_SERVING, in-flight calls finish within ``grace``, state is flushed.
+        An open Report stream ends with UNAVAILABLE after the answer to its next message, or,
+        idle, when ``grace`` ends (grpc cancels the calls left: its client sees UNAVAILABLE)."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self.servicer.draining.set()
         self.health.enter_graceful_shutdown()
         self._server.stop(self.config.grace_seconds if grace is None else grace).wait()
         if self._health_server is not None:

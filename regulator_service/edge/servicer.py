@@ -3,12 +3,17 @@
 All logic lives in ``api.RegulatorAPI``; this class only translates exceptions and counts
 rejected reports. Unexpected exceptions become INTERNAL with the detail in the server log, never
 a traceback on the wire.
+
+``ReportStream`` answers each message of a job's stream with exactly what ``Report`` would
+answer, in order, on the worker thread that holds the stream (no per-Report hand-off); the first
+message that fails ends the stream with that message's status (and retry-after metadata).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, TypeVar
+import threading
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import grpc
 
@@ -20,8 +25,28 @@ from ..errors import RETRY_AFTER_KEY, RegulatorError
 from .metrics import RegulatorMetrics
 
 log = logging.getLogger(__name__)
+# The routing header a client sends with every call about a job (the client's
+# routing.JOB_HEADER; tests/test_report_stream_server.py ties the two): it names a stream's job.
+JOB_HEADER = "x-inforeg-job"
+DRAINING_MESSAGE = "the regulator is shutting down; open a new stream (another replica answers) and resend"
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+
+
+class Undecodable:
+    """A stream message that did not decode (``wire_handlers``): INVALID_ARGUMENT, as a unary
+    request's (``interceptors.MalformedRequestInterceptor``), not grpcio's INTERNAL."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def header_job(metadata: Optional[Sequence[tuple[str, Any]]]) -> Optional[str]:
+    """The job a stream names in its ``JOB_HEADER`` request header, if any."""
+    for key, value in metadata or ():
+        if key == JOB_HEADER:
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return None
 
 
 class RegulatorServicer(pb_grpc.RegulatorServicer):
@@ -31,6 +56,7 @@ class RegulatorServicer(pb_grpc.RegulatorServicer):
         self._api = api
         self._metrics = metrics
         self._unavailable = unavailable  # why every call must fail (an unusable state store)
+        self.draining = threading.Event()  # set by the server's stop: streams end after their answer
 
     def _call(
         self,
@@ -62,6 +88,33 @@ class RegulatorServicer(pb_grpc.RegulatorServicer):
     def Report(self, request: pb.ReportRequest, context: grpc.ServicerContext) -> pb.ReportResponse:
         rejected = self._metrics.report_rejected if self._metrics is not None else None
         return self._call(self._api.report, request, context, rejected)
+
+    def ReportStream(
+        self, request_iterator: Iterator[pb.ReportRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ReportResponse]:
+        """Each message answered as ``Report`` answers it, in order; every message must be of the
+        stream's job (its header's, else its first message's). While the server drains, the
+        message in hand is answered and the stream then ends with UNAVAILABLE."""
+        if self._unavailable is not None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unusable: {self._unavailable}")
+        rejected = self._metrics.report_rejected if self._metrics is not None else None
+        job = header_job(context.invocation_metadata())
+        for request in request_iterator:
+            if isinstance(request, Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not decode: {request.error}")
+            if job is None:
+                job = request.job_id
+            elif request.job_id != job:
+                if rejected is not None:
+                    rejected()
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"this stream carries the Reports of job {job!r}, not of job {request.job_id!r}: "
+                    "open one stream per job",
+                )
+            yield self._call(self._api.report, request, context, rejected)
+            if self.draining.is_set():
+                context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
 
     def EndEpoch(self, request: pb.EndEpochRequest, context: grpc.ServicerContext) -> pb.EndEpochResponse:
         return self._call(self._api.end_epoch, request, context)

@@ -4,6 +4,9 @@
 (``tenants.Tenants.identify``) before its request is parsed, and a request is then held to the
 tenant's ``job_prefix`` before any session is looked up, so that a refusal is the same whether
 the job exists or not (no existence oracle). ListSessions shows only the tenant's jobs.
+A Report stream (``ReportStream``) is identified once, when it opens, and every message of it
+is held to the prefix as a unary Report is (the same PERMISSION_DENIED ends the stream); the
+tenant metrics count its messages, one per answered or refused Report.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from .tenants import INVALID_TOKEN, Tenant, Tenants
 SERVICE = pb.DESCRIPTOR.services_by_name["Regulator"]
 # What each Regulator method addresses. A method missing here is refused to every tenant (fail
 # closed): a new RPC must be given its scope (tests/test_tenants.py checks every method has one).
-JOB_ADDRESSED = frozenset({"OpenSession", "Report", "EndEpoch", "GetSession", "CloseSession"})
+# ReportStream addresses a job with every message (each checked, ``_wrap_stream``).
+JOB_ADDRESSED = frozenset({"OpenSession", "Report", "ReportStream", "EndEpoch", "GetSession", "CloseSession"})
+STREAMED = frozenset({"ReportStream"})  # request and response streams, held message by message
 LISTING = frozenset({"ListSessions"})
 # The URI and DNS SANs of a client certificate, as gRPC's auth context names them (an email or
 # IP address SAN identifies no tenant).
@@ -131,7 +136,10 @@ class TenantInterceptor(grpc.ServerInterceptor):
         if service in EXEMPT_SERVICES or handler is None:
             return handler
         scoped = service == SERVICE.full_name and (method in JOB_ADDRESSED or method in LISTING)
-        if not scoped or handler.request_streaming or handler.response_streaming:
+        streams = handler.request_streaming or handler.response_streaming
+        if scoped and streams and method in STREAMED and handler.request_streaming and handler.response_streaming:
+            return self._cache.get(handler, method, lambda: self._wrap_stream(handler, method))
+        if not scoped or streams:
             return grpc.unary_unary_rpc_method_handler(
                 _refusal(grpc.StatusCode.PERMISSION_DENIED, f"{details.method} is not open to tenants")
             )
@@ -181,5 +189,38 @@ class TenantInterceptor(grpc.ServerInterceptor):
             return behavior(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
+            scoped, request_deserializer=None, response_serializer=handler.response_serializer
+        )
+
+    def _wrap_stream(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The stream's caller identified at open; each message parsed and held to the tenant's
+        prefix before the inner handler sees it (no existence oracle, as for a unary Report)."""
+        deserialize = handler.request_deserializer
+        behavior = handler.stream_stream
+        metrics = self._metrics
+
+        def held(raws: Iterator[bytes], tenant: Tenant, context: grpc.ServicerContext) -> Iterator[Any]:
+            for raw in raws:
+                request = deserialize(raw) if deserialize is not None else raw
+                if isinstance(request, Message) and not tenant.owns(request.job_id):
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, denied_message(tenant))
+                yield request
+
+        def scoped(raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+            tenant = self.identify(context)
+            try:
+                for response in behavior(held(raws, tenant, context), context):
+                    if metrics is not None:
+                        metrics.rpcs.labels(tenant.name, method, "OK").inc()
+                    yield response
+            except GeneratorExit:  # the client left: no message of it was refused
+                raise
+            except BaseException:
+                if metrics is not None:
+                    code = context.code()
+                    metrics.rpcs.labels(tenant.name, method, GO_CODE_NAMES.get(code, "Unknown")).inc()
+                raise
+
+        return grpc.stream_stream_rpc_method_handler(
             scoped, request_deserializer=None, response_serializer=handler.response_serializer
         )

@@ -52,6 +52,11 @@ class RegulatorStub(object):
                 request_serializer=inforeg_dot_regulator_dot_v1_dot_regulator__pb2.ReportRequest.SerializeToString,
                 response_deserializer=inforeg_dot_regulator_dot_v1_dot_regulator__pb2.ReportResponse.FromString,
                 _registered_method=True)
+        self.ReportStream = channel.stream_stream(
+                '/inforeg.regulator.v1.Regulator/ReportStream',
+                request_serializer=inforeg_dot_regulator_dot_v1_dot_regulator__pb2.ReportRequest.SerializeToString,
+                response_deserializer=inforeg_dot_regulator_dot_v1_dot_regulator__pb2.ReportResponse.FromString,
+                _registered_method=True)
         self.EndEpoch = channel.unary_unary(
                 '/inforeg.regulator.v1.Regulator/EndEpoch',
                 request_serializer=inforeg_dot_regulator_dot_v1_dot_regulator__pb2.EndEpochRequest.SerializeToString,
@@ -98,6 +103,19 @@ class RegulatorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportStream(self, request_iterator, context):
+        """The Reports of one job as the messages of one stream, each answered in order with what
+        Report would answer (the same idempotency, errors and answers), at less cost per step.
+        The stream names its job in the `x-inforeg-job` request header (else by its first message);
+        every message must be of that job (INVALID_ARGUMENT). A message that fails ends the stream
+        with that message's status: the client opens a new stream and resends (Reports are
+        idempotent). RESOURCE_EXHAUSTED when the server holds its maximum of open streams, and
+        UNIMPLEMENTED from servers older than this RPC: the client sends unary Reports instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EndEpoch(self, request, context):
         """Closes the epoch's Fisher trace and decides the next epoch's window. Idempotent.
         """
@@ -135,6 +153,11 @@ def add_RegulatorServicer_to_server(servicer, server):
             ),
             'Report': grpc.unary_unary_rpc_method_handler(
                     servicer.Report,
+                    request_deserializer=inforeg_dot_regulator_dot_v1_dot_regulator__pb2.ReportRequest.FromString,
+                    response_serializer=inforeg_dot_regulator_dot_v1_dot_regulator__pb2.ReportResponse.SerializeToString,
+            ),
+            'ReportStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReportStream,
                     request_deserializer=inforeg_dot_regulator_dot_v1_dot_regulator__pb2.ReportRequest.FromString,
                     response_serializer=inforeg_dot_regulator_dot_v1_dot_regulator__pb2.ReportResponse.SerializeToString,
             ),
@@ -213,6 +236,33 @@ class Regulator(object):
             request,
             target,
             '/inforeg.regulator.v1.Regulator/Report',
+            inforeg_dot_regulator_dot_v1_dot_regulator__pb2.ReportRequest.SerializeToString,
+            inforeg_dot_regulator_dot_v1_dot_regulator__pb2.ReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/inforeg.regulator.v1.Regulator/ReportStream',
             inforeg_dot_regulator_dot_v1_dot_regulator__pb2.ReportRequest.SerializeToString,
             inforeg_dot_regulator_dot_v1_dot_regulator__pb2.ReportResponse.FromString,
             options,
