@@ -5,7 +5,9 @@ Operations can turn a fleet of jobs fail-open or off the way ``WANDB_MODE`` does
 - ``REGULATOR_ON_UNAVAILABLE=wait|neutral|last``: the delivery mode when the code passes none
   (an explicit ``on_unavailable=`` argument wins);
 - ``REGULATOR_DISABLED=1`` (``true``/``yes``/``on``): the hook makes no connection and applies
-  nothing; the gradients are those of plain training.
+  nothing; the gradients are those of plain training;
+- ``REGULATOR_REPORT_STREAM=off`` (``0``/``false``/``no``): Reports go as unary calls instead of
+  the messages of one stream per job (read by ``GrpcTransport`` when it is built; default on).
 
 ``InfoRegHook`` reads them when it is built, and the Lightning, Hugging Face and Accelerate
 integrations all build one, so every way in obeys the same switches. Nothing is cached: a
@@ -22,6 +24,7 @@ from .delivery import MODES
 
 ON_UNAVAILABLE = "REGULATOR_ON_UNAVAILABLE"
 DISABLED = "REGULATOR_DISABLED"
+REPORT_STREAM = "REGULATOR_REPORT_STREAM"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -51,3 +54,15 @@ class ClientEnvironment:
         if explicit is not None:
             return explicit
         return self.on_unavailable or "wait"
+
+
+def report_stream_enabled(env: Optional[Mapping[str, str]] = None) -> bool:
+    """``REGULATOR_REPORT_STREAM`` from ``env`` (default ``os.environ``): on unless ``off`` (or
+    ``0``/``false``/``no``); any other value is a ``ValueError`` naming the variable."""
+    env = os.environ if env is None else env
+    raw = env.get(REPORT_STREAM, "").strip().lower()
+    if raw in _TRUE or raw == "":
+        return True
+    if raw in _FALSE:
+        return False
+    raise ValueError(f"{REPORT_STREAM}={env[REPORT_STREAM]!r}: expected on/off (1/true/yes or 0/false/no; unset: on)")

@@ -23,7 +23,9 @@ from inforeg.regulator.v1 import regulator_pb2_grpc as pb_grpc
 
 from regulator_service.client_api import FileWatch, RetryLater, TokenSource, token_from_env
 
+from .environment import report_stream_enabled
 from .errors import InvalidArgument, Overloaded, from_rpc_error, shed
+from .report_stream import ReportStreams, UseUnary
 from .routing import job_metadata, routing_for
 
 if TYPE_CHECKING:
@@ -136,6 +138,9 @@ class GrpcTransport:
     decides (wait, neutral, last). TLS files (CA, client certificate and key) are checked every
     ``tls_recheck_s`` seconds; when they changed (a renewed certificate), the next call opens a
     channel with the new credentials.
+
+    Reports go as the messages of one stream per job (``report_stream``; ``report_stream=False``
+    or ``REGULATOR_REPORT_STREAM=off``: unary calls), with the same deadlines and errors.
     """
 
     def __init__(
@@ -150,6 +155,7 @@ class GrpcTransport:
         service_config: Optional[dict] = None,
         options: Sequence[tuple[str, object]] = (),
         tls_recheck_s: float = 5.0,
+        report_stream: Optional[bool] = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
@@ -182,6 +188,8 @@ class GrpcTransport:
         self._retired: Optional[grpc.Channel] = None
         self.channels_opened = 0
         self.shed_retries = 0  # calls the server shed and this transport retried
+        stream = report_stream_enabled() if report_stream is None else report_stream
+        self.report_streams: Optional[ReportStreams] = ReportStreams(self.target) if stream else None
 
     def _metadata(self, req: object = None) -> Optional[tuple[tuple[str, str], ...]]:
         """The token, and the job header that routes a call about a job (``routing``)."""
@@ -234,7 +242,21 @@ class GrpcTransport:
         return self._call("OpenSession", req, **call)  # type: ignore[arg-type]
 
     def report(self, req: pb.ReportRequest, **call: object) -> pb.ReportResponse:
-        return self._call("Report", req, **call)  # type: ignore[arg-type]
+        streams = self.report_streams
+        if streams is None or not streams.wants_stream(req.job_id):
+            return self._call("Report", req, **call)  # type: ignore[arg-type]
+        budget = float(call.get("timeout") or self.timeout)  # type: ignore[arg-type]
+        wait = call.get("wait_for_ready")
+        wait = self.wait_for_ready if wait is None else bool(wait)
+        deadline = time.monotonic() + budget
+
+        def attempt(seconds_left: float) -> pb.ReportResponse:
+            return streams.send(self._get_stub(), req, seconds_left, wait, lambda: self._metadata(req))
+
+        try:
+            return retry_while_shed(attempt, budget, self._count_retry)
+        except UseUnary:  # an older server, or one with no room for a stream: this one goes unary
+            return self._call("Report", req, timeout=max(deadline - time.monotonic(), 0.001), wait_for_ready=wait)
 
     def end_epoch(self, req: pb.EndEpochRequest, **call: object) -> pb.EndEpochResponse:
         return self._call("EndEpoch", req, **call)  # type: ignore[arg-type]
@@ -246,9 +268,14 @@ class GrpcTransport:
         return self._call("ListSessions", req)
 
     def close_session(self, req: pb.CloseSessionRequest) -> pb.CloseSessionResponse:
-        return self._call("CloseSession", req)
+        resp = self._call("CloseSession", req)
+        if self.report_streams is not None:
+            self.report_streams.close_job(req.job_id)
+        return resp
 
     def close(self) -> None:
+        if self.report_streams is not None:
+            self.report_streams.close()  # the server sees each stream end before the channel goes
         with self._lock:
             if self._pid == os.getpid():
                 for channel in (self._channel, self._retired):

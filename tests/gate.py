@@ -2,8 +2,9 @@
 still training while that one runs" a fact the test controls instead of a race it hopes to win.
 
 Every call is forwarded as raw bytes (no decoding) to the real regulator, with its code and
-message passed back; after ``hold_after`` Report calls every further one (a client's retries
-included) waits at the gate until ``release()``.
+message passed back; after ``hold_after`` Reports - unary calls or the messages of a
+``ReportStream``, the client's default - every further one (a client's retries included) waits
+at the gate until ``release()``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,25 @@ class Gate:
 
         return handle
 
+    def forward_stream(self, method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
+        """A ``ReportStream`` forwarded as a stream, each message held as a unary Report is."""
+        call = self._channel.stream_stream(method)  # bytes in, bytes out
+
+        def handle(requests: Any, context: grpc.ServicerContext) -> Any:
+            def held() -> Any:
+                for request in requests:
+                    self._maybe_hold("/Report")
+                    yield request
+
+            upstream = call(held(), metadata=context.invocation_metadata())
+            context.add_callback(upstream.cancel)  # the client gave up: so does the gate
+            try:
+                yield from upstream
+            except grpc.RpcError as exc:
+                context.abort(exc.code(), exc.details() or "")
+
+        return handle
+
     def release(self) -> None:
         self._open.set()
 
@@ -73,4 +93,6 @@ class _Forward(grpc.GenericRpcHandler):
         self._gate = gate
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if details.method.endswith("/ReportStream"):
+            return grpc.stream_stream_rpc_method_handler(self._gate.forward_stream(details.method))
         return grpc.unary_unary_rpc_method_handler(self._gate.forward(details.method))

@@ -41,14 +41,16 @@ def finish(proc: subprocess.Popen[str], timeout: float = 300) -> str:
 
 
 def reports_handled(metrics_port: int) -> float:
-    """Report RPCs the server finished, whatever their code (grpc_server_handled_total)."""
+    """Reports the server received: unary Report calls it finished, whatever their code
+    (grpc_server_handled_total), and the messages of ReportStreams (grpc_server_msg_received_total)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     return sum(
         s.value
         for fam in text_string_to_metric_families(scrape(metrics_port))
         for s in fam.samples
-        if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == "Report"
+        if (s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == "Report")
+        or (s.name == "grpc_server_msg_received_total" and s.labels.get("grpc_method") == "ReportStream")
     )
 
 

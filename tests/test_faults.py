@@ -180,7 +180,8 @@ def test_sigterm_drains_in_flight_calls_and_flushes_state(tmp_path: Path) -> Non
                                  score_sums={"a": 4.0, "b": 2.0}, fisher={"a": 0.1, "b": 0.2})
 
         def reports_started() -> bool:
-            return 'grpc_server_started_total{grpc_method="Report",grpc_service="inforeg.regulator.v1.Regulator",grpc_type="unary"} 4.0' in scrape(server.metrics_port)  # type: ignore[arg-type]
+            # one stream per job, each holding its first Report (the server delays every message 0.8 s)
+            return 'grpc_server_msg_received_total{grpc_method="ReportStream",grpc_service="inforeg.regulator.v1.Regulator",grpc_type="bidi_stream"} 4.0' in scrape(server.metrics_port)  # type: ignore[arg-type]
 
         def refused() -> bool:
             with RegulatorClient.connect(server.target, timeout=30) as probe:  # answered at once either way

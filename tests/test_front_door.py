@@ -322,7 +322,9 @@ def test_overload_is_shed_with_resource_exhausted_and_every_delivery_mode_recove
             assert set(Counter(call.code().name for call in calls)) <= {"OK", "RESOURCE_EXHAUSTED"}
 
             # wait mode: shed, retried with backoff inside the transport, answered once a slot frees
-            transport = GrpcTransport(srv.target, timeout=60.0)
+            # unary Reports (an older client, or REGULATOR_REPORT_STREAM=off): a streamed Report
+            # takes no admission slot (its stream is bounded by --max-streams instead)
+            transport = GrpcTransport(srv.target, timeout=60.0, report_stream=False)
             waiting = Delivery(transport, mode="wait", call_timeout=60.0, wait_timeout=120.0)
             held = occupy("ListSessions", lambda i: pb.ListSessionsRequest())
             answers: list[Any] = []
@@ -335,7 +337,7 @@ def test_overload_is_shed_with_resource_exhausted_and_every_delivery_mode_recove
             assert len(answers) == 1 and answers[0] is not None and answers[0].step.step == 0
 
             # neutral mode: the step falls back within one call_timeout, and is delivered later
-            neutral_transport = GrpcTransport(srv.target, timeout=60.0)
+            neutral_transport = GrpcTransport(srv.target, timeout=60.0, report_stream=False)
             neutral = Delivery(neutral_transport, mode="neutral", call_timeout=0.3, wait_timeout=120.0)
             held = occupy("ListSessions", lambda i: pb.ListSessionsRequest())
             request = _report("waiter", step=1)

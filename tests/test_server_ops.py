@@ -28,7 +28,7 @@ def test_health_reflection_and_metrics(tmp_path: Path) -> None:
             answers = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30))
             names = {s.name for s in answers[0].list_services_response.service}
             assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
-        with RegulatorClient.connect(srv.target) as client:
+        with RegulatorClient.connect(srv.target, report_stream=False) as client:  # unary Reports, as older clients send
             client.open_session("m-job", ["a", "b"], "official")
             client.report("m-job", attempt=0, epoch=0, step=0, count=4, score_sums={"a": 3.0, "b": 1.0}, fisher={"a": 0.5, "b": 0.25})
             client.end_epoch("m-job", attempt=0, epoch=0)
@@ -47,6 +47,14 @@ def test_health_reflection_and_metrics(tmp_path: Path) -> None:
             text = scrape(srv.metrics_port)
             assert metric(text, "inforeg_regulator_sessions_open") == 0
             assert 'job_id="m-job"' not in text  # per-job series are removed on close
+        with RegulatorClient.connect(srv.target) as client:  # the default: Reports on one stream per job
+            client.open_session("s-job", ["a", "b"], "official")
+            for step in range(3):
+                client.report("s-job", attempt=0, epoch=0, step=step, count=4, score_sums={"a": 3.0, "b": 1.0}, fisher={"a": 0.5, "b": 0.25})
+            text = scrape(srv.metrics_port)
+            assert metric(text, "inforeg_regulator_reports_total", outcome="recorded") == 4
+            assert metric(text, "grpc_server_started_total", grpc_type="bidi_stream", grpc_service=SERVICE_NAME, grpc_method="ReportStream") == 1
+            assert metric(text, "grpc_server_started_total", grpc_type="unary", grpc_service=SERVICE_NAME, grpc_method="Report") == 2
 
 
 def test_serve_cli_port_zero_and_sigterm(tmp_path: Path) -> None:
