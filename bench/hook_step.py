@@ -3,13 +3,15 @@
     python -m bench.hook_step --workload av          # two ResNet-18 encoders, batch 8, CPU
     python -m bench.hook_step --workload digits      # the digits MLPs, one thread
     python -m bench.hook_step --workload av --device cuda --batch 64 --image 224 --amp bf16
+    python -m bench.hook_step --workload digits --overlap off on backward   # each hook variant once per option
 
 Every variant trains the same model (one model and optimizer shared by all, so every variant
 sees the same weights, caches and allocator) and they take turns block by block, A B C A B C,
 so that whatever else the machine does hits all of them alike. Reported per variant: the median
 milliseconds per step over the rounds with min and max, the ratio to ``plain`` - the median of
 the per-round ratios against the plain block of the same round, with min and max - and, for the
-hook variants, where the hook's time went per step (``hook.timings``).
+hook variants, where the hook's time went per step (``hook.timings``); and the wall-clock time
+per step inside ``loss.backward()``, which a report thread's Python lengthens (the GIL).
 
 Variants: ``plain`` (fused cross-entropy), ``plain + unimodal CE`` (the released InfoReg loss),
 the hook in-process under ``official`` and ``paper`` (default parameters) with the window open
@@ -129,11 +131,14 @@ class Variant:
     target: Optional[str] = None  # "sqlite" / "memory": through a regulator serve process
     warmup: tuple[int, ...] = ()  # steps of each epoch before the measured one (sets the window)
     unimodal_loss: bool = False
+    overlap: Any = "auto"  # the hook's overlap option
     hook: Any = None
     client: Any = None
     step: int = 0
     times: list[float] = field(default_factory=list)
     cpu_times: list[float] = field(default_factory=list)  # this process's CPU seconds per step, per round
+    backward_s: float = 0.0  # wall-clock seconds in loss.backward(), summed
+    backward_times: list[float] = field(default_factory=list)  # per round: seconds per step in backward()
     part_rounds: list[dict[str, float]] = field(default_factory=list)  # per round: ms per step of each part
     parts: dict[str, float] = field(default_factory=dict)
 
@@ -151,6 +156,20 @@ def variants() -> list[Variant]:
     ]
 
 
+def with_overlaps(v: Variant, overlap: Any) -> list[Variant]:
+    """A hook variant once per overlap option (a list of them: side by side in one run)."""
+    options = overlap if isinstance(overlap, (list, tuple)) else [overlap]
+    if v.profile is None:
+        return [v]
+    if len(options) == 1:
+        v.overlap = options[0]
+        return [v]
+    return [Variant(f"{v.name} [{OVERLAP_NAME[o]}]", v.profile, dict(v.params), v.target, v.warmup, v.unimodal_loss, o)
+            for o in options]
+
+
+OVERLAP_NAME = {"auto": "auto", True: "on", False: "off", "backward": "backward"}
+OVERLAP_OF = {name: o for o, name in OVERLAP_NAME.items()}
 EXPECTED_WINDOW = {"open": True, "closed": False}  # checked: a variant measures what it says
 
 
@@ -170,7 +189,9 @@ def _one_step(w: Workload, v: Variant, amp: Optional[str]) -> None:
             loss = loss + sum(F.cross_entropy(u, y) for u in uni.values())
     if v.hook is not None:
         v.hook.after_forward(logits=uni, labels=y)
+    t0 = time.perf_counter()
     loss.backward()
+    v.backward_s += time.perf_counter() - t0
     if v.hook is not None:
         v.hook.after_backward()
     opt.step()
@@ -198,7 +219,7 @@ def _open_hook(w: Workload, v: Variant, servers: dict[str, Any], amp: Optional[s
     params = {**(w.profile_params if v.profile == "official" else {}), **v.params}
     v.hook = InfoRegHook(
         v.client, w.encoders, job_id=f"bench-{w.name}-{uuid.uuid4().hex[:8]}", attempt=0, rank=0, world_size=1,
-        profile=v.profile, profile_params=params, overlap=overlap,
+        profile=v.profile, profile_params=params, overlap=v.overlap,
     )
     v.hook.open()
     for n in v.warmup:  # the epochs that set the measured epoch's window
@@ -252,6 +273,7 @@ def run(
     w = av_workload(batch, image, frames, device) if workload == "av" else digits_workload(device)
     steps = block
     chosen = [v for v in variants() if not only or v.name == PLAIN or any(o in v.name for o in only)]
+    chosen = [c for v in chosen for c in with_overlaps(v, overlap)]
     with _servers({v.target for v in chosen if v.target}) as servers:
         for v in chosen:
             if progress:
@@ -266,9 +288,11 @@ def run(
         for r in range(rounds):
             for v in chosen:
                 before = v.hook.timings.as_dict() if v.hook is not None else {}
+                b0 = v.backward_s
                 wall, cpu = _block(w, v, steps, amp)
                 v.times.append(wall)
                 v.cpu_times.append(cpu)
+                v.backward_times.append((v.backward_s - b0) / steps)
                 if v.hook is not None:
                     after = v.hook.timings.as_dict()
                     v.part_rounds.append({k: 1000 * (after[k] - before[k]) / steps for k in HOOK_PARTS})
@@ -297,6 +321,7 @@ def run(
             "ratio_max": max(ratios),
             "cpu_ms_median": 1000 * statistics.median(v.cpu_times),
             "cpu_ratio_median": statistics.median(cpu_ratios) if cpu_ratios else None,
+            "backward_ms_median": 1000 * statistics.median(v.backward_times),
             "hook_ms_per_step": v.parts,
         })
     return {
@@ -339,29 +364,33 @@ def machine() -> str:
 
 
 def table(result: dict[str, Any]) -> str:
+    W = max([44] + [len(r["variant"]) + 1 for r in result["rows"]])  # noqa: N806 (the name column's width)
     lines = [
         f"{result['benchmark']}: {result['workload']} ({result['date']}, {result['machine']}; torch {result['torch']}, "
         f"{result['threads']} thread(s){', autocast ' + result['amp'] if result['amp'] else ''}"
-        f"{'' if result.get('overlap', 'auto') == 'auto' else ', overlap ' + str(result['overlap'])}; "
+        f"{'' if result.get('overlap', ['auto']) in ('auto', ['auto']) else ', overlap ' + str(result['overlap'])}; "
         f"{result['rounds']} interleaved rounds of {result['steps_per_block']} steps)",
-        f"{'variant':<44}{'ms/step':>9}{'(min-max)':>17}{'x plain':>9}{'(min-max)':>15}{'CPU ms':>9}{'CPU x plain':>13}",
+        f"{'variant':<{W}}{'ms/step':>9}{'(min-max)':>17}{'x plain':>9}{'(min-max)':>15}{'CPU ms':>9}{'CPU x plain':>13}"
+        f"{'backward':>10}",
     ]
     for row in result["rows"]:
         cpu_ratio = row.get("cpu_ratio_median")
         lines.append(
-            f"{row['variant']:<44}{row['ms_median']:>9.2f}{'(%.1f-%.1f)' % (row['ms_min'], row['ms_max']):>17}"
+            f"{row['variant']:<{W}}{row['ms_median']:>9.2f}{'(%.1f-%.1f)' % (row['ms_min'], row['ms_max']):>17}"
             f"{row['ratio_median']:>9.3f}{'(%.3f-%.3f)' % (row['ratio_min'], row['ratio_max']):>15}"
             f"{row.get('cpu_ms_median', float('nan')):>9.2f}{cpu_ratio if cpu_ratio is not None else float('nan'):>13.3f}"
+            f"{row.get('backward_ms_median', float('nan')):>10.2f}"
         )
     lines.append("(CPU: this process's CPU time per step, all its threads, a server's not counted: on a loaded "
-                 "machine the steadier figure; x plain: median of the per-round ratios)")
+                 "machine the steadier figure; x plain: median of the per-round ratios; backward: ms per step "
+                 "in loss.backward(), wall clock)")
     hooked = [r for r in result["rows"] if r["hook_ms_per_step"]]
     if hooked:
         lines.append("")
-        lines.append(f"{'hook ms/step (median): where the time went':<44}" + "".join(f"{k[:-2]:>9}" for k in HOOK_PARTS))
+        lines.append(f"{'hook ms/step (median): where the time went':<{W}}" + "".join(f"{k[:-2]:>9}" for k in HOOK_PARTS))
         for row in hooked:
             parts = row["hook_ms_per_step"]
-            lines.append(f"{row['variant']:<44}" + "".join(f"{parts[k]:>9.2f}" for k in HOOK_PARTS))
+            lines.append(f"{row['variant']:<{W}}" + "".join(f"{parts[k]:>9.2f}" for k in HOOK_PARTS))
         lines.append("(scores: after_forward; wait: after_backward until the answer is there - with an in-process "
                      "regulator on a CPU the report runs inline, inside wait; report: host sync + request + round trip, "
                      "in the background thread overlapping backward when the regulator is a server)")
@@ -381,8 +410,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--frames", type=int, default=1, help="av: visual frames per clip")
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="autocast the forward pass")
     p.add_argument("--only", nargs="*", default=(), help="variants whose name contains one of these (plain always runs)")
-    p.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
-                   help="the hook's overlap option: report from a background thread (on) or inline (off)")
+    p.add_argument("--overlap", nargs="+", choices=tuple(OVERLAP_OF), default=["auto"],
+                   help="the hook's overlap option: the report on a thread from after_forward (on) or from the start "
+                        "of the backward pass (backward), or inline (off); several: each hook variant once per option")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers it started, too
@@ -390,7 +420,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = run(
         args.workload, args.rounds or (20 if digits else 24), args.block or (25 if digits else 1), args.warmup,
         args.threads or (1 if digits else 2), args.device, args.batch, args.image, args.frames, args.amp, args.only,
-        overlap={"auto": "auto", "on": True, "off": False}[args.overlap],
+        overlap=[OVERLAP_OF[o] for o in args.overlap],
     )
     return emit(result, table(result), args.json)
 

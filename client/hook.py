@@ -61,6 +61,7 @@ from .step_exchange import StepExchange
 from .step_parts import Answer, HookTimings, StepResult
 from .training_metrics import flat_metrics
 
+OVERLAPS = (True, False, "auto", "backward")
 __all__ = ["InfoRegHook", "StepResult", "HookTimings", "Logits", "Scores"]
 _Answer = Answer  # (its name before the step's parts had a module of their own)
 
@@ -112,10 +113,13 @@ class InfoRegHook:
         fisher_dtype: ``torch.float32`` (default: each weight tensor's sum of squares in float32,
             accumulated over tensors in float64) or ``torch.float64`` (every tensor in float64).
         overlap: send the report from a background thread, so that its round trip overlaps the
-            backward pass (only with ``after_forward``). ``"auto"`` (default): when the client
-            talks to a server, or the encoders are on a GPU (the thread also takes the host sync
-            off the training loop). An in-process regulator on a CPU job is run inline: its work
-            is Python that needs the GIL, which a thread would only contend for.
+            backward pass (only with ``after_forward``): ``True`` starts it in ``after_forward``,
+            ``"backward"`` when the backward pass begins (``report_trigger``), ``False`` runs it
+            inline in ``after_backward``. ``"auto"`` (default): ``True`` when the client talks to
+            a server, or the encoders are on a GPU (the thread also takes the host sync off the
+            training loop); inline for an in-process regulator on a CPU job: its work is Python
+            that needs the GIL, which the training thread needs too, the backward pass included
+            (docs/performance.md).
         grad_scaler, optimizer: fp16 mixed precision with ``torch.amp.GradScaler``: the hook
             unscales the optimizer's gradients (``scaler.unscale_(optimizer)``, unless you did)
             before anything reads them, and a step whose gradients hold inf/NaN - the scaler
@@ -169,10 +173,11 @@ class InfoRegHook:
         self.record_path = record
         self.process_group = process_group
         self.keep_history = keep_history
-        if overlap not in (True, False, "auto"):
-            raise ValueError(f"overlap must be True, False or 'auto', got {overlap!r}")
-        auto = bool(getattr(client, "remote", True)) or self.probe.device.type == "cuda"
-        self.overlap = auto if overlap == "auto" else bool(overlap)
+        if overlap not in OVERLAPS:
+            raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
+        if overlap == "auto":
+            overlap = bool(getattr(client, "remote", True)) or self.probe.device.type == "cuda"
+        self.overlap: Union[bool, str] = overlap
         self.grad_scaler = grad_scaler
         self.optimizer = optimizer
         self.delivery = Delivery(client, env.mode(on_unavailable), call_timeout, wait_timeout, warn_every_s=warn_every_s)
@@ -182,12 +187,19 @@ class InfoRegHook:
         self._group = JobGroup(identity.world_size, process_group)
         self._exchange = StepExchange(
             self._state, self.modalities, self.probe, self._group, self.delivery,
-            background=self.overlap and grad_scaler is None, keep_history=keep_history,
+            start=self._start_of(grad_scaler), keep_history=keep_history,
         )
         self._session = HookSession(
             client, self._state, self.profile, self.probe, self._group, self.delivery, self._exchange, record=record,
             close_session=identity.rank == 0 if close_session is None else close_session, disabled=self.disabled,
         )
+
+    def _start_of(self, grad_scaler: Any) -> str:
+        """When the step's report starts (``StepExchange``, from the ``overlap`` option). fp16
+        with a GradScaler reports inline, once the scaler has said whether the step runs."""
+        if grad_scaler is not None or not self.overlap:
+            return "inline"
+        return "backward" if self.overlap == "backward" else "forward"
 
     # -- where the job stands -----------------------------------------------------------------
 

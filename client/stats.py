@@ -194,10 +194,17 @@ class EncoderProbe:
         self._to_modality = torch.zeros(len(self.fisher_idx), len(self.names), dtype=torch.float64, device=self.device)
         for t, i in enumerate(self.fisher_idx):
             self._to_modality[t, self.owner[i]] = 1.0 / self.params[i].numel()
+        self._fisher_params = [self.params[i] for i in self.fisher_idx]
         # CPU float32: a BLAS dot per tensor is both faster and more accurate than _foreach_norm
         self._dot = self.device.type == "cpu" and all(self.params[i].dtype == torch.float32 for i in self.fisher_idx)
         self._generator: Optional[torch.Generator] = None
         self.anchors: list[Tensor] = []
+
+    def first_grads(self) -> list[nn.Parameter]:
+        """Per encoder, its last parameter: usually its output layer's, whose gradient comes
+        first in the backward pass (``ReportTrigger``)."""
+        last = {m: i for i, m in enumerate(self.owner)}
+        return [self.params[last[m]] for m in sorted(last)]
 
     # -- anchors ------------------------------------------------------------------------------
 
@@ -309,10 +316,13 @@ class EncoderProbe:
         ``sum(grad**2) / numel`` of the gradients as they are now. A weight without a gradient
         contributes 0."""
         with torch.no_grad():
-            idx = [i for i in self.fisher_idx if self.params[i].grad is not None]
-            grads = [self.params[i].grad for i in idx]
-            if not grads:
-                return torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+            grads = [p.grad for p in self._fisher_params]
+            to_modality = self._to_modality
+            if any(g is None for g in grads):
+                keep = [j for j, g in enumerate(grads) if g is not None]
+                if not keep:
+                    return torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+                grads, to_modality = [grads[j] for j in keep], to_modality[keep]
             if self.fisher_dtype == torch.float64:
                 sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square_()  # type: ignore[arg-type]
             elif self._dot:
@@ -320,7 +330,4 @@ class EncoderProbe:
                 sq = torch.stack([torch.dot(f, f) for f in flat]).double()
             else:  # CUDA: one fused kernel over all tensors; float32 accumulation in a tree
                 sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double().square_()  # type: ignore[arg-type]
-            if len(idx) == len(self.fisher_idx):
-                return sq @ self._to_modality
-            where = {i: j for j, i in enumerate(self.fisher_idx)}
-            return sq @ self._to_modality[[where[i] for i in idx]]
+            return sq @ to_modality

@@ -5,13 +5,18 @@ The order of a step, and which thread does what (``InfoRegHook`` calls 1 and 3):
 1. ``send`` - training thread, after the forward pass. Under DDP the scores start summing onto
    the job's leader (async). The previous step's Fisher values (still on the device), and its
    queued fallback report if it ran unanswered, go into the step's ``InFlight``: from here on
-   they belong to the report. The leader hands ``_report`` to the report thread (``overlap``),
-   or keeps it for step 3.
+   they belong to the report, and nothing the report reads changes until step 3. The leader
+   starts the report (``start``): ``"forward"`` hands ``_report`` to the report thread now;
+   ``"backward"`` arms a ``ReportTrigger`` whose gradient hook hands it over when the backward
+   pass begins (on the autograd engine's thread, under the trigger's lock, which sets the
+   future); ``"inline"`` keeps it for step 3.
 2. ``_report`` - report thread (or inline in step 3); leader only. Waits for the DDP reduce;
    one host sync brings the job's scores and the previous step's Fisher values; the Report
    round trip, through ``Delivery`` (which waits, or in a fallback mode answers None).
-3. ``finish`` - training thread, after ``backward``. ``_answer`` joins the report: the
-   future's result is the only thing the report thread hands back. The response (or the
+3. ``take`` + ``finish`` - training thread, after ``backward``. ``take`` disarms the trigger:
+   under its lock, either the future is set (the hook fired) or it never will be, and the
+   report runs inline. ``_answer`` joins the report: the future's result is the only thing
+   the report thread hands back. The response (or the
    fallback: zero or the last factors, the step queued as a late report) becomes the step's
    factors, which under DDP the leader broadcasts, with whether the regulator answered at all.
    The factors go on the gradients (``EncoderProbe.apply``); ``_keep`` measures the Fisher
@@ -37,24 +42,29 @@ from .delivery import Delivery
 from .hook_state import HookState
 from .job_group import JobGroup
 from .released import device_proximal
+from .report_trigger import ReportTrigger
 from .scores import with_count
 from .stats import EncoderProbe, noise_seed
 from .step_parts import Answer, InFlight, PendingFisher, ReportOutcome, StepResult
 
+STARTS = ("inline", "forward", "backward")
 log = logging.getLogger(f"{__package__}.hook")  # the hook's messages, under the logger name users filter by
 
 
 class StepExchange:
-    """The step's exchange (see the module docstring for its order). ``background``: the
-    leader reports from a thread while ``backward`` runs."""
+    """The step's exchange (see the module docstring for its order). ``start``: when the
+    leader's report starts - ``"inline"`` (in ``finish``), ``"forward"`` (in ``send``, on the
+    report thread) or ``"backward"`` (on the report thread when the backward pass begins)."""
 
     def __init__(
         self, state: HookState, modalities: tuple[str, ...], probe: EncoderProbe, group: JobGroup,
-        delivery: Delivery, *, background: bool, keep_history: bool,
+        delivery: Delivery, *, start: str, keep_history: bool,
     ) -> None:
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
         self.state, self.modalities, self.probe, self.group = state, modalities, probe, group
         self.delivery = delivery
-        self.background = background
+        self.start = start
         self.keep_history = keep_history
         self.released_gains: Optional[tuple[float, ...]] = None  # official with arithmetic=released
         self.last = Answer.neutral(len(modalities))  # the factors last applied (``last`` mode, metrics)
@@ -62,6 +72,8 @@ class StepExchange:
         self._pending: Optional[PendingFisher] = None  # the last step's Fisher values, not yet sent
         self._late: Optional[pb.ReportRequest] = None  # the last step's queued fallback report
         self._executor: Optional[ThreadPoolExecutor] = None
+        self._trigger: ReportTrigger[InFlight] = ReportTrigger(self._submit)
+        self._first_grads = probe.first_grads()  # the tensors whose gradients start the report
         self._neutral = [0.0] * len(modalities)  # a skipped step's coefficients
 
     # -- 1. training thread, after the forward pass ---------------------------------------------
@@ -77,11 +89,20 @@ class StepExchange:
             flight = InFlight(st.epoch, st.step, sums, count)
         flight.previous, flight.late = self._pending, self._late  # now the report's
         self._pending = self._late = None
-        if early and self.background and self.group.reports:
+        if early and self.start != "inline" and self.group.reports:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inforeg-report")
-            flight.future = self._executor.submit(self._report, flight)
+            if self.start == "forward":
+                self._submit(flight)
+            else:
+                flight.armed = True
+                self._trigger.arm(flight, self._first_grads)
         self.flight = flight
+
+    def _submit(self, flight: InFlight) -> None:
+        """The report to the report thread: from ``send``, or from the trigger (on the autograd
+        engine's thread, while the training thread waits in ``backward``)."""
+        flight.future = self._executor.submit(self._report, flight)  # type: ignore[union-attr]
 
     # -- 2. report thread (or inline), leader only ------------------------------------------------
 
@@ -116,8 +137,12 @@ class StepExchange:
     # -- 3. training thread, after backward --------------------------------------------------------
 
     def take(self) -> InFlight:
+        """The step, after its backward pass: a trigger not fired by now leaves it to ``finish``."""
         flight, self.flight = self.flight, None
         assert flight is not None
+        if flight.armed:
+            self._trigger.disarm()  # the future was set under the trigger's lock, if it fired
+            flight.armed = False
         return flight
 
     def finish(self, flight: InFlight) -> StepResult:
@@ -265,6 +290,8 @@ class StepExchange:
         stops the report thread."""
         flight, self.flight = self.flight, None
         if flight is not None:
+            if flight.armed:
+                self._trigger.disarm()
             if flight.future is not None:
                 try:
                     flight.future.result()

@@ -147,5 +147,6 @@ class InFlight:
     previous: Optional[PendingFisher] = None  # the last step's Fisher values, sent with this Report
     late: Optional[pb.ReportRequest] = None  # the last step's queued fallback report, which takes them instead
     work: Any = None  # DDP: the async reduce of the scores onto the leader
+    armed: bool = False  # the report waits for the backward pass to begin (``ReportTrigger``)
     future: Optional["Future[ReportOutcome]"] = None
     host: Optional[list[float]] = None  # the leader's job-wide scores and count, once on the host
