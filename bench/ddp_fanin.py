@@ -3,8 +3,9 @@
     python -m bench.ddp_fanin --nproc 2 --epochs 2
 
 Runs ``torchrun --nproc_per_node N -m trainers.digits_ddp`` against a ``regulator serve``
-process on loopback and counts the Reports the server handled, from its own
-``grpc_server_handled_total{grpc_method="Report"}`` (every code), against the job's optimizer
+process on loopback and counts the Reports the server received, from its own metrics: unary
+``grpc_server_handled_total{grpc_method="Report"}`` (every code) plus the messages of Report
+streams, ``grpc_server_msg_received_total{grpc_method="ReportStream"}``, against the job's optimizer
 steps (25 per epoch). The job's leader (rank 0) reports for the whole job, so the answer is 1
 whatever the world size; a job of older clients, where every rank reports, gives N.
 """
@@ -27,15 +28,25 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 25  # 1,600 training samples, global batch 64
 
 
-def handled(metrics_port: int, method: str = "Report") -> float:
+def scrape(metrics_port: int) -> list[Any]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return sum(
+    return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def handled(samples: list[Any], method: str) -> float:
+    """Unary calls of ``method`` the server finished, whatever their code."""
+    return sum(s.value for s in samples if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == method)
+
+
+def reports(samples: list[Any]) -> float:
+    """Reports the server received however sent: unary Report calls it finished, and the messages
+    of ReportStreams (a stream is one RPC, counted once at its end, that carries many Reports)."""
+    return handled(samples, "Report") + sum(
         s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == method
+        for s in samples
+        if s.name == "grpc_server_msg_received_total" and s.labels.get("grpc_method") == "ReportStream"
     )
 
 
@@ -52,18 +63,19 @@ def run(nproc: int = 2, epochs: int = 2, profile: str = "official", progress: bo
         if proc.returncode != 0:
             raise RuntimeError(f"the DDP job failed:\n{proc.stdout}\n{proc.stderr}")
         wall = time.perf_counter() - t0
-        reports, ends = handled(server.metrics_port), handled(server.metrics_port, "EndEpoch")
+        samples = scrape(server.metrics_port)
+        count, ends = reports(samples), handled(samples, "EndEpoch")
     steps = STEPS_PER_EPOCH * epochs
     if progress:
-        print(f"  ddp fan-in: {nproc} ranks, {steps} steps, {reports:.0f} Reports ({wall:.0f} s)", file=sys.stderr, flush=True)
+        print(f"  ddp fan-in: {nproc} ranks, {steps} steps, {count:.0f} Reports ({wall:.0f} s)", file=sys.stderr, flush=True)
     return {
         "benchmark": "ddp_fanin",
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "world_size": nproc,
         "optimizer_steps": steps,
-        "reports_handled": reports,
+        "reports_handled": count,
         "end_epochs_handled": ends,
-        "reports_per_step": reports / steps,
+        "reports_per_step": count / steps,
         "wall_s": wall,
     }
 
@@ -72,7 +84,7 @@ def table(result: dict[str, Any]) -> str:
     return (
         f"DDP fan-in ({result['date']}): a {result['world_size']}-rank trainers.digits_ddp job, "
         f"{result['optimizer_steps']} optimizer steps -> {result['reports_handled']:.0f} Reports handled by the server "
-        f"(grpc_server_handled_total), {result['reports_per_step']:.2f} per step; "
+        f"(unary Report calls and ReportStream messages), {result['reports_per_step']:.2f} per step; "
         f"{result['end_epochs_handled']:.0f} EndEpoch"
     )
 

@@ -36,7 +36,7 @@ from regulator_service.edge import metrics as metrics_module
 from regulator_service.edge.interceptors import GO_CODE_NAMES
 from regulator_service.edge.server import RegulatorServer, ServerConfig
 
-from .conftest import data_file, require_promtool, roomy_limits
+from .conftest import data_file, require_promtool, roomy_limits, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "inforeg-regulator.json"
@@ -297,14 +297,26 @@ def test_counters_add_up(live: Run) -> None:
     assert s.value("inforeg_regulator_sessions_ended_total", reason="closed") == 3
     assert s.value("inforeg_regulator_sessions_open") == 0
     assert s.value("inforeg_regulator_metrics_jobs_dropped_total") == 1
-    # The gRPC metrics agree with the regulator's own accounting.
+    # The gRPC metrics agree with the regulator's own accounting. The client sends its Reports as
+    # unary calls or (the default) as the messages of a stream per job: count both ways.
     svc = "inforeg.regulator.v1.Regulator"
-    rpc = dict(grpc_type="unary", grpc_service=svc, grpc_method="Report")
-    assert s.value("grpc_server_handled_total", **rpc, grpc_code="OK") == live.trace_steps + digits_steps + 1
-    assert s.value("grpc_server_handled_total", **rpc, grpc_code="InvalidArgument") == 1
-    assert s.value("grpc_server_started_total", **rpc) == s.value("grpc_server_msg_received_total", **rpc) == live.trace_steps + digits_steps + 2
-    assert s.value("grpc_server_msg_sent_total", **rpc) == live.trace_steps + digits_steps + 1
-    assert s.value("grpc_server_handling_seconds_count", **rpc) == live.trace_steps + digits_steps + 2
+    reports = live.trace_steps + digits_steps + 2  # + the duplicate and the rejected one
+    unary = dict(grpc_type="unary", grpc_service=svc, grpc_method="Report")
+    stream = dict(grpc_type="bidi_stream", grpc_service=svc, grpc_method="ReportStream")
+
+    def both(name: str, **labels: str) -> float:
+        return (s.get(name, **unary, **labels) or 0.0) + (s.get(name, **stream, **labels) or 0.0)
+
+    assert both("grpc_server_msg_received_total") == reports
+    assert both("grpc_server_msg_sent_total") == reports - 1  # the rejected one has no answer
+    assert (s.get("grpc_server_started_total", **unary) or 0.0) == (s.get("grpc_server_handling_seconds_count", **unary) or 0.0)
+    # The regulator's own per-Report histogram sees every Report, however it came.
+    timed = {lab["rpc"]: v for lab, v in s.series("inforeg_regulator_report_seconds_count")}
+    assert set(timed) == {"Report", "ReportStream"} and sum(timed.values()) == reports, timed
+    assert timed["Report"] == (s.get("grpc_server_msg_received_total", **unary) or 0.0)
+    assert timed["ReportStream"] == (s.get("grpc_server_msg_received_total", **stream) or 0.0)
+    # The rejected Report ended its call (a unary one, or the stream that carried it) InvalidArgument.
+    assert both("grpc_server_handled_total", grpc_code="InvalidArgument") == 1
     for op in ("create_session", "append_step", "close_epoch"):
         assert s.value("inforeg_regulator_state_store_write_seconds_count", operation=op) > 0, op
 
@@ -496,3 +508,67 @@ def test_dashboard_and_alerts_use_only_exported_metrics(live: Run) -> None:
             continue
         shown = {name} | ({f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "Histogram" else set())
         assert shown & dashboard_used, f"{name} is on no dashboard panel"
+
+
+# -- Reports on a stream and unary: the per-Report histogram and the latency panels ----------------
+
+
+def _matches(labels: dict[str, str], matchers: dict[str, tuple[str, str]]) -> bool:
+    """Whether a series' labels satisfy a selector's matchers (target labels: Grafana variables, All)."""
+    for label, (op, value) in matchers.items():
+        if label in TARGET_LABELS:
+            continue
+        have = labels.get(label, "")
+        hit = re.fullmatch(value, have) is not None if op in ("=~", "!~") else have == value
+        if hit != (op in ("=", "=~")):
+            return False
+    return True
+
+
+@pytest.mark.e2e
+def test_streamed_and_unary_reports_are_each_timed_and_counted(tmp_path: Path) -> None:
+    """Every Report is one sample of inforeg_regulator_report_seconds and one count of
+    reports_total by outcome, whether unary or a stream message; a ReportStream's
+    grpc_server_handling_seconds (the stream's lifetime) is on no latency panel."""
+    srv = RegulatorServer(ServerConfig(port=0, metrics_port=0, state_dir=tmp_path / "state", grace_seconds=1.0, limits=roomy_limits()))
+    srv.start()
+    try:
+        report = dict(attempt=0, epoch=0, count=4, score_sums={"a": 2.0, "b": 3.0}, fisher={"a": 1.0, "b": 0.5})
+        nan = dict(report, score_sums={"a": float("nan"), "b": 1.0})
+        with RegulatorClient.connect(srv.target, timeout=30.0, report_stream=False) as unary, \
+                RegulatorClient.connect(srv.target, timeout=30.0, report_stream=True) as streamed:
+            unary.open_session("mixed", ["a", "b"], "none")
+            for step in range(3):
+                unary.report("mixed", step=step, **report)
+            unary.report("mixed", step=2, **report)  # a retry: the stored answer
+            with pytest.raises(Exception, match="(?i)nan|finite|invalid"):
+                unary.report("mixed", step=3, **nan)
+            for step in range(3, 7):
+                streamed.report("mixed", step=step, **report)
+            streamed.report("mixed", step=6, **report)
+            with pytest.raises(Exception, match="(?i)nan|finite|invalid"):
+                streamed.report("mixed", step=7, **nan)
+        # The stream that the rejected Report ended is handled (and its lifetime observed).
+        ended = lambda: any(lab["grpc_method"] == "ReportStream" for lab, _ in Scrape(scrape(srv.metrics_port)).series("grpc_server_handling_seconds_count"))  # noqa: E731
+        wait_until(ended, "the stream's end is counted")
+        s = Scrape(scrape(srv.metrics_port))
+    finally:
+        srv.stop(grace=0)
+    assert s.value("inforeg_regulator_reports_total", outcome="recorded") == 7
+    assert s.value("inforeg_regulator_reports_total", outcome="duplicate") == 2
+    assert s.value("inforeg_regulator_reports_total", outcome="rejected") == 2
+    assert s.value("inforeg_regulator_report_seconds_count", rpc="Report") == 5
+    assert s.value("inforeg_regulator_report_seconds_count", rpc="ReportStream") == 6
+    svc = "inforeg.regulator.v1.Regulator"
+    assert s.value("grpc_server_msg_received_total", grpc_type="bidi_stream", grpc_service=svc, grpc_method="ReportStream") == 6
+    # Every latency panel reads unary RPCs or the per-Report histogram, never a stream's lifetime.
+    latency = [(w, e) for w, e in dashboard_queries() if "seconds_bucket" in e and "state_store" not in e]
+    assert latency, "no latency panel"
+    seen_rpc = set()
+    for where, expr in latency:
+        for name, matchers in promql_selectors(expr):
+            selected = [lab for lab, _ in s.series(name) if _matches(lab, matchers)]
+            assert selected, f"{where}: selects nothing of {name}"
+            assert all(lab.get("grpc_method") != "ReportStream" for lab in selected), f"{where}: reads ReportStream's lifetime"
+            seen_rpc |= {lab["rpc"] for lab in selected if "rpc" in lab}
+    assert seen_rpc == {"Report", "ReportStream"}, "the Report latency panel shows Reports however sent"

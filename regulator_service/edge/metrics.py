@@ -66,6 +66,15 @@ class RegulatorMetrics:
             ["outcome"],
             registry=r,
         )
+        # Per Report however it came (a unary call or one message of a stream): grpc_server_handling_seconds
+        # holds one sample per RPC, so a ReportStream's is its whole lifetime, not a Report's latency.
+        self.report_seconds = Histogram(
+            f"{PREFIX}_report_seconds",
+            "Latency of one Report, from its request to its answer or error, by how it came: rpc=Report (unary) or ReportStream (one stream message).",
+            ["rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.fallback_steps = Counter(
             f"{PREFIX}_fallback_steps_total",
             "Steps that clients reported as applied without the regulator's answer.",
@@ -107,6 +116,7 @@ class RegulatorMetrics:
             self.sessions_ended.labels(reason)
         for op in ("create_session", "set_status", "append_step", "replace_step", "close_epoch"):
             self.store_write_failures.labels(op)
+        self.report_timers = {rpc: self.report_seconds.labels(rpc) for rpc in ("Report", "ReportStream")}
         self._recorded = self.reports.labels("recorded")
         self._duplicate = self.reports.labels("duplicate")
 

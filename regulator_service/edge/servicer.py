@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import grpc
@@ -87,7 +88,13 @@ class RegulatorServicer(pb_grpc.RegulatorServicer):
 
     def Report(self, request: pb.ReportRequest, context: grpc.ServicerContext) -> pb.ReportResponse:
         rejected = self._metrics.report_rejected if self._metrics is not None else None
-        return self._call(self._api.report, request, context, rejected)
+        if self._metrics is None:
+            return self._call(self._api.report, request, context, rejected)
+        start = time.perf_counter()
+        try:
+            return self._call(self._api.report, request, context, rejected)
+        finally:  # every Report's latency, its answer's or its error's (report_seconds)
+            self._metrics.report_timers["Report"].observe(time.perf_counter() - start)
 
     def ReportStream(
         self, request_iterator: Iterator[pb.ReportRequest], context: grpc.ServicerContext
@@ -98,21 +105,28 @@ class RegulatorServicer(pb_grpc.RegulatorServicer):
         if self._unavailable is not None:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unusable: {self._unavailable}")
         rejected = self._metrics.report_rejected if self._metrics is not None else None
+        timer = self._metrics.report_timers["ReportStream"] if self._metrics is not None else None
         job = header_job(context.invocation_metadata())
         for request in request_iterator:
             if isinstance(request, Undecodable):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not decode: {request.error}")
-            if job is None:
-                job = request.job_id
-            elif request.job_id != job:
-                if rejected is not None:
-                    rejected()
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"this stream carries the Reports of job {job!r}, not of job {request.job_id!r}: "
-                    "open one stream per job",
-                )
-            yield self._call(self._api.report, request, context, rejected)
+            start = time.perf_counter()
+            try:
+                if job is None:
+                    job = request.job_id
+                elif request.job_id != job:
+                    if rejected is not None:
+                        rejected()
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"this stream carries the Reports of job {job!r}, not of job {request.job_id!r}: "
+                        "open one stream per job",
+                    )
+                answer = self._call(self._api.report, request, context, rejected)
+            finally:  # this message's latency, as a unary Report's (report_seconds); not the stream's
+                if timer is not None:
+                    timer.observe(time.perf_counter() - start)
+            yield answer
             if self.draining.is_set():
                 context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
 
