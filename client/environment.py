@@ -44,10 +44,7 @@ class ClientEnvironment:
         mode = env.get(ON_UNAVAILABLE, "").strip().lower() or None
         if mode is not None and mode not in MODES:
             raise ValueError(f"{ON_UNAVAILABLE}={env[ON_UNAVAILABLE]!r}: expected one of {', '.join(MODES)}")
-        raw = env.get(DISABLED, "").strip().lower()
-        if raw not in _TRUE + _FALSE:
-            raise ValueError(f"{DISABLED}={env[DISABLED]!r}: expected 1/true/yes/on or 0/false/no/off (or unset)")
-        return cls(on_unavailable=mode, disabled=raw in _TRUE)
+        return cls(on_unavailable=mode, disabled=_switch(env, DISABLED, default=False))
 
     def mode(self, explicit: Optional[str]) -> str:
         """The delivery mode in force: the code's argument, else the environment's, else ``wait``."""
@@ -59,10 +56,14 @@ class ClientEnvironment:
 def report_stream_enabled(env: Optional[Mapping[str, str]] = None) -> bool:
     """``REGULATOR_REPORT_STREAM`` from ``env`` (default ``os.environ``): on unless ``off`` (or
     ``0``/``false``/``no``); any other value is a ``ValueError`` naming the variable."""
-    env = os.environ if env is None else env
-    raw = env.get(REPORT_STREAM, "").strip().lower()
-    if raw in _TRUE or raw == "":
-        return True
-    if raw in _FALSE:
-        return False
-    raise ValueError(f"{REPORT_STREAM}={env[REPORT_STREAM]!r}: expected on/off (1/true/yes or 0/false/no; unset: on)")
+    return _switch(os.environ if env is None else env, REPORT_STREAM, default=True)
+
+
+def _switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    """An on/off variable: 1/true/yes/on or 0/false/no/off, ``default`` when unset or empty."""
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in _TRUE or raw in _FALSE:
+        return raw in _TRUE
+    raise ValueError(f"{name}={env[name]!r}: expected 1/true/yes/on or 0/false/no/off (or unset)")

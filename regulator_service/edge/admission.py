@@ -42,6 +42,7 @@ from typing import Any, Callable, Optional
 import grpc
 
 from ..errors import RETRY_AFTER_KEY
+from .interceptors import HandlerCache
 
 SHED_RETRY_AFTER_MS = 50  # the pause a shed call is asked to wait before its retry
 SHED_MESSAGE = "the regulator is at its --max-concurrent-rpcs limit; retry later"
@@ -215,7 +216,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, pool: AdmissionPool) -> None:
         self._pool = pool
-        self._streams: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._streams = HandlerCache()
 
     def intercept_service(
         self,
@@ -233,14 +234,8 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
 
     def _stream(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """``handler`` with its behaviour marked; built once per inner handler (a fixed set)."""
-        entry = self._streams.get(id(handler))
-        if entry is not None and entry[0] is handler:
-            return entry[1]
-        marked = grpc.stream_stream_rpc_method_handler(
+        return self._streams.get(handler, None, lambda: grpc.stream_stream_rpc_method_handler(
             StreamBehavior(handler.stream_stream),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
-        )
-        if len(self._streams) < 64:
-            self._streams[id(handler)] = (handler, marked)
-        return marked
+        ))

@@ -58,6 +58,8 @@ class RegulatorServicer(pb_grpc.RegulatorServicer):
         self._metrics = metrics
         self._unavailable = unavailable  # why every call must fail (an unusable state store)
         self.draining = threading.Event()  # set by the server's stop: streams end after their answer
+        self._rejected = metrics.report_rejected if metrics is not None else None
+        self._timers = metrics.report_timers if metrics is not None else None  # report_seconds, by rpc
 
     def _call(
         self,
@@ -87,14 +89,7 @@ class RegulatorServicer(pb_grpc.RegulatorServicer):
         return self._call(self._api.open_session, request, context)
 
     def Report(self, request: pb.ReportRequest, context: grpc.ServicerContext) -> pb.ReportResponse:
-        rejected = self._metrics.report_rejected if self._metrics is not None else None
-        if self._metrics is None:
-            return self._call(self._api.report, request, context, rejected)
-        start = time.perf_counter()
-        try:
-            return self._call(self._api.report, request, context, rejected)
-        finally:  # every Report's latency, its answer's or its error's (report_seconds)
-            self._metrics.report_timers["Report"].observe(time.perf_counter() - start)
+        return self._report(request, context, "Report")
 
     def ReportStream(
         self, request_iterator: Iterator[pb.ReportRequest], context: grpc.ServicerContext
@@ -104,31 +99,35 @@ class RegulatorServicer(pb_grpc.RegulatorServicer):
         message in hand is answered and the stream then ends with UNAVAILABLE."""
         if self._unavailable is not None:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unusable: {self._unavailable}")
-        rejected = self._metrics.report_rejected if self._metrics is not None else None
-        timer = self._metrics.report_timers["ReportStream"] if self._metrics is not None else None
         job = header_job(context.invocation_metadata())
         for request in request_iterator:
             if isinstance(request, Undecodable):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not decode: {request.error}")
-            start = time.perf_counter()
-            try:
-                if job is None:
-                    job = request.job_id
-                elif request.job_id != job:
-                    if rejected is not None:
-                        rejected()
-                    context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"this stream carries the Reports of job {job!r}, not of job {request.job_id!r}: "
-                        "open one stream per job",
-                    )
-                answer = self._call(self._api.report, request, context, rejected)
-            finally:  # this message's latency, as a unary Report's (report_seconds); not the stream's
-                if timer is not None:
-                    timer.observe(time.perf_counter() - start)
-            yield answer
+            if job is None:
+                job = request.job_id
+            yield self._report(request, context, "ReportStream", job)
             if self.draining.is_set():
                 context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+
+    def _report(
+        self, request: pb.ReportRequest, context: grpc.ServicerContext, rpc: str, job: Optional[str] = None
+    ) -> pb.ReportResponse:
+        """One Report, however it came, timed from its request to its answer or error
+        (``report_seconds{rpc}``); ``job``: the stream's, which the request must be of."""
+        start = time.perf_counter()
+        try:
+            if job is not None and request.job_id != job:
+                if self._rejected is not None:
+                    self._rejected()
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"this stream carries the Reports of job {job!r}, not of job {request.job_id!r}: "
+                    "open one stream per job",
+                )
+            return self._call(self._api.report, request, context, self._rejected)
+        finally:
+            if self._timers is not None:
+                self._timers[rpc].observe(time.perf_counter() - start)
 
     def EndEpoch(self, request: pb.EndEpochRequest, context: grpc.ServicerContext) -> pb.EndEpochResponse:
         return self._call(self._api.end_epoch, request, context)

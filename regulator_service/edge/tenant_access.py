@@ -90,6 +90,11 @@ class TenantMetrics:
                 self.rpcs.labels(tenant.name, method.name, "OK")
         registry.register(_SessionsByTenant(tenants, sessions))
 
+    def count(self, tenant: Tenant, method: str, code: Optional[grpc.StatusCode]) -> None:
+        """One answered (``code`` None: OK) or failed call of ``tenant``'s."""
+        name = "OK" if code is None else GO_CODE_NAMES.get(code, "Unknown")
+        self.rpcs.labels(tenant.name, method, name).inc()
+
 
 class _SessionsByTenant(Collector):
     def __init__(self, tenants: Tenants, sessions: Callable[[], Iterable[Any]]) -> None:
@@ -169,11 +174,10 @@ class TenantInterceptor(grpc.ServerInterceptor):
                 response = _call(tenant, request, context)
             except BaseException:
                 if metrics is not None:
-                    code = context.code()
-                    metrics.rpcs.labels(tenant.name, method, GO_CODE_NAMES.get(code, "Unknown")).inc()
+                    metrics.count(tenant, method, context.code() or grpc.StatusCode.UNKNOWN)
                 raise
             if metrics is not None:
-                metrics.rpcs.labels(tenant.name, method, "OK").inc()
+                metrics.count(tenant, method, None)
             return response
 
         def _call(tenant: Tenant, request: Any, context: grpc.ServicerContext) -> Any:
@@ -211,14 +215,13 @@ class TenantInterceptor(grpc.ServerInterceptor):
             try:
                 for response in behavior(held(raws, tenant, context), context):
                     if metrics is not None:
-                        metrics.rpcs.labels(tenant.name, method, "OK").inc()
+                        metrics.count(tenant, method, None)
                     yield response
             except GeneratorExit:  # the client left: no message of it was refused
                 raise
             except BaseException:
                 if metrics is not None:
-                    code = context.code()
-                    metrics.rpcs.labels(tenant.name, method, GO_CODE_NAMES.get(code, "Unknown")).inc()
+                    metrics.count(tenant, method, context.code() or grpc.StatusCode.UNKNOWN)
                 raise
 
         return grpc.stream_stream_rpc_method_handler(
