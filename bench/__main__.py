@@ -6,7 +6,8 @@
 Parts: ``av`` (the hook on a ResNet-18 audio-visual CPU step), ``digits`` (the hook on the digits
 MLP step), ``server`` (Report load against the grpcio echo floor, ``bench.server_load``: the
 server's CPU per Report against the floor's per call, with the SQLite store, the same answering a
-stream per client, PostgreSQL when it is installed, and the memory store),
+stream per client, PostgreSQL (unary and a stream; its cluster apart from the server's CPU) when
+it is installed, and the memory store),
 ``ddp`` (Reports per optimizer step of a 2-rank DDP job). Prints each table as it completes and
 writes every number, with date and machine, to ``--json`` (default ``results/bench.json``).
 """
@@ -53,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "server" in args.parts:
         from .pg_cluster import bindir
 
-        servers = ("echo", "sqlite", "sqlite-stream", *(("postgresql",) if bindir() else ()), "memory")
+        servers = ("echo", "sqlite", "sqlite-stream", *(("postgresql", "postgresql-stream") if bindir() else ()), "memory")
         r = server_load.run(duration_s=args.server_duration, servers=servers)
         done("server_load", r, server_load.table(r))
     if "ddp" in args.parts:

@@ -18,13 +18,19 @@ every 100 steps; ``in flight`` is the number of such clients. The server runs on
 load generator on the others (``taskset`` where available, else ``sched_setaffinity``), so the
 floor is one core's worth of grpcio. Servers alternate within each round (A B C A B C) so that
 machine noise hits all of them alike; the summary is the median over rounds. Besides QPS and
-latency, each cell gives the server's CPU time per call (steadier than QPS on a shared machine)
-and its ratio to the floor's CPU per call in the same run (``CPU x floor``, issue 20's measure).
+latency, each cell gives the server's CPU time per call (steadier than QPS on a shared machine),
+its ratio to the floor's CPU per call in the same run (``CPU x floor``, issue 20's measure), and
+the context switches of the server's threads per call (each a thread that blocked or was
+preempted: where a Python server's CPU goes besides its code).
 ``sqlite-stream`` (and ``memory-stream``, ``postgresql-stream``) is the same regulator answering
 Reports sent as the messages of one ``ReportStream`` per client (the wire contract's stream per
 job, its ``x-inforeg-job`` header set, ``--max-streams`` above the clients), and ``postgresql``
-the regulator on a throwaway PostgreSQL cluster pinned to the server's CPU, whose CPU time is
-counted with the server's (``bench/pg_cluster.py``).
+the regulator on a throwaway PostgreSQL cluster whose CPU time is counted with the server's
+(``of it DB``; ``bench/pg_cluster.py``). The cluster runs apart from the server's CPU (on the
+load's), as a database runs on a machine of its own; ``--database-cpus server`` puts it on the
+regulator's core instead, where each commit's wake-up of the database preempts the regulator's
+threads mid hand-over of the GIL (about twice the context switches per Report; see
+docs/performance.md).
 ``echo-aio`` is the same trivial server on ``grpc.aio`` (a lower floor on this harness, so the
 synchronous one stays the floor) and ``echo-interceptors`` the floor behind the regulator's own
 interceptors. Two more measure the room a Python server has above the floor: ``echo-busy`` spends
@@ -57,6 +63,7 @@ from typing import Any, Optional, Sequence
 
 SERVERS = ("echo", "echo-aio", "echo-interceptors", "echo-busy", "echo-stream", "sqlite", "sqlite-stream", "postgresql",
            "postgresql-stream", "memory", "memory-stream", "baseline")
+DATABASE_PLACES = ("apart", "server")
 STREAM_MAX = 1024  # --max-streams of the regulator under a stream load: above any --concurrency here
 JOB_HEADER = "x-inforeg-job"  # the routing header a stream names its job by (client/routing.py)
 DEFAULT_BUSY_US = 30.0
@@ -362,10 +369,11 @@ class Server:
 
     def __init__(self, kind: str, cpus: Sequence[int], workdir: Path, extra: Sequence[str] = (),
                  state_dir: Optional[Path] = None, baseline: Optional[str] = None,
-                 busy_us: float = DEFAULT_BUSY_US) -> None:
+                 busy_us: float = DEFAULT_BUSY_US, db_cpus: Optional[Sequence[int]] = None) -> None:
         """``kind`` "baseline": the SQLite server of another checkout (``baseline``, e.g. a
         ``git worktree`` of an older commit), run from its own sources. ``busy_us``: the work
-        per call of ``echo-busy``."""
+        per call of ``echo-busy``. ``db_cpus``: where a PostgreSQL kind's cluster runs (default
+        the server's CPUs)."""
         self.kind = kind
         ready = workdir / f"{kind}-{time.time_ns()}.json"
         env = None
@@ -373,7 +381,7 @@ class Server:
         if kind.startswith("postgresql"):
             from bench.pg_cluster import PgCluster
 
-            self.pg = PgCluster(cpus)
+            self.pg = PgCluster(db_cpus or cpus)
             try:
                 extra = (*extra, "--store", self.pg.start())
             except BaseException:
@@ -425,15 +433,41 @@ class Server:
         """The server's CPU time so far; with PostgreSQL, its cluster's too (the postmaster, its
         backends, and the children it has reaped): what one Report costs the machine."""
         own = cpu_seconds(self.proc.pid)
+        db = self.db_cpu_seconds()
         if own is None or self.pg is None:
             return own
+        return None if db is None else own + db
+
+    def db_cpu_seconds(self) -> Optional[float]:
+        """The PostgreSQL cluster's share of ``cpu_seconds`` (None without one)."""
+        if self.pg is None:
+            return None
         from bench.pg_cluster import tree_pids
 
         postmaster = self.pg.postmaster_pid()
         if postmaster is None:
             return None
-        pids = tree_pids(postmaster)
-        return own + sum(cpu_seconds(pid, reaped=pid == postmaster) or 0.0 for pid in pids)
+        return sum(cpu_seconds(pid, reaped=pid == postmaster) or 0.0 for pid in tree_pids(postmaster))
+
+
+def context_switches(pid: int) -> Optional[int]:
+    """Voluntary + involuntary context switches of a process's live threads so far (Linux
+    ``/proc``; None elsewhere): a thread that blocks, or is preempted, switches once."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total = 0
+    for task in tasks:
+        try:
+            status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        for line in status.splitlines():
+            name, _, value = line.partition(":")
+            if name in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+                total += int(value)
+    return total
 
 
 def cpu_seconds(pid: int, reaped: bool = False) -> Optional[float]:
@@ -455,14 +489,18 @@ def measure(server: Server, clients: int, duration_s: float, warmup_s: float, cp
            "--duration", str(duration_s), "--warmup", str(warmup_s)]
     if server.kind.endswith("-stream"):
         cmd.append("--stream")
-    cpu0 = server.cpu_seconds()
+    cpu0, db0, sw0 = server.cpu_seconds(), server.db_cpu_seconds(), context_switches(server.proc.pid)
     done = subprocess.run(**pinned(cmd, cpus), capture_output=True, text=True, timeout=duration_s + warmup_s + 120)
-    cpu1 = server.cpu_seconds()
+    cpu1, db1, sw1 = server.cpu_seconds(), server.db_cpu_seconds(), context_switches(server.proc.pid)
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed against {server.kind}: {done.stderr[-2000:]}")
     res = json.loads(done.stdout.strip().splitlines()[-1])
     if cpu0 is not None and cpu1 is not None and res.get("calls_total"):
         res["server_us_per_call"] = 1e6 * (cpu1 - cpu0) / res["calls_total"]
+    if db0 is not None and db1 is not None and res.get("calls_total"):
+        res["db_us_per_call"] = 1e6 * (db1 - db0) / res["calls_total"]
+    if sw0 is not None and sw1 is not None and res.get("calls_total"):
+        res["switches_per_call"] = (sw1 - sw0) / res["calls_total"]  # the server process's, not the database's
     return res
 
 
@@ -476,20 +514,26 @@ def run(
     progress: bool = True,
     baseline: Optional[str] = None,
     busy_us: float = DEFAULT_BUSY_US,
+    database: str = "apart",
 ) -> dict[str, Any]:
     """The server-load table: per server and in-flight count, Report QPS, p50/p90/p99 (ms) and
     the ratios to the echo floor measured in the same run (medians over ``rounds``).
     ``baseline``: also the SQLite server of that checkout (an older commit), for a before/after.
-    ``busy_us``: the pure-Python work per call of ``echo-busy``."""
+    ``busy_us``: the pure-Python work per call of ``echo-busy``. ``database``: where the
+    PostgreSQL cluster runs, "apart" from the server's CPU (on the load's, as a database runs on
+    a machine of its own) or on the "server"'s CPU with the regulator."""
     if baseline is not None and "baseline" not in servers:
         servers = (*servers, "baseline")
+    if database not in DATABASE_PLACES:
+        raise ValueError(f"database placement {database!r}: one of {', '.join(DATABASE_PLACES)}")
     server_cpus, load_cpus = placement()
+    db_cpus = load_cpus if database == "apart" else server_cpus
     samples: dict[tuple[str, int], list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-server-load-") as tmp:
         for r in range(rounds):
             for kind in servers:
                 server = Server(kind, server_cpus, Path(tmp), server_args if not kind.startswith("echo") else (),
-                                baseline=baseline, busy_us=busy_us)
+                                baseline=baseline, busy_us=busy_us, db_cpus=db_cpus)
                 try:
                     for n in concurrency:
                         res = measure(server, n, duration_s, warmup_s, load_cpus)
@@ -497,7 +541,8 @@ def run(
                         if progress:
                             print(f"  round {r + 1}/{rounds} {kind:>6} x{n:<3} {res['qps']:8.0f} QPS  "
                                   f"p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms  "
-                                  f"server {res.get('server_us_per_call', float('nan')):.0f} us CPU/call",
+                                  f"server {res.get('server_us_per_call', float('nan')):.0f} us CPU/call"
+                                  + (f" (database {res['db_us_per_call']:.0f})" if "db_us_per_call" in res else ""),
                                   file=sys.stderr, flush=True)
                 finally:
                     server.stop()
@@ -513,6 +558,10 @@ def run(
             "qps_all": [x["qps"] for x in runs],
             "server_us_per_call": (statistics.median(x["server_us_per_call"] for x in runs)
                                    if all("server_us_per_call" in x for x in runs) else None),
+            "db_us_per_call": (statistics.median(x["db_us_per_call"] for x in runs)
+                               if all("db_us_per_call" in x for x in runs) else None),
+            "switches_per_call": (statistics.median(x["switches_per_call"] for x in runs)
+                                  if all("switches_per_call" in x for x in runs) else None),
         })
     floor = {row["in_flight"]: row for row in rows if row["server"] == "echo"}
     for row in rows:
@@ -529,6 +578,7 @@ def run(
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
         "server_cpus": server_cpus,
         "load_cpus": load_cpus,
+        "database_cpus": db_cpus if any(kind.startswith("postgresql") for kind in servers) else None,
         "duration_s": duration_s,
         "warmup_s": warmup_s,
         "rounds": rounds,
@@ -632,11 +682,13 @@ def in_process_table(result: dict[str, float], prefix: str = "") -> str:
 
 
 def table(result: dict[str, Any]) -> str:
+    db = result.get("database_cpus")
     lines = [
         f"server load ({result['date']}, {result['machine']}; server on CPU {result['server_cpus']}, "
-        f"load on {result['load_cpus']}; {result['duration_s']:g} s per cell, median of {result['rounds']} round(s))",
+        f"load on {result['load_cpus']}" + (f", PostgreSQL on {db}" if db is not None else "")
+        + f"; {result['duration_s']:g} s per cell, median of {result['rounds']} round(s))",
         f"{'server':<20}{'in flight':>10}{'QPS':>9}{'x floor':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99 x floor':>13}"
-        f"{'CPU us/call':>13}{'CPU x floor':>13}",
+        f"{'CPU us/call':>13}{'of it DB':>10}{'CPU x floor':>13}{'switches/call':>15}",
     ]
     names = {"echo": "grpcio floor", "echo-aio": "grpcio aio echo", "echo-interceptors": "echo+intercept.",
              "echo-busy": f"echo+{result.get('busy_us') or 0:g}us Python", "echo-stream": "echo, a stream",
@@ -647,7 +699,10 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"{names[row['server']]:<20}{row['in_flight']:>10}{row['qps']:>9.0f}{row.get('qps_vs_floor', float('nan')):>9.2f}"
             f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row.get('p99_vs_floor', float('nan')):>13.2f}"
-            f"{row.get('server_us_per_call') or float('nan'):>13.0f}{row.get('cpu_vs_floor', float('nan')):>13.2f}"
+            f"{row.get('server_us_per_call') or float('nan'):>13.0f}"
+            + (f"{row['db_us_per_call']:>10.0f}" if row.get("db_us_per_call") is not None else f"{'':>10}")
+            + f"{row.get('cpu_vs_floor', float('nan')):>13.2f}"
+            + f"{row.get('switches_per_call') or float('nan'):>15.1f}"
         )
     return "\n".join(lines)
 
@@ -673,6 +728,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--baseline", metavar="CHECKOUT", default=None,
                    help="also measure the SQLite server of another checkout, e.g. `git worktree add /tmp/before "
                         "ac79999` (with --in-process: its Report alone)")
+    p.add_argument("--database-cpus", choices=DATABASE_PLACES, default="apart",
+                   help="where the PostgreSQL cluster runs: apart (default) on the load's CPUs, as a database "
+                        "runs on a machine of its own, or on the server's CPU beside the regulator; its CPU time "
+                        "is counted with the server's either way")
     p.add_argument("--json", default=None, help="also write the result here")
     # internal: the processes the benchmark starts
     p.add_argument("--serve-echo", metavar="READY_FILE", help=argparse.SUPPRESS)
@@ -714,7 +773,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.busy_us < 0:
         p.error("--busy-us must be >= 0")
     result = run(args.concurrency, args.duration, args.warmup, args.rounds, args.servers, baseline=args.baseline,
-                 busy_us=args.busy_us)
+                 busy_us=args.busy_us, database=args.database_cpus)
     # imported here: ``in_process_of`` runs this file as a plain script (no package) beside
     # another checkout's packages, and that path must not need the bench package
     from bench.output import emit

@@ -33,10 +33,11 @@ def test_each_server_kind_is_measured_and_named_in_the_table(tmp_path: Path) -> 
     for row in rows.values():
         assert row["in_flight"] == 2 and row["qps"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
         assert row["qps_vs_floor"] > 0 and row["cpu_vs_floor"] > 0  # CPU per call against the floor's, same run
+        assert row["switches_per_call"] > 0  # a call wakes at least one server thread
     assert rows["echo"]["qps_vs_floor"] == 1.0 and rows["echo"]["cpu_vs_floor"] == 1.0
     assert result["busy_us"] == 5.0
     for name in ("grpcio floor", "echo+5us Python", "echo, a stream", "regulator SQLite", "SQLite, a stream", "memory, a stream",
-                 "CPU x floor"):
+                 "CPU x floor", "switches/call"):
         assert name in done.stdout
 
 
@@ -54,10 +55,20 @@ def test_postgresql_server_is_measured_with_its_cluster_cpu(tmp_path: Path) -> N
     out = tmp_path / "load.json"
     done = bench("--servers", "echo", "postgresql", "postgresql-stream", "--concurrency", "2", "--duration", "0.4",
                  "--warmup", "0.1", "--json", str(out))
-    rows = {row["server"]: row for row in json.loads(out.read_text())["rows"]}
+    result = json.loads(out.read_text())
+    rows = {row["server"]: row for row in result["rows"]}
     for kind in ("postgresql", "postgresql-stream"):
         assert rows[kind]["qps"] > 0 and rows[kind]["cpu_vs_floor"] > 0
-    assert "regulator PostgreSQL" in done.stdout and "PostgreSQL, a stream" in done.stdout
+        assert 0 < rows[kind]["db_us_per_call"] < rows[kind]["server_us_per_call"]  # the cluster's share, counted in
+    assert rows["echo"]["db_us_per_call"] is None
+    assert result["database_cpus"] == result["load_cpus"]  # apart from the server's CPU by default
+    assert "regulator PostgreSQL" in done.stdout and "PostgreSQL, a stream" in done.stdout and "of it DB" in done.stdout
+    assert f"PostgreSQL on {result['load_cpus']}" in done.stdout
+
+    bench("--servers", "echo", "postgresql", "--concurrency", "1", "--duration", "0.3", "--warmup", "0.1",
+          "--database-cpus", "server", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["database_cpus"] == result["server_cpus"]
 
 
 def test_in_process_mode_measures_this_checkout_and_a_baseline() -> None:

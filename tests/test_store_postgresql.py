@@ -17,12 +17,15 @@ from regulator_client import RegulatorClient
 from regulator_client.errors import Unavailable
 from regulator_service.core.manager import SessionManager
 from regulator_service.edge.server import RegulatorServer, ServerConfig
-from regulator_service.model import Fallback, SessionConfig, SessionKey, StepRecord
+from regulator_service.model import EpochSummary, Fallback, SessionConfig, SessionKey, StepRecord
 from regulator_service.policy import BUILTIN_PROFILES, Window
+from regulator_service.storage import pg_appends
 from regulator_service.storage.base import Quarantined, SessionFenced, StoreError, StoredSession
+from regulator_service.storage.lease import FENCE, LeaseTable
 from regulator_service.storage.pg_ops import PgOp
 from regulator_service.storage.pg_schema import SCHEMA_VERSION, check_dsn
 from regulator_service.storage.postgresql import PostgreSQLStore
+from regulator_service.storage.statements import POSTGRESQL
 from regulator_service.wire.api import RegulatorAPI
 
 from .conftest import health, roomy_limits, wait_until
@@ -129,6 +132,90 @@ def test_a_guard_that_matches_no_row_fences_the_write_and_only_it(pg_dsn: str) -
         steps = dict(admin.execute("SELECT job_id, COUNT(*) FROM steps GROUP BY job_id").fetchall())
         assert steps == {"a": 1, "b": 4}
     store.close()
+
+
+def test_reports_of_a_batch_are_one_statement_fenced_by_their_leases(pg_dsn: str) -> None:
+    """A batch of appends under real leases (``lease.FENCE``) commits as one statement
+    (``pg_appends``): a job whose lease was taken over is refused alone, the others are
+    written; an epoch's close in the same batch commits in its own transaction; a step stored
+    twice sends the appends op by op, and only that one fails."""
+    PostgreSQLStore(pg_dsn).close()  # the schema, the leases table with it
+    leases = LeaseTable(pg_dsn, "replica-a", 60.0, timeout_s=10)
+    tokens = {job: leases.take(job, None) for job in ("a", "b", "c")}
+    store = PostgreSQLStore(pg_dsn, timeout_s=30, guard=lambda key: leases.fence(key.job_id, tokens[key.job_id]))
+    for job in ("a", "b", "c"):
+        store.create_session(_config(job), 1, OPEN)
+    store.append_step(SessionKey("a", 0), _record(0), 2)  # a lone append: one statement too
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("UPDATE leases SET owner='replica-b', token=token+1 WHERE job_id='a'")  # taken over
+        results: dict[int, Optional[BaseException]] = {}
+
+        def append(k: int) -> None:
+            try:
+                store.append_step(SessionKey("ab"[k % 2], 0), _record(1 + k // 2), 4)
+                results[k] = None
+            except StoreError as exc:
+                results[k] = exc
+
+        def close_epoch() -> None:
+            store.close_epoch(SessionKey("c", 0), EpochSummary(0, OPEN), 1, OPEN, 5)
+            results[-1] = None
+
+        gate, first = _held(store)
+        threads = _queued(store, append, 6)
+        threads += [threading.Thread(target=close_epoch)]
+        threads[-1].start()
+        wait_until(lambda: len(store._writer._queue) == 7, "the epoch's close queued with the appends")
+        before = store._writer.commits
+        gate.set()
+        for th in threads + [first]:
+            th.join()
+        assert all(isinstance(results[k], SessionFenced) for k in (0, 2, 4)), results
+        assert all(results[k] is None for k in (1, 3, 5, -1)), results
+        assert store._writer.commits - before == 1 + 2  # the held one; the appends; the close
+        steps = dict(admin.execute("SELECT job_id, COUNT(*) FROM steps GROUP BY job_id").fetchall())
+        assert steps == {"a": 1, "b": 3}
+        assert admin.execute("SELECT COUNT(*) FROM epochs WHERE job_id='c'").fetchone() == (1,)
+
+        gate, first = _held(store)  # b's step 1 again (a duplicate) among new steps of b and c
+        results.clear()
+
+        def again(k: int) -> None:
+            try:
+                store.append_step(SessionKey("bc"[k], 0), _record((1, 8)[k]), 6)
+                results[k] = None
+            except StoreError as exc:
+                results[k] = exc
+
+        threads = _queued(store, again, 2)
+        before = store._writer.commits
+        gate.set()
+        for th in threads + [first]:
+            th.join()
+        assert "duplicate key" in str(results[0]) and results[1] is None
+        assert store._writer.commits - before == 1 + 1  # the held one; c's step alone (b's failed)
+        steps = dict(admin.execute("SELECT job_id, COUNT(*) FROM steps GROUP BY job_id").fetchall())
+        assert steps == {"a": 1, "b": 3, "c": 1}
+    store.close()
+    leases.close()
+
+
+def test_only_appends_of_one_shape_go_in_one_statement() -> None:
+    """``pg_appends.split``: plain appends (or fenced ones) of every job together; an append that
+    also fills an older step, an epoch's close, a function: the transaction's."""
+    key = SessionKey("j", 0)
+    plain = PgOp(POSTGRESQL.append_step(key, _record(1), 2, None)[0])
+    filled = PgOp(POSTGRESQL.append_step(key, _record(2), 2, _record(1))[0])
+    fenced = PgOp(((FENCE, ("j", "me", 3), 1), *POSTGRESQL.append_step(key, _record(3), 2, None)[0]), fenced=True)
+    closing = PgOp(POSTGRESQL.close_epoch(key, EpochSummary(0, OPEN), 1, OPEN, 2, None))
+    function = PgOp(fn=lambda conn: None)
+    assert pg_appends.split([filled, plain, closing, function, plain]) == ([plain, plain], [filled, closing, function])
+    assert pg_appends.split([fenced, closing, fenced]) == ([fenced, fenced], [closing])
+    assert pg_appends.split([closing, filled]) == ([], [closing, filled])
+    sql, params = pg_appends.statement([fenced, fenced])
+    assert sql.startswith("WITH fenced AS (SELECT job_id FROM leases") and "RETURNING job_id, attempt, step" in sql
+    assert params[:3] == (["j", "j"], ["me", "me"], [3, 3]) and params[5] == [3, 3]  # the fences, then the rows
+    assert pg_appends.row(fenced) == ("j", 0, 3)
 
 
 def test_the_schema_is_versioned_and_a_newer_one_is_refused_untouched(pg_dsn: str) -> None:

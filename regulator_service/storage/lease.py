@@ -70,7 +70,15 @@ RETURNING job_id, token
 _RELEASE = "UPDATE leases SET expires_at = now() WHERE owner = %s AND expires_at > now()"
 # FOR SHARE: a takeover (an UPDATE of the row) waits for the write's transaction to end, and then
 # finds the token it checks unchanged or bumps it for every later write; no row version per write.
-_FENCE = "SELECT 1 FROM leases WHERE job_id = %s AND owner = %s AND token = %s FOR SHARE"
+FENCE = "SELECT 1 FROM leases WHERE job_id = %s AND owner = %s AND token = %s FOR SHARE"
+# The fences of many writes in one statement (a group commit's Reports, ``pg_appends``): the jobs
+# among arrays of FENCE's parameters (sent binary, %b) whose lease matches, each row locked as
+# FENCE locks it (a takeover waiting on one is re-checked against the token when it commits, and
+# then not matched).
+FENCE_MANY = (
+    "SELECT job_id FROM leases WHERE (job_id, owner, token) IN "
+    "(SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[])) FOR SHARE"
+)
 
 
 @dataclass(frozen=True)
@@ -148,7 +156,7 @@ class LeaseTable:
         """The statement a write of ``job`` runs first: it returns one row only while ``token``
         is the job's current token and this replica its owner, and holds the row until the
         write commits, so that no takeover passes it."""
-        return (_FENCE, (job, self.owner, -1 if token is None else token))
+        return (FENCE, (job, self.owner, -1 if token is None else token))
 
     def close(self) -> None:
         with self._lock:

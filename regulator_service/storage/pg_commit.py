@@ -1,9 +1,10 @@
 """Group commit on PostgreSQL: the writes of concurrent requests share one transaction.
 
 Callers queue their op and wait, each within its own timeout; one committer thread takes every
-op queued so far into one ``BEGIN ... COMMIT`` (equal-shaped ops as one ``executemany`` per
-statement, pipelined by psycopg) and releases them after the COMMIT returned, so "answered =>
-durable" holds. A batch that fails for one op's sake (a constraint, a guard that matched no row)
+op queued so far and releases them after their commit returned, so "answered => durable" holds:
+Reports' appends as one statement in one round trip (``pg_appends``), the other ops in one
+``BEGIN ... COMMIT`` (equal-shaped ops as one ``executemany`` per statement, pipelined by
+psycopg). A batch that fails for one op's sake (a constraint, a guard that matched no row)
 is re-run op by op, so only that op fails; a failure of the server or the connection fails the
 batch, and nothing of it was written. A connection lost during COMMIT leaves its batch in doubt
 (``StoreInDoubt``): it is settled once a new connection has made sure the old server process is
@@ -28,7 +29,8 @@ import psycopg
 
 from .base import StoreError, StoreInDoubt
 from .commit_queue import DONE, CommitQueue
-from .pg_ops import PgOp, execute, one_insert, op_error, run_alone
+from . import pg_appends
+from .pg_ops import Mismatch, PgOp, execute, one_insert, op_error, run_alone
 from .pg_schema import Pinger, connect, one_line, shutdown, usable, where
 from .statements import Statement
 
@@ -154,8 +156,24 @@ class PgWriter(CommitQueue[PgOp]):
                 self._busy_since = None
 
     def _batch(self, conn: psycopg.Connection, batch: list[PgOp]) -> None:
+        """Reports' appends as one statement, the other ops in one transaction."""
+        appends, rest = pg_appends.split(batch)
+        if appends:
+            self._appends(conn, appends, *pg_appends.statement(appends))
+            if not rest:
+                return
+            try:
+                conn = self._live()
+            except StoreError as exc:
+                self._finish(rest, StoreError(f"state write failed, nothing was written: {exc}"))
+                return
+        self._transaction(conn, rest)
+
+    def _transaction(self, conn: psycopg.Connection, batch: list[PgOp]) -> None:
         if len(batch) == 1 and one_insert(batch[0]):
-            self._single(conn, batch[0])
+            sql, params, _ = batch[0].statements[0]
+            if self._alone(conn, batch, sql, params) is not None:
+                self._finish(batch, None)
             return
         try:
             conn.execute("BEGIN")
@@ -171,23 +189,38 @@ class PgWriter(CommitQueue[PgOp]):
         if self._commit(conn, batch):
             self._finish(batch, None)
 
-    def _single(self, conn: psycopg.Connection, op: PgOp) -> None:
-        """A lone INSERT (a Report with nobody else writing) commits by itself: one round trip
-        instead of three. It inserts its row or fails; there is no other outcome to check."""
-        sql, params, _ = op.statements[0]
+    def _alone(self, conn: psycopg.Connection, ops: list[PgOp], sql: str, params: tuple) -> Optional[list[tuple]]:
+        """One statement that writes ``ops`` by itself (autocommit: its own transaction in one
+        round trip, no BEGIN or COMMIT of its own): its rows once committed, else None and
+        ``ops`` finished with the failure (re-run op by op when there are several)."""
         try:
-            conn.execute(sql, params)
+            cur = conn.execute(sql, params)
+            rows = cur.fetchall() if cur.description is not None else []
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
-                self._in_doubt(conn, [op], exc)
+                self._in_doubt(conn, ops, exc)
             elif self._store_level(exc, conn):
-                self._finish([op], StoreError(f"state write failed, nothing was written: {self._failing}"))
+                self._finish(ops, StoreError(f"state write failed, nothing was written: {self._failing}"))
+            elif len(ops) > 1:
+                self._one_by_one(ops)
             else:
-                self._finish([op], op_error(exc))
-            return
+                self._finish(ops, op_error(exc))
+            return None
         self.commits += 1
         self._failing = None
-        self._finish([op], None)
+        return rows
+
+    def _appends(self, conn: psycopg.Connection, batch: list[PgOp], sql: str, params: tuple) -> None:
+        """Reports' rows in one statement (``pg_appends``); an op whose row was not written was
+        fenced."""
+        rows = self._alone(conn, batch, sql, params)
+        if rows is None:
+            return
+        written = set(rows)
+        self._finish([op for op in batch if pg_appends.row(op) in written], None)
+        fenced = [op for op in batch if pg_appends.row(op) not in written]
+        if fenced:
+            self._finish(fenced, op_error(Mismatch("expected 1 row(s) from SELECT, got 0", fenced=True)))
 
     def _in_doubt(self, conn: psycopg.Connection, batch: list[PgOp], exc: BaseException) -> None:
         """The connection was lost while committing: committed or not, unknown until the old
