@@ -169,7 +169,8 @@ def test_renewal_never_deadlocks_with_a_write_in_flight(leases_db: str) -> None:
             with psycopg.connect(leases_db, autocommit=True) as watch:  # until the renewal waits for job-b's row
                 deadline = time.monotonic() + WAIT_S
                 while not watch.execute(
-                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%leases%'"
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%leases%' "
+                    "AND datname = current_database()"
                 ).fetchall():
                     assert thread.is_alive() or errors or renewed, "the renewal ended without waiting"
                     if not thread.is_alive():

@@ -102,9 +102,19 @@ def test_a_shed_call_is_retried_and_a_memory_refusal_is_not(tmp_path: Path) -> N
             waiter.join(timeout=120)
             assert held.code() == grpc.StatusCode.OK and answers == [[]]
 
-            with pytest.raises(grpc.RpcError) as raw:
-                stub.OpenSession(pb.OpenSessionRequest(job_id="big", modalities=["a", "b"]), timeout=30)
-            assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_ms(raw.value) is None
+            refusals: list[grpc.RpcError] = []
+
+            def refused_by_memory() -> bool:
+                """The memory refusal, once the worker that answered the held call has released
+                the only slot (until then the call is shed, with the key)."""
+                with pytest.raises(grpc.RpcError) as raw:
+                    stub.OpenSession(pb.OpenSessionRequest(job_id="big", modalities=["a", "b"]), timeout=30)
+                assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, raw.value
+                refusals.append(raw.value)
+                return "memory budget" in (raw.value.details() or "")
+
+            wait_until(refused_by_memory, "the slot is released and the memory budget refuses")
+            assert retry_after_ms(refusals[-1]) is None  # a memory refusal: no key, not to be retried
     finally:
         transport.close()
         server.stop(grace=0)

@@ -200,6 +200,45 @@ def test_reports_of_a_batch_are_one_statement_fenced_by_their_leases(pg_dsn: str
     leases.close()
 
 
+def test_a_commit_waits_for_the_followers_of_the_last_batch_within_its_bound(pg_dsn: str) -> None:
+    """``CommitQueue._gather``: after a batch of three, a lone write waits for two more to share
+    its commit; never longer than the last commit took; after a batch of one, never."""
+    store = PostgreSQLStore(pg_dsn, timeout_s=30)
+    for k in range(3):
+        store.create_session(_config(f"job{k}"), 1, OPEN)
+    writer = store._writer
+    writer._hold_s = 60.0  # the bound under test is the last commit's time, set below
+
+    def append(k: int, step: int) -> threading.Thread:
+        th = threading.Thread(target=store.append_step, args=(SessionKey(f"job{k}", 0), _record(step), 2))
+        th.start()
+        return th
+
+    writer._last = (3, 60.0)  # as after a batch of three that took a minute: wait for three
+    before = writer.commits
+    first = append(0, 0)
+    wait_until(lambda: writer._want == 3, "the committer waits for the followers")
+    assert writer.commits == before and first.is_alive()
+    rest = [append(1, 0), append(2, 0)]
+    for th in [first, *rest]:
+        th.join()
+    assert writer.commits - before == 1  # the three in one commit
+    assert writer._last[0] == 3
+
+    writer._last = (3, 0.05)  # the last commit took 50 ms: a lone write waits no longer than that
+    before = writer.commits
+    lone = append(0, 1)
+    lone.join(30)  # (a wait of the 60 s bound would still be running)
+    assert not lone.is_alive() and writer.commits - before == 1 and writer._last[0] == 1
+
+    writer._last = (1, 60.0)  # after a batch of one: no wait at all
+    before = writer.commits
+    lone = append(0, 2)
+    lone.join(30)
+    assert not lone.is_alive() and writer.commits - before == 1 and writer._want == 0
+    store.close()
+
+
 def test_only_appends_of_one_shape_go_in_one_statement() -> None:
     """``pg_appends.split``: plain appends (or fenced ones) of every job together; an append that
     also fills an older step, an epoch's close, a function: the transaction's."""
@@ -313,12 +352,10 @@ def test_connections_the_server_dropped_while_idle_are_replaced_without_a_failed
     store.append_step(SessionKey("job", 0), _record(0), 2)
     assert store.get_step(SessionKey("job", 0), 0) is not None
     with psycopg.connect(pg_dsn, autocommit=True) as admin:
-        killed = admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name='inforeg-regulator'"
-        ).fetchall()
+        mine = "FROM pg_stat_activity WHERE application_name='inforeg-regulator' AND datname=current_database()"
+        killed = admin.execute(f"SELECT pg_terminate_backend(pid) {mine}").fetchall()  # not another test's
         assert len(killed) >= 2  # the writer and a reader
-        wait_until(lambda: not admin.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE application_name='inforeg-regulator'").fetchall(), "gone")
+        wait_until(lambda: not admin.execute(f"SELECT 1 {mine}").fetchall(), "gone")
     store.append_step(SessionKey("job", 0), _record(1), 3)
     assert store.get_step(SessionKey("job", 0), 1) is not None
     assert store.health() is None
@@ -348,7 +385,8 @@ def test_a_write_whose_connection_dies_mid_commit_is_settled_then_re_read(pg_dsn
 
         reporter = threading.Thread(target=report)
         reporter.start()
-        running = "SELECT pid FROM pg_stat_activity WHERE application_name='inforeg-regulator' AND query LIKE 'INSERT INTO steps%%'"
+        running = ("SELECT pid FROM pg_stat_activity WHERE application_name='inforeg-regulator' AND state='active' "
+                   "AND datname=current_database() AND query LIKE 'INSERT INTO steps%%'")  # not another test's idle writer
         wait_until(lambda: admin.execute(running).fetchall(), "the write is running")
         admin.execute(f"SELECT pg_terminate_backend(pid) FROM ({running}) AS w")
         reporter.join(60)
