@@ -70,7 +70,7 @@ SCIENCE_ARGS ?=
 bench-science: venv
 	$(PY) -m trainers.bench_science --out results/science.json $(SCIENCE_ARGS)
 
-# What regulation costs (not part of `make test`; about 4 minutes on 2 cores, under 15): the hook
+# What regulation costs (not part of `make test`; about 6 minutes on 2 cores, under 15): the hook
 # on the ResNet-18 audio-visual and digits steps side by side with plain training, the server's
 # Report load against the grpcio floor, and the Reports per step of a 2-rank DDP job. Prints the
 # tables and writes results/bench.json. BENCH_ARGS="--parts av" runs one part.

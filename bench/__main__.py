@@ -1,6 +1,6 @@
 """``make bench``: what regulation costs, side by side against its baseline, in one run.
 
-    python -m bench                                  # everything, about 4 minutes on 2 cores
+    python -m bench                                  # everything, about 6 minutes on 2 cores
     python -m bench --parts av digits --json out.json
 
 Parts: ``av`` (the hook on a ResNet-18 audio-visual CPU step), ``digits`` (the hook on the digits
@@ -28,7 +28,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--av-rounds", type=int, default=24, help="AV rounds of one step per variant")
     p.add_argument("--digits-rounds", type=int, default=20)
-    p.add_argument("--server-duration", type=float, default=5.0, help="seconds per server-load cell")
+    p.add_argument("--server-duration", type=float, default=3.0, help="seconds per server-load cell")
+    p.add_argument("--server-rounds", type=int, default=3,
+                   help="server-load rounds, servers alternating within each; the table gives their medians "
+                        "(this machine's CPU speed alone varies up to 2x within seconds: python -m bench.machine_noise)")
     p.add_argument("--json", default="results/bench.json")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers it started, too
@@ -55,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .pg_cluster import bindir
 
         servers = ("echo", "sqlite", "sqlite-stream", *(("postgresql", "postgresql-stream") if bindir() else ()), "memory")
-        r = server_load.run(duration_s=args.server_duration, servers=servers)
+        r = server_load.run(duration_s=args.server_duration, rounds=args.server_rounds, servers=servers)
         done("server_load", r, server_load.table(r))
     if "ddp" in args.parts:
         r = ddp_fanin.run(nproc=2, epochs=2)

@@ -88,3 +88,19 @@ def test_spin_uses_at_least_the_cpu_time_asked_for() -> None:
     t0 = time.thread_time()
     spin(0.002)
     assert time.thread_time() - t0 >= 0.002
+
+
+def test_machine_noise_times_the_same_loop_on_every_cpu(tmp_path: Path) -> None:
+    """`python -m bench.machine_noise`: each CPU repeated the loop and its CPU times are summed up
+    (their spread is the machine's, not checked)."""
+    import os
+
+    out = tmp_path / "noise.json"
+    done = subprocess.run([sys.executable, "-m", "bench.machine_noise", "--seconds", "0.5", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["cpu"] for row in rows] == sorted(os.sched_getaffinity(0))
+    for row in rows:
+        assert row["ms"] and 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+    assert "max/min" in done.stdout
