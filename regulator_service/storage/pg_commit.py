@@ -1,12 +1,13 @@
-"""Group commit on PostgreSQL: the writes of concurrent requests share one transaction.
+"""Group commit on PostgreSQL: the writes of concurrent requests share one commit.
 
 Callers queue their op and wait, each within its own timeout; one committer thread takes every
 op queued so far and releases them after their commit returned, so "answered => durable" holds:
 Reports' appends as one statement in one round trip (``pg_appends``), the other ops in one
 ``BEGIN ... COMMIT`` (equal-shaped ops as one ``executemany`` per statement, pipelined by
-psycopg). A batch that fails for one op's sake (a constraint, a guard that matched no row)
-is re-run op by op, so only that op fails; a failure of the server or the connection fails the
-batch, and nothing of it was written. A connection lost during COMMIT leaves its batch in doubt
+psycopg). When fewer ops are queued than the last batch had, the committer first waits for
+them, briefly (``HOLD_S``, ``CommitQueue._gather``). A batch that fails for one op's sake (a
+constraint, a guard that matched no row) is re-run op by op, so only that op fails; a failure
+of the server or the connection fails the batch, and nothing of it was written. A connection lost during COMMIT leaves its batch in doubt
 (``StoreInDoubt``): it is settled once a new connection has made sure the old server process is
 gone, and the callers then re-read what was stored.
 
