@@ -433,9 +433,9 @@ class Server:
         """The server's CPU time so far; with PostgreSQL, its cluster's too (the postmaster, its
         backends, and the children it has reaped): what one Report costs the machine."""
         own = cpu_seconds(self.proc.pid)
-        db = self.db_cpu_seconds()
         if own is None or self.pg is None:
             return own
+        db = self.db_cpu_seconds()
         return None if db is None else own + db
 
     def db_cpu_seconds(self) -> Optional[float]:
@@ -556,12 +556,8 @@ def run(
             "p90_ms": statistics.median(x["p90_ms"] for x in runs),
             "p99_ms": statistics.median(x["p99_ms"] for x in runs),
             "qps_all": [x["qps"] for x in runs],
-            "server_us_per_call": (statistics.median(x["server_us_per_call"] for x in runs)
-                                   if all("server_us_per_call" in x for x in runs) else None),
-            "db_us_per_call": (statistics.median(x["db_us_per_call"] for x in runs)
-                               if all("db_us_per_call" in x for x in runs) else None),
-            "switches_per_call": (statistics.median(x["switches_per_call"] for x in runs)
-                                  if all("switches_per_call" in x for x in runs) else None),
+            **{key: (statistics.median(x[key] for x in runs) if all(key in x for x in runs) else None)
+               for key in ("server_us_per_call", "db_us_per_call", "switches_per_call")},
         })
     floor = {row["in_flight"]: row for row in rows if row["server"] == "echo"}
     for row in rows:

@@ -91,7 +91,7 @@ def test_spin_uses_at_least_the_cpu_time_asked_for() -> None:
 
 
 def test_machine_noise_times_the_same_loop_on_every_cpu(tmp_path: Path) -> None:
-    """`python -m bench.machine_noise`: each CPU repeated the loop and its CPU times are summed up
+    """`python -m bench.machine_noise`: each CPU repeated the loop and its CPU times are summarized
     (their spread is the machine's, not checked)."""
     import os
 
