@@ -22,10 +22,7 @@ other machines.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import random
 import shlex
 import statistics
@@ -36,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .output import emit
+from .output import emit, stamp
 from .server_load import MODALITIES, Server, measure, pinned, placement
 
 JOB = "long-history"
@@ -136,8 +133,7 @@ def run(
     total_steps = sum(x["steps"] for x in reads)
     return {
         "benchmark": "history_readers",
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
+        **stamp(),
         "server_cpus": server_cpus,
         "server_args": list(server_args),
         "load_cpus": load_cpus,

@@ -14,14 +14,14 @@ how much of a difference between two cells measured seconds apart the machine al
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import time
 from typing import Any, Optional, Sequence
+
+from bench.output import emit, stamp
 
 LOOP = 300_000  # iterations of the loop: 13-23 ms of CPU on this project's machine
 
@@ -60,8 +60,7 @@ def run(seconds: float = 20.0, pause_s: float = 0.2) -> dict[str, Any]:
              "max_ms": max(found[cpu])} for cpu in cpus]
     return {
         "benchmark": "machine_noise",
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
+        **stamp(),
         "loop": LOOP,
         "seconds": seconds,
         "rows": rows,
@@ -85,8 +84,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.seconds <= 0:
         p.error("--seconds must be > 0")
-    from bench.output import emit
-
     result = run(args.seconds)
     return emit(result, table(result), args.json)
 

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
+import platform
 from pathlib import Path
 from typing import Any, Optional
+
+
+def stamp() -> dict[str, str]:
+    """When and where a result was measured (UTC minute; architecture, CPUs, Python)."""
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
+    }
 
 
 def write_json(path: str, data: Any) -> None:

@@ -45,10 +45,8 @@ costs per message when the Report is not a call of its own).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -528,6 +526,7 @@ def run(
         raise ValueError(f"database placement {database!r}: one of {', '.join(DATABASE_PLACES)}")
     server_cpus, load_cpus = placement()
     db_cpus = load_cpus if database == "apart" else server_cpus
+    from bench.output import stamp  # here: ``in_process_of`` runs this file without the bench package
     samples: dict[tuple[str, int], list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-server-load-") as tmp:
         for r in range(rounds):
@@ -570,8 +569,7 @@ def run(
                 row["cpu_vs_floor"] = row["server_us_per_call"] / base["server_us_per_call"]
     return {
         "benchmark": "server_load",
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
+        **stamp(),
         "server_cpus": server_cpus,
         "load_cpus": load_cpus,
         "database_cpus": db_cpus if any(kind.startswith("postgresql") for kind in servers) else None,

@@ -300,13 +300,18 @@ def tls_as(d: Path, who: str) -> TlsConfig:
     return TlsConfig(str(d / "ca.pem"), str(d / f"{who}.pem"), str(d / f"{who}.key"))
 
 
-@pytest.mark.e2e
-def test_isolation_over_mtls_identities(two_teams: Path, tmp_path: Path) -> None:
+def mtls_server_config(tenants: Path, tmp_path: Path) -> tuple[Path, ServerConfig]:
+    """The teams' PKI under ``tmp_path/pki`` and a server that requires their client certificates."""
     pki = tmp_path / "pki"
     pki.mkdir()
     make_team_pki(pki)
     tls = TlsFiles(pki / "server.pem", pki / "server.key", client_ca=pki / "ca.pem")
-    config = ServerConfig(port=0, limits=roomy_limits(), tls=tls, tenants=Tenants(two_teams, recheck_s=0.0))
+    return pki, ServerConfig(port=0, limits=roomy_limits(), tls=tls, tenants=Tenants(tenants, recheck_s=0.0))
+
+
+@pytest.mark.e2e
+def test_isolation_over_mtls_identities(two_teams: Path, tmp_path: Path) -> None:
+    pki, config = mtls_server_config(two_teams, tmp_path)
     with RegulatorServer(config) as srv:
         target = f"localhost:{srv.port}"
         with RegulatorClient.connect(target, tls=tls_as(pki, "vision"), token="") as vision, \
@@ -385,11 +390,7 @@ def test_report_streams_are_isolated_over_bearer_tokens(two_teams: Path) -> None
 
 @pytest.mark.e2e
 def test_report_streams_are_isolated_over_mtls_identities(two_teams: Path, tmp_path: Path) -> None:
-    pki = tmp_path / "pki"
-    pki.mkdir()
-    make_team_pki(pki)
-    tls = TlsFiles(pki / "server.pem", pki / "server.key", client_ca=pki / "ca.pem")
-    config = ServerConfig(port=0, limits=roomy_limits(), tls=tls, tenants=Tenants(two_teams, recheck_s=0.0))
+    pki, config = mtls_server_config(two_teams, tmp_path)
 
     def channel_as(who: str) -> grpc.Channel:
         creds = grpc.ssl_channel_credentials(

@@ -31,7 +31,7 @@ import psycopg
 from .base import StoreError, StoreInDoubt
 from .commit_queue import DONE, CommitQueue
 from . import pg_appends
-from .pg_ops import Mismatch, PgOp, execute, one_insert, op_error, run_alone
+from .pg_ops import PgOp, execute, fenced_out, one_insert, op_error, run_alone
 from .pg_schema import Pinger, connect, one_line, shutdown, usable, where
 from .statements import Statement
 
@@ -226,9 +226,9 @@ class PgWriter(CommitQueue[PgOp]):
             return
         written = set(rows)
         self._finish([op for op in batch if pg_appends.row(op) in written], None)
-        fenced = [op for op in batch if pg_appends.row(op) not in written]
-        if fenced:
-            self._finish(fenced, op_error(Mismatch("expected 1 row(s) from SELECT, got 0", fenced=True)))
+        for op in batch:
+            if pg_appends.row(op) not in written:
+                self._finish([op], fenced_out(op))
 
     def _in_doubt(self, conn: psycopg.Connection, batch: list[PgOp], exc: BaseException) -> None:
         """The connection was lost while committing: committed or not, unknown until the old

@@ -61,6 +61,12 @@ def one_insert(op: PgOp) -> bool:
     return op.fn is None and len(op.statements) == 1 and op.statements[0][0].startswith("INSERT ")
 
 
+def fenced_out(op: PgOp) -> StoreError:
+    """The error of a fenced op whose guard matched no row (``pg_appends``: its row was not
+    written), as a lone op's run would raise it."""
+    return op_error(_mismatch(op, 0, "SELECT", 1, 0))
+
+
 def op_error(exc: BaseException) -> StoreError:
     if isinstance(exc, Mismatch) and exc.fenced:
         return SessionFenced(f"the store refused the write: this replica no longer holds the session ({exc})")
