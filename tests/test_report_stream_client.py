@@ -34,7 +34,7 @@ from trainers.digits import TrainConfig, train
 from trainers.digits_data import load_split
 from trainers.serverproc import ServerProcess
 
-from .conftest import scrape
+from .conftest import scrape, wait_until
 from .serving import serving
 
 VIEWS = ("fac", "zer")
@@ -161,6 +161,18 @@ def test_a_server_at_its_max_streams_gets_unary_reports(tmp_path: Path) -> None:
         assert started(srv.metrics_port, "Report") == 3  # type: ignore[arg-type]
 
 
+def all_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (state T in ``/proc``): SIGSTOP is delivered to
+    each thread as it next enters the kernel, not when ``kill`` returns."""
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            states.append(Path(f"/proc/{pid}/task/{task}/stat").read_text().rpartition(")")[2].split()[0])
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return all(state in ("T", "t") for state in states)
+
+
 @pytest.mark.e2e
 def test_a_hung_server_gives_deadline_exceeded_and_the_stream_resumes_after() -> None:
     """SIGSTOP the server with the stream open: the next Report raises ``DeadlineExceeded`` after
@@ -173,6 +185,7 @@ def test_a_hung_server_gives_deadline_exceeded_and_the_stream_resumes_after() ->
         pool = ThreadPoolExecutor(1)
         os.kill(srv.proc.pid, signal.SIGSTOP)
         try:
+            wait_until(lambda: all_stopped(srv.proc.pid), "every server thread stopped")  # kill() only queues it
             t0 = time.monotonic()
             with pytest.raises(DeadlineExceeded):
                 pool.submit(report, client, "hung", 1).result(timeout=60)  # a hang fails, not blocks, the test
