@@ -100,9 +100,11 @@ def test_kill9_and_restart_in_wait_mode_gives_the_uninterrupted_trajectory(tmp_p
 def test_kill9_in_neutral_mode_never_blocks_and_marks_unregulated_steps(tmp_path: Path, digits: Any) -> None:
     server = ServerProcess(str(tmp_path / "state")).start()
     crasher = Crasher(server, at_step=30, down_s=2.0)
-    # the steps' calls carry call_timeout (0.5 s, asserted below); the transport's own deadline is
-    # for the job's other calls, such as the history read at its end (slower on a loaded machine)
-    recorder = RecordingTransport(GrpcTransport(server.target, timeout=30.0))
+    # the steps' calls carry call_timeout (0.5 s) and wait_for_ready=False (asserted below); the
+    # transport's own deadline and wait_for_ready are for the job's other calls, such as the history
+    # read at its end, which must wait out gRPC's reconnect backoff after the restart instead of
+    # failing at once with the outage's last error (seen once on a fresh clone)
+    recorder = RecordingTransport(GrpcTransport(server.target, timeout=30.0, wait_for_ready=True))
 
     def on_step(step: int) -> None:
         crasher(step)
